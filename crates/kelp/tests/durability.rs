@@ -1,0 +1,204 @@
+//! The promises of the storage layer on real shard files: lost shard files, corrupt cells and
+//! stale shards never give wrong data, and repair and scrub bring every cell back.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{check_all, fill, test_config, Forest, Rng};
+use kelp::fault::FaultPlan;
+use kelp::{frond, Holdfast, Profile};
+
+const BLADE: u32 = 0x2a;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_eight_lost_shard_files_are_survived_and_rebuilt() {
+    for seed in 1..=3u64 {
+        let mut forest = Forest::new(4, 4);
+        let mut rng = Rng::new(seed);
+        let h = forest.holdfast(BLADE).await;
+        let mut fronds = fill(&h, &mut rng, 40, 300_000).await;
+        fronds.extend(fill(&h, &mut rng, 40, 3_000).await);
+        h.sync().await.unwrap();
+        drop(h);
+        let lost = rng.pick(16, 8);
+        for &j in &lost {
+            std::fs::remove_file(forest.shard_path(BLADE, j)).unwrap();
+        }
+        forest.reopen();
+        let h = forest.holdfast(BLADE).await;
+        check_all(&h, &fronds).await;
+        // Recovery at open checks the end of the blade; the scrub does the rest.
+        let recovered = h.recovery_report();
+        let report = h.scrub(None).await.unwrap();
+        assert!(
+            report.unrecoverable.is_empty() && recovered.unrecoverable.is_empty(),
+            "{report:?}"
+        );
+        let stipes = h
+            .append_pointer()
+            .div_ceil(Profile::default().stipe_payload_bytes() as u64);
+        assert_eq!(
+            report.cells_rewritten + recovered.cells_rewritten,
+            stipes * 8,
+            "every cell of the 8 lost files rebuilt: {recovered:?} {report:?}"
+        );
+        for j in 0..16 {
+            assert!(forest.shard_path(BLADE, j).exists(), "shard {j} rebuilt");
+        }
+        let again = h.scrub(None).await.unwrap();
+        assert_eq!(again.stipes_fixed, 0, "nothing left to fix: {again:?}");
+        // The rebuilt files alone are enough: lose the 8 that survived.
+        drop(h);
+        for j in (0..16).filter(|j| !lost.contains(j)) {
+            std::fs::remove_file(forest.shard_path(BLADE, j)).unwrap();
+        }
+        forest.reopen();
+        let h = forest.holdfast(BLADE).await;
+        check_all(&h, &fronds).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_cells_are_never_returned_and_scrub_repairs_them() {
+    let forest = Forest::new(4, 4);
+    let mut rng = Rng::new(7);
+    let h = forest.holdfast(BLADE).await;
+    let fronds = fill(&h, &mut rng, 60, 200_000).await;
+    h.sync().await.unwrap();
+    let stipes = h
+        .append_pointer()
+        .div_ceil(Profile::default().stipe_payload_bytes() as u64);
+    let mut corrupted = 0u64;
+    for s in 0..stipes {
+        let count = rng.below(9) as usize; // up to m = 8 cells of this stipe
+        for j in rng.pick(16, count) {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(forest.shard_path(BLADE, j))
+                .unwrap();
+            let flips = 1 + rng.below(4);
+            for _ in 0..flips {
+                let at = s * 4096 + rng.below(4096);
+                f.write_all_at(&[rng.next() as u8 | 1], at).unwrap();
+            }
+            corrupted += 1;
+        }
+    }
+    assert!(corrupted > stipes, "the test corrupts many cells");
+    check_all(&h, &fronds).await;
+    let report = h.scrub(None).await.unwrap();
+    assert!(report.unrecoverable.is_empty());
+    // A written byte may by chance equal the old one; nearly every corrupted cell is rewritten.
+    assert!(
+        report.cells_rewritten <= corrupted && report.cells_rewritten * 100 >= corrupted * 95,
+        "{report:?} of {corrupted}"
+    );
+    assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
+    check_all(&h, &fronds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_missed_an_update_is_never_current() {
+    let forest = Forest::new(4, 4);
+    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
+    let h = Holdfast::open(
+        forest.layout_per_shard(BLADE, Profile::default(), &plans),
+        test_config(),
+    )
+    .await
+    .unwrap();
+    let mut rng = Rng::new(3);
+    let old = rng.bytes(30_000); // spans data shards 0..8 of stipe 0
+    let r1 = h.append_data(&old).await.unwrap();
+    h.append_data(&rng.bytes(100)).await.unwrap();
+    h.sync().await.unwrap();
+    // Shard 3 (a data cell of the frond) is down during the update and misses it.
+    plans[3].set_down(true);
+    let new = rng.bytes(30_000);
+    let r2 = h.update(r1, frond::encode(&new).unwrap()).await.unwrap();
+    assert!(r2.seq > r1.seq);
+    h.quiesce().await;
+    plans[3].set_down(false);
+    // Shard 3 now answers with its stale cell; the reader must not use it.
+    assert_eq!(h.read(r2).await.unwrap(), new);
+    // A stale copy of a whole shard file put back by hand is not used either.
+    let path = forest.shard_path(BLADE, 5);
+    let before = std::fs::read(&path).unwrap();
+    let r3 = h.update(r2, frond::encode(&old).unwrap()).await.unwrap();
+    h.quiesce().await;
+    std::fs::write(&path, &before).unwrap();
+    assert_eq!(h.read(r3).await.unwrap(), old);
+    let report = h.scrub(None).await.unwrap();
+    // Shard 3 got the second update; shard 5's file is the stale one now.
+    assert_eq!(
+        report.cells_rewritten, 1,
+        "the stale cell is rewritten: {report:?}"
+    );
+    assert_eq!(h.read(r3).await.unwrap(), old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_need_k_plus_w_shards_and_repair_completes_the_rest() {
+    let forest = Forest::new(4, 4);
+    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
+    let h = Holdfast::open(
+        forest.layout_per_shard(BLADE, Profile::default(), &plans),
+        test_config(),
+    )
+    .await
+    .unwrap();
+    let mut rng = Rng::new(11);
+    let mut fronds = fill(&h, &mut rng, 5, 100_000).await;
+    // 4 shards down: 12 of 16 still acknowledge.
+    for p in &plans[10..14] {
+        p.set_down(true);
+    }
+    fronds.extend(fill(&h, &mut rng, 5, 100_000).await);
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    assert!(
+        !h.degraded().is_empty(),
+        "stipes written without 4 shards are marked for repair"
+    );
+    // A fifth shard down: 11 < 12, appends fail with a clear error and nothing is acknowledged.
+    plans[14].set_down(true);
+    let err = h.append_data(&rng.bytes(5000)).await.unwrap_err();
+    assert!(err.to_string().contains("reached 11 of 12"), "{err}");
+    assert!(h.sync().await.is_err());
+    for p in &plans {
+        p.set_down(false);
+    }
+    check_all(&h, &fronds).await;
+    let report = h.repair().await.unwrap();
+    assert!(
+        report.cells_rewritten > 0 && report.unrecoverable.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
+    fronds.extend(fill(&h, &mut rng, 3, 10_000).await);
+    check_all(&h, &fronds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_hedge_around_a_store_that_hangs() {
+    let forest = Forest::new(4, 4);
+    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
+    let h = Holdfast::open(
+        forest.layout_per_shard(BLADE, Profile::default(), &plans),
+        test_config(),
+    )
+    .await
+    .unwrap();
+    let mut rng = Rng::new(5);
+    let fronds = fill(&h, &mut rng, 10, 100_000).await;
+    h.quiesce().await;
+    // A data shard that answers after an hour: every read must be served from the others.
+    plans[2].set_delay(Duration::from_secs(3600));
+    tokio::time::timeout(Duration::from_secs(60), check_all(&h, &fronds))
+        .await
+        .expect("reads finish without the hung store");
+}
