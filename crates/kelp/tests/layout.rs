@@ -1,0 +1,131 @@
+//! The disk layout: README, fan-out folders that split, shard files moved by an operator.
+
+mod common;
+
+use bytes::Bytes;
+use common::{check_all, fill, Forest, Rng};
+use kelp::cell::{make_cell, CellId};
+use kelp::{LocalStore, LocalStoreConfig, ShardKey, ShardStore, WriteMode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_shard_files_are_found_at_start() {
+    let mut forest = Forest::new(4, 4);
+    let mut rng = Rng::new(4);
+    let h = forest.holdfast(0x1234).await;
+    let fronds = fill(&h, &mut rng, 10, 100_000).await;
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    drop(h);
+    // Shard 0 lives on server 0 disk 0: move it to disk 3, in an odd folder; shard 4 (server 0,
+    // disk 1) to the top of its blades folder.
+    let p0 = forest.shard_path(0x1234, 0);
+    let to0 = forest.disks[0][3].join("kelp/blades/zz/0000.1234/00001234.00.kelp");
+    std::fs::create_dir_all(to0.parent().unwrap()).unwrap();
+    std::fs::rename(&p0, &to0).unwrap();
+    let p4 = forest.shard_path(0x1234, 4);
+    let to4 = forest.disks[0][1].join("kelp/blades/00001234.04.kelp");
+    std::fs::rename(&p4, &to4).unwrap();
+    forest.reopen();
+    let list = forest.stores[0].list().await.unwrap();
+    let info0 = list
+        .iter()
+        .find(|i| {
+            i.key
+                == ShardKey {
+                    blade: 0x1234,
+                    shard: 0,
+                }
+        })
+        .unwrap();
+    assert_eq!(info0.disk, 3, "found on the disk it was moved to");
+    assert_eq!(forest.stores[0].shard_path(info0.key).unwrap(), to0);
+    let h = forest.holdfast(0x1234).await;
+    assert_eq!(h.recovery_report().stipes_fixed, 0);
+    check_all(&h, &fronds).await;
+    assert!(forest.disks[0][0].join("kelp/blades/README.md").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_fanout_folders_split_and_files_stay_findable() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk0");
+    let cfg = LocalStoreConfig {
+        fanout_files_max: 4,
+        ..Default::default()
+    };
+    let store = LocalStore::open("s", std::slice::from_ref(&disk), cfg.clone()).unwrap();
+    // 40 blades with the same low byte, so that they share folder 07 and force splits.
+    let keys: Vec<ShardKey> = (0..40u32)
+        .map(|i| ShardKey {
+            blade: (i << 8) | 0x07,
+            shard: 1,
+        })
+        .collect();
+    for k in &keys {
+        let cell = make_cell(
+            CellId {
+                blade: k.blade,
+                stipe: 0,
+                shard: 1,
+            },
+            1,
+            &k.blade.to_le_bytes(),
+        );
+        store
+            .write_cells(*k, 0, 0, Bytes::copy_from_slice(&cell), WriteMode::IfNewer)
+            .await
+            .unwrap();
+    }
+    assert!(
+        disk.join("kelp/blades/07/.split").exists(),
+        "folder 07 split"
+    );
+    for k in &keys {
+        let p = store.shard_path(*k).unwrap();
+        assert!(p.exists(), "{} at {}", k, p.display());
+    }
+    drop(store);
+    let store = LocalStore::open("s", &[disk], cfg).unwrap();
+    assert_eq!(store.scan_report().found, 40);
+    for k in &keys {
+        let got = store.read_cells(*k, 0, 1).await.unwrap();
+        assert_eq!(&got[16..20], &k.blade.to_le_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_with_foreign_cells_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d");
+    let store = LocalStore::open(
+        "s",
+        std::slice::from_ref(&disk),
+        LocalStoreConfig::default(),
+    )
+    .unwrap();
+    let k = ShardKey {
+        blade: 0x10,
+        shard: 2,
+    };
+    let cell = make_cell(
+        CellId {
+            blade: 0x10,
+            stipe: 0,
+            shard: 2,
+        },
+        1,
+        b"x",
+    );
+    store
+        .write_cells(k, 0, 0, Bytes::copy_from_slice(&cell), WriteMode::IfNewer)
+        .await
+        .unwrap();
+    let real = store.shard_path(k).unwrap();
+    drop(store);
+    // An operator renames the file to another blade's name: its cells say otherwise.
+    let fake = real.with_file_name("00000011.02.kelp");
+    std::fs::rename(&real, &fake).unwrap();
+    let store = LocalStore::open("s", &[disk], LocalStoreConfig::default()).unwrap();
+    assert_eq!(store.scan_report().mismatched, vec![fake]);
+    assert!(store.list().await.unwrap().is_empty());
+}
