@@ -185,6 +185,15 @@ pub fn seq_next(seq: u32) -> u32 {
     }
 }
 
+/// The sequence before `seq` (the inverse of `seq_next`).
+pub fn seq_prev(seq: u32) -> u32 {
+    if seq <= 1 {
+        SEQ_MAX
+    } else {
+        seq - 1
+    }
+}
+
 /// Orders sequences by serial-number arithmetic over 1..=SEQ_MAX, so that a sequence that wrapped
 /// is still newer than the one before it; 0 (never written) is older than every other.
 pub fn seq_cmp(a: u32, b: u32) -> Ordering {

@@ -46,7 +46,9 @@ pub enum KelpError {
         detail: String,
     },
     /// Too few shard stores acknowledged a write, sync or prepare.
-    #[error("blade {blade:08x}: {op} reached {acked} of {needed} shard stores ({errors})")]
+    #[error(
+        "blade {blade:08x}: {op} reached {acked} of the {needed} shard stores it needs ({errors})"
+    )]
     Quorum {
         /// Blade id.
         blade: u32,
@@ -92,6 +94,28 @@ impl KelpError {
         KelpError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// The same error again, for telling several waiters (the I/O source becomes text).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            KelpError::Quorum {
+                blade,
+                op,
+                acked,
+                needed,
+                errors,
+            } => KelpError::Quorum {
+                blade: *blade,
+                op,
+                acked: *acked,
+                needed: *needed,
+                errors: errors.clone(),
+            },
+            KelpError::Invalid(m) => KelpError::Invalid(m.clone()),
+            KelpError::Stopped(m) => KelpError::Stopped(m.clone()),
+            other => KelpError::Stopped(other.to_string()),
         }
     }
 

@@ -140,8 +140,8 @@ impl ShardStore for FaultyStore {
     async fn prepare(&self, key: ShardKey, stipe: u32, durable: bool) -> Result<()> {
         self.mutate(self.inner.prepare(key, stipe, durable)).await
     }
-    async fn release(&self, key: ShardKey, stipe: u32) -> Result<()> {
-        self.mutate(self.inner.release(key, stipe)).await
+    async fn release(&self, key: ShardKey, stipe: u32, upto: u32) -> Result<()> {
+        self.mutate(self.inner.release(key, stipe, upto)).await
     }
     async fn abort(&self, key: ShardKey, disk: u32, stipe: u32) -> Result<()> {
         self.mutate(self.inner.abort(key, disk, stipe)).await

@@ -20,7 +20,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::address::{check_range, Address, Reference, BLADE_PAYLOAD_BYTES_MAX};
-use crate::cell::{check_cell, read_header, seq_cmp, seq_next, CellCheck, CellId, CELL_BYTES};
+use crate::cell::{
+    check_cell, read_header, seq_cmp, seq_next, seq_prev, CellCheck, CellId, CELL_BYTES,
+};
 use crate::error::{KelpError, Result};
 use crate::frond;
 use crate::index::FrondIndex;
@@ -94,6 +96,18 @@ impl RepairReport {
         self.cells_failed += o.cells_failed;
         self.unrecoverable.extend(o.unrecoverable);
     }
+}
+
+/// How the existing stipes at the start of a run are updated.
+#[derive(Clone, Copy, Debug)]
+enum Prepare {
+    /// All stipes are new.
+    None,
+    /// The first N stipes exist; each shard copies its cell to scratch in the same request that
+    /// overwrites it (appends into the tail stipe).
+    Fused(u32),
+    /// The first N stipes exist; every shard prepares before any commits (in-place updates).
+    TwoPhase(u32),
 }
 
 struct AppendReq {
@@ -239,14 +253,14 @@ impl Holdfast {
 
     /// Checks the stipes remembered as degraded and rebuilds their bad cells.
     pub async fn repair(&self) -> Result<RepairReport> {
-        let stipes: Vec<u32> = {
+        let (overflow, stipes) = {
             let mut st = self.sh.state.lock().expect("state");
-            if st.degraded_overflow {
-                drop(st);
-                return self.scrub(None).await;
-            }
-            std::mem::take(&mut st.degraded).into_iter().collect()
+            let list: Vec<u32> = std::mem::take(&mut st.degraded).into_iter().collect();
+            (st.degraded_overflow, list)
         };
+        if overflow {
+            return self.scrub(None).await;
+        }
         let mut report = RepairReport::default();
         for s in stipes {
             let _guard = self.sh.locks.lock(s, s).await;
@@ -472,19 +486,20 @@ impl Shared {
         self.tasks.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let guard = ticket.acquire().await;
-            let prepare = if tail_update { 1 } else { 0 };
+            let prepare = if tail_update {
+                Prepare::Fused(1)
+            } else {
+                Prepare::None
+            };
             let sh = self.clone();
             self.write_run(guard, first, seqs, data, prepare, durable, move |result| {
                 for (reply, reference) in replies {
-                    let _ = reply.send(result.as_ref().map(|_| reference).map_err(|e| {
-                        KelpError::Quorum {
-                            blade: sh.layout.blade,
-                            op: "append",
-                            acked: 0,
-                            needed: sh.layout.profile.quorum(),
-                            errors: e.to_string(),
-                        }
-                    }));
+                    let _ = reply.send(
+                        result
+                            .as_ref()
+                            .map(|_| reference)
+                            .map_err(KelpError::duplicate),
+                    );
                 }
             })
             .await;
@@ -563,17 +578,26 @@ impl Shared {
         first: u32,
         seqs: Vec<u32>,
         data: Vec<u8>,
-        prepare: u32,
+        prepare: Prepare,
         durable: bool,
         on_quorum: impl FnOnce(Result<()>) + Send,
     ) {
+        let (two_phase, prepare) = match prepare {
+            Prepare::None => (false, 0),
+            Prepare::Fused(c) => (false, c),
+            Prepare::TwoPhase(c) => (true, c),
+        };
+        let olds: Vec<u32> = seqs[..prepare as usize]
+            .iter()
+            .map(|&q| seq_prev(q))
+            .collect();
         let p = self.layout.profile;
         let (n, quorum) = (p.n(), p.quorum());
         let count = seqs.len() as u32;
         let runs = StipeCodec::new(p).build_run(self.layout.blade, first, &seqs, &data);
         drop(data);
         let mut ok = vec![true; n];
-        if prepare > 0 {
+        if two_phase {
             let results = self
                 .each_shard(|st, key, _| async move {
                     for s in first..first + prepare {
@@ -587,13 +611,18 @@ impl Shared {
             }
             if let Err(e) = self.quorum("prepare", &results) {
                 on_quorum(Err(e));
-                self.finish_update(first, prepare, &ok, false).await;
-                self.mark_degraded(first, count);
                 drop(guard);
+                self.finish_update(first, &olds, &ok, false).await;
+                self.mark_degraded(first, count);
                 return;
             }
         }
         let t = self.cfg.op_timeout;
+        let mode = if prepare > 0 && !two_phase {
+            WriteMode::Update { durable }
+        } else {
+            WriteMode::IfNewer
+        };
         let mut writes: FuturesUnordered<_> = (0..n)
             .filter(|&j| ok[j])
             .map(|j| {
@@ -603,8 +632,7 @@ impl Shared {
                 async move {
                     let r = tokio::time::timeout(
                         t,
-                        pl.store
-                            .write_cells(key, pl.disk, first, cells, WriteMode::IfNewer),
+                        pl.store.write_cells(key, pl.disk, first, cells, mode),
                     )
                     .await;
                     (
@@ -640,18 +668,22 @@ impl Shared {
                 }
             } else if acked + writes.len() < quorum {
                 if let Some(f) = on_quorum.take() {
+                    // Fail as soon as the quorum is out of reach; say how many could have answered.
                     f(Err(KelpError::Quorum {
                         blade: self.layout.blade,
                         op: "write",
-                        acked,
+                        acked: acked + writes.len(),
                         needed: quorum,
                         errors: first_errors(errors.iter().cloned()),
                     }));
                 }
             }
         }
+        // Every shard has answered: the next update of these stipes may start. Scratch copies are
+        // dropped after, only if no newer copy replaced them.
+        drop(guard);
         if prepare > 0 {
-            self.finish_update(first, prepare, &ok, durable).await;
+            self.finish_update(first, &olds, &ok, durable).await;
         }
         if !errors.is_empty() {
             tracing::warn!(
@@ -663,12 +695,11 @@ impl Shared {
             );
             self.mark_degraded(first, count);
         }
-        drop(guard);
     }
 
     /// Drops the scratch copies of an update; when the replaced version was promised durable,
     /// the new cells are synced first so that a power loss finds one version or the other.
-    async fn finish_update(&self, first: u32, prepare: u32, prepared: &[bool], durable: bool) {
+    async fn finish_update(&self, first: u32, olds: &[u32], prepared: &[bool], durable: bool) {
         let prepared = prepared.to_vec();
         self.each_shard(|st, key, _| {
             let mine = prepared[key.shard as usize];
@@ -676,8 +707,8 @@ impl Shared {
                 if durable && mine {
                     st.sync(key).await?;
                 }
-                for s in first..first + prepare {
-                    st.release(key, s).await?;
+                for (i, &old) in olds.iter().enumerate() {
+                    st.release(key, first + i as u32, old).await?;
                 }
                 Ok(())
             }
@@ -776,9 +807,17 @@ impl Shared {
         self.tasks.fetch_add(1, Ordering::SeqCst);
         let sh = self.clone();
         tokio::spawn(async move {
-            sh.write_run(guard, first, seqs, data, count as u32, true, move |res| {
-                let _ = tx.send(res);
-            })
+            sh.write_run(
+                guard,
+                first,
+                seqs,
+                data,
+                Prepare::TwoPhase(count as u32),
+                true,
+                move |res| {
+                    let _ = tx.send(res);
+                },
+            )
             .await;
             sh.task_done();
         });
@@ -967,7 +1006,7 @@ impl Shared {
         let mut report = RepairReport::default();
         let mut versions = Vec::new();
         let mut writes: Vec<Vec<(u32, Bytes)>> = vec![Vec::new(); n];
-        let mut releases: Vec<(usize, u32)> = Vec::new();
+        let mut releases: Vec<(usize, u32, u32)> = Vec::new();
         let mut codec = StipeCodec::new(p);
         for (i, row) in rows.iter().enumerate() {
             let stipe = first + i as u32;
@@ -1020,7 +1059,11 @@ impl Shared {
             }
             let current = |j: usize| matches!(row[j], Got::Cell(c, _) if c.seq() == Some(target));
             if (0..n).all(current) {
-                releases.extend(saved.iter().map(|(j, _)| (*j, stipe)));
+                releases.extend(
+                    saved
+                        .iter()
+                        .map(|(j, _)| (*j, stipe, newest.unwrap_or(target))),
+                );
                 continue;
             }
             report.stipes_fixed += 1;
@@ -1054,7 +1097,11 @@ impl Shared {
                     writes[j].push((stipe, cells[j].clone()));
                 }
             }
-            releases.extend(saved.iter().map(|(j, _)| (*j, stipe)));
+            releases.extend(
+                saved
+                    .iter()
+                    .map(|(j, _)| (*j, stipe, newest.unwrap_or(target))),
+            );
         }
         // Rewrite the bad cells, one store call per run of consecutive stipes of a shard.
         for (j, cells) in writes.into_iter().enumerate() {
@@ -1078,11 +1125,11 @@ impl Shared {
                 }
             }
         }
-        for (j, stipe) in releases {
+        for (j, stipe, upto) in releases {
             let pl = &self.layout.shards[j];
             let _ = tokio::time::timeout(
                 self.cfg.op_timeout,
-                pl.store.release(self.layout.key(j), stipe),
+                pl.store.release(self.layout.key(j), stipe, upto),
             )
             .await;
         }

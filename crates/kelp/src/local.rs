@@ -254,13 +254,14 @@ impl Inner {
         first: u32,
         cells: &[u8],
         mode: WriteMode,
-        syncer: &DiskSyncer,
+        disk: &Disk,
     ) -> Result<()> {
+        let syncer = &disk.syncer;
         let count = (cells.len() / CELL_BYTES) as u32;
         let _io = f.io.lock().expect("io lock");
         let existing = f.cells.load(Ordering::Acquire);
         let mut keep = vec![true; count as usize];
-        if mode == WriteMode::IfNewer && first < existing {
+        if mode != WriteMode::Force && first < existing {
             let overlap = (existing - first).min(count);
             let old = Self::read_run(f, first, overlap)?;
             for (i, (old, new)) in old
@@ -276,10 +277,21 @@ impl Inner {
                 if let (CellCheck::Valid { seq: old_seq }, Some(new_seq)) =
                     (check_cell(old, id), check_cell(new, id).seq())
                 {
-                    if seq_cmp(old_seq, new_seq) == std::cmp::Ordering::Greater {
-                        keep[i] = false;
+                    match seq_cmp(old_seq, new_seq) {
+                        std::cmp::Ordering::Greater => keep[i] = false,
+                        std::cmp::Ordering::Less if matches!(mode, WriteMode::Update { .. }) => {
+                            // The cell about to be overwritten goes to scratch first.
+                            disk.scratch
+                                .lock()
+                                .expect("scratch lock")
+                                .save(key, id.stipe, old, syncer)?;
+                        }
+                        _ => {}
                     }
                 }
+            }
+            if matches!(mode, WriteMode::Update { durable: true }) {
+                syncer.sync()?;
             }
         }
         let mut i = 0;
@@ -350,7 +362,7 @@ impl ShardStore for LocalStore {
         blocking(move || {
             let f = this.get_or_create(key, disk)?;
             let d = this.disks[f.disk].clone();
-            Inner::write_blocking(&f, key, first_stipe, &cells, mode, &d.syncer)
+            Inner::write_blocking(&f, key, first_stipe, &cells, mode, &d)
         })
         .await
     }
@@ -392,14 +404,14 @@ impl ShardStore for LocalStore {
         .await
     }
 
-    async fn release(&self, key: ShardKey, stipe: u32) -> Result<()> {
+    async fn release(&self, key: ShardKey, stipe: u32, upto: u32) -> Result<()> {
         let disks = self.disks.clone();
         blocking(move || {
             for d in &disks {
                 d.scratch
                     .lock()
                     .expect("scratch lock")
-                    .release(key, stipe)?;
+                    .release(key, stipe, upto)?;
             }
             Ok(())
         })
@@ -409,10 +421,12 @@ impl ShardStore for LocalStore {
     async fn abort(&self, key: ShardKey, disk: u32, stipe: u32) -> Result<()> {
         let saved = self.scratch_cell(key, stipe).await?;
         if let Some(cell) = saved {
+            let (_, _, seq) = crate::cell::read_header(&cell);
             self.write_cells(key, disk, stipe, cell, WriteMode::Force)
                 .await?;
+            self.release(key, stipe, seq).await?;
         }
-        self.release(key, stipe).await
+        Ok(())
     }
 
     async fn scratch(&self, key: ShardKey) -> Result<Vec<Bytes>> {

@@ -209,6 +209,7 @@ impl BladeReader {
         Ok(bytes.slice(data))
     }
 
+    #[allow(clippy::needless_range_loop)] // cells are addressed by (stipe, shard) throughout
     /// Reads `len` bytes of the stream at `start`; cells of the first stipe must have at least
     /// sequence `first_seq`, cells of later stipes at least 1.
     pub async fn read_range(&self, start: u64, len: usize, first_seq: u32) -> Result<Bytes> {

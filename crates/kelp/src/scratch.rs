@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cell::{check_cell, read_header, CellCheck, CELL_BYTES};
+use crate::cell::{check_cell, read_header, seq_cmp, CellCheck, CELL_BYTES};
 use crate::error::{KelpError, Result};
 use crate::store::ShardKey;
 use crate::sync::DiskSyncer;
@@ -34,7 +34,7 @@ pub struct Scratch {
     dir: PathBuf,
     logs: BTreeMap<u64, Log>,
     current: u64,
-    pending: HashMap<(ShardKey, u32), (u64, u64)>,
+    pending: HashMap<(ShardKey, u32), (u64, u64, u32)>,
     log_bytes_max: u64,
 }
 
@@ -96,17 +96,17 @@ impl Scratch {
                     .read_exact_at(&mut buf, off)
                     .map_err(|e| KelpError::io(format!("read {}", log.path.display()), e))?;
                 let (id, _, _) = read_header(&buf);
-                if let CellCheck::Valid { .. } = check_cell(&buf, id) {
+                if let CellCheck::Valid { seq } = check_cell(&buf, id) {
                     let key = ShardKey {
                         blade: id.blade,
                         shard: id.shard,
                     };
-                    s.pending.insert((key, id.stipe), (n, off));
+                    s.pending.insert((key, id.stipe), (n, off, seq));
                 }
             }
             s.logs.insert(n, log);
         }
-        for &(n, _) in s.pending.values() {
+        for &(n, _, _) in s.pending.values() {
             if let Some(log) = s.logs.get_mut(&n) {
                 log.pending += 1;
             }
@@ -151,7 +151,8 @@ impl Scratch {
         log.len += CELL_BYTES as u64;
         log.pending += 1;
         syncer.mark_dirty(log.id, &log.file, &log.path.display().to_string());
-        if let Some(old) = self.pending.insert((key, stipe), (n, off)) {
+        let (_, _, seq) = read_header(cell);
+        if let Some(old) = self.pending.insert((key, stipe), (n, off, seq)) {
             self.forget(old.0)?;
         }
         Ok(())
@@ -159,7 +160,7 @@ impl Scratch {
 
     /// The scratch copy of (`key`, `stipe`), if one is pending.
     pub fn get(&self, key: ShardKey, stipe: u32) -> Result<Option<Bytes>> {
-        let Some(&(n, off)) = self.pending.get(&(key, stipe)) else {
+        let Some(&(n, off, _)) = self.pending.get(&(key, stipe)) else {
             return Ok(None);
         };
         let log = &self.logs[&n];
@@ -182,11 +183,14 @@ impl Scratch {
         v
     }
 
-    /// Drops the scratch copy of (`key`, `stipe`).
-    pub fn release(&mut self, key: ShardKey, stipe: u32) -> Result<()> {
-        match self.pending.remove(&(key, stipe)) {
-            Some((n, _)) => self.forget(n),
-            None => Ok(()),
+    /// Drops the scratch copy of (`key`, `stipe`) if its sequence is not newer than `upto`.
+    pub fn release(&mut self, key: ShardKey, stipe: u32, upto: u32) -> Result<()> {
+        match self.pending.get(&(key, stipe)) {
+            Some(&(n, _, seq)) if seq_cmp(seq, upto) != std::cmp::Ordering::Greater => {
+                self.pending.remove(&(key, stipe));
+                self.forget(n)
+            }
+            _ => Ok(()),
         }
     }
 

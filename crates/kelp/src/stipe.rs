@@ -2,31 +2,30 @@
 //! the building of runs of whole cells from a slice of the blade's payload stream.
 
 use bytes::{Bytes, BytesMut};
-use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
+use reed_solomon_erasure::galois_8::ReedSolomon;
 
 use crate::cell::{seal_cell, CellId, CELL_BYTES, CELL_HEADER_BYTES, CELL_PAYLOAD_BYTES};
 use crate::error::{KelpError, Result};
 use crate::profile::Profile;
 
-/// Reed-Solomon coder for one profile; keeps its work buffers between stipes.
+/// Reed-Solomon coder for one profile (GF(2^8), reed-solomon-erasure with its SIMD kernels;
+/// docs/kelp.md says why this crate). It caches the inverted matrices of erasure patterns.
 pub struct StipeCodec {
     profile: Profile,
-    encoder: ReedSolomonEncoder,
-    decoder: ReedSolomonDecoder,
+    rs: ReedSolomon,
+    /// Scratch for decoding: n payloads.
+    work: Vec<u8>,
 }
 
 impl StipeCodec {
     /// A coder for `profile`.
     pub fn new(profile: Profile) -> Self {
-        let (k, m) = (profile.k as usize, profile.m as usize);
-        let encoder = ReedSolomonEncoder::new(k, m, CELL_PAYLOAD_BYTES)
-            .expect("profile checked: k + m within the coder's range");
-        let decoder = ReedSolomonDecoder::new(k, m, CELL_PAYLOAD_BYTES)
-            .expect("profile checked: k + m within the coder's range");
+        let rs = ReedSolomon::new(profile.k as usize, profile.m as usize)
+            .expect("profile checked: 1 <= k, m and k + m <= 64");
         StipeCodec {
             profile,
-            encoder,
-            decoder,
+            rs,
+            work: Vec::new(),
         }
     }
 
@@ -35,73 +34,57 @@ impl StipeCodec {
         self.profile
     }
 
-    /// Computes the m parity payloads of the k data payloads in `data` (k * 4080 bytes) and hands
-    /// each to `out(parity_index, payload)`.
-    pub fn encode(&mut self, data: &[u8], mut out: impl FnMut(usize, &[u8])) {
-        let p = self.profile;
-        assert_eq!(data.len(), p.stipe_payload_bytes());
-        self.encoder
-            .reset(p.k as usize, p.m as usize, CELL_PAYLOAD_BYTES)
-            .expect("valid profile");
-        for chunk in data.chunks_exact(CELL_PAYLOAD_BYTES) {
-            self.encoder
-                .add_original_shard(chunk)
-                .expect("k shards of the right size");
-        }
-        let result = self.encoder.encode().expect("all originals added");
-        for (i, parity) in result.recovery_iter().enumerate() {
-            out(i, parity);
-        }
+    /// Computes the m parity payloads of the k data payloads in `data` (k * 4080 bytes) into
+    /// `parity` (m slices of 4080 bytes).
+    pub fn encode(&self, data: &[u8], parity: &mut [&mut [u8]]) {
+        assert_eq!(data.len(), self.profile.stipe_payload_bytes());
+        let shards: Vec<&[u8]> = data.chunks_exact(CELL_PAYLOAD_BYTES).collect();
+        self.rs
+            .encode_sep(&shards, parity)
+            .expect("k data and m parity payloads of 4080 bytes");
     }
 
     /// Reconstructs the k data payloads into `out` (k * 4080 bytes) from `cells`, a list of
     /// (shard, payload) with at least k entries; shards below k are data, the rest parity.
     pub fn decode(&mut self, cells: &[(usize, &[u8])], out: &mut [u8]) -> Result<()> {
         let p = self.profile;
-        let k = p.k as usize;
+        let (k, n) = (p.data(), p.n());
         assert_eq!(out.len(), p.stipe_payload_bytes());
-        let mut have = vec![false; k];
+        let mut have = vec![false; n];
         for &(shard, payload) in cells {
-            if shard < k && payload.len() == CELL_PAYLOAD_BYTES {
-                out[shard * CELL_PAYLOAD_BYTES..(shard + 1) * CELL_PAYLOAD_BYTES]
-                    .copy_from_slice(payload);
+            if shard < n && payload.len() == CELL_PAYLOAD_BYTES && !have[shard] {
                 have[shard] = true;
+                if shard < k {
+                    out[shard * CELL_PAYLOAD_BYTES..(shard + 1) * CELL_PAYLOAD_BYTES]
+                        .copy_from_slice(payload);
+                }
             }
         }
-        if have.iter().all(|&h| h) {
+        if have[..k].iter().all(|&h| h) {
             return Ok(());
         }
-        if cells.len() < k {
+        let present = have.iter().filter(|&&h| h).count();
+        if present < k {
             return Err(KelpError::invalid(format!(
-                "decode needs {k} cells, got {}",
-                cells.len()
+                "decode needs {k} cells, got {present}"
             )));
         }
-        self.decoder
-            .reset(k, p.m as usize, CELL_PAYLOAD_BYTES)
-            .expect("valid profile");
-        let mut used = 0;
+        // Data payloads go straight into `out`; parity payloads into the work buffer.
+        self.work.resize((n - k) * CELL_PAYLOAD_BYTES, 0);
         for &(shard, payload) in cells {
-            if used == k {
-                break;
+            if shard >= k && shard < n && payload.len() == CELL_PAYLOAD_BYTES {
+                let at = (shard - k) * CELL_PAYLOAD_BYTES;
+                self.work[at..at + CELL_PAYLOAD_BYTES].copy_from_slice(payload);
             }
-            let added = if shard < k {
-                self.decoder.add_original_shard(shard, payload)
-            } else {
-                self.decoder.add_recovery_shard(shard - k, payload)
-            };
-            added.map_err(|e| KelpError::invalid(format!("decode: shard {shard}: {e}")))?;
-            used += 1;
         }
-        let result = self
-            .decoder
-            .decode()
-            .map_err(|e| KelpError::invalid(format!("decode: {e}")))?;
-        for (shard, payload) in result.restored_original_iter() {
-            out[shard * CELL_PAYLOAD_BYTES..(shard + 1) * CELL_PAYLOAD_BYTES]
-                .copy_from_slice(payload);
-        }
-        Ok(())
+        let mut slots: Vec<(&mut [u8], bool)> = out
+            .chunks_exact_mut(CELL_PAYLOAD_BYTES)
+            .chain(self.work.chunks_exact_mut(CELL_PAYLOAD_BYTES))
+            .zip(have.iter().copied())
+            .collect();
+        self.rs
+            .reconstruct_data(&mut slots)
+            .map_err(|e| KelpError::invalid(format!("decode: {e}")))
     }
 
     /// Builds the cells of `count` consecutive stipes starting at `first` from `data`
@@ -120,9 +103,12 @@ impl StipeCodec {
             for (j, chunk) in stipe_data.chunks_exact(CELL_PAYLOAD_BYTES).enumerate() {
                 shards[j][at..at + CELL_PAYLOAD_BYTES].copy_from_slice(chunk);
             }
-            self.encode(stipe_data, |pi, parity| {
-                shards[k + pi][at..at + CELL_PAYLOAD_BYTES].copy_from_slice(parity);
-            });
+            let (_, parity_shards) = shards.split_at_mut(k);
+            let mut parity: Vec<&mut [u8]> = parity_shards
+                .iter_mut()
+                .map(|b| &mut b[at..at + CELL_PAYLOAD_BYTES])
+                .collect();
+            self.encode(stipe_data, &mut parity);
             for (shard, buf) in shards.iter_mut().enumerate() {
                 let id = CellId {
                     blade,

@@ -30,6 +30,13 @@ pub enum WriteMode {
     IfNewer,
     /// Write whatever is given (recovery rolling a stipe back, repair).
     Force,
+    /// An update of existing stipes in one request: like `IfNewer`, but each valid cell about to
+    /// be overwritten is first copied to the scratch area (synced first when `durable`). This is
+    /// prepare and commit fused per shard (docs/kelp.md explains why that is as safe).
+    Update {
+        /// The replaced version was promised durable: sync the scratch copy before overwriting.
+        durable: bool,
+    },
 }
 
 /// A shard file a store holds.
@@ -75,8 +82,10 @@ pub trait ShardStore: Send + Sync + 'static {
             .await
     }
 
-    /// Drops the scratch copy of `stipe` once the update is complete (or resolved by recovery).
-    async fn release(&self, key: ShardKey, stipe: u32) -> Result<()>;
+    /// Drops the scratch copy of `stipe` once the update is complete (or resolved by recovery),
+    /// if the copy's sequence is not newer than `upto` (a late release never drops the copy a
+    /// later update took).
+    async fn release(&self, key: ShardKey, stipe: u32, upto: u32) -> Result<()>;
 
     /// Puts the scratch copy of `stipe` back into the shard file and drops it.
     async fn abort(&self, key: ShardKey, disk: u32, stipe: u32) -> Result<()>;

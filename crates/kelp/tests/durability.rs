@@ -167,7 +167,7 @@ async fn writes_need_k_plus_w_shards_and_repair_completes_the_rest() {
     // A fifth shard down: 11 < 12, appends fail with a clear error and nothing is acknowledged.
     plans[14].set_down(true);
     let err = h.append_data(&rng.bytes(5000)).await.unwrap_err();
-    assert!(err.to_string().contains("reached 11 of 12"), "{err}");
+    assert!(err.to_string().contains("reached 11 of the 12"), "{err}");
     assert!(h.sync().await.is_err());
     for p in &plans {
         p.set_down(false);

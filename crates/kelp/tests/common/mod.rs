@@ -122,10 +122,15 @@ impl Forest {
 }
 
 pub fn test_config() -> HoldfastConfig {
-    let mut c = HoldfastConfig::default();
-    c.op_timeout = std::time::Duration::from_secs(20);
-    c.hedge.deadline = std::time::Duration::from_secs(20);
-    c
+    let hedge = kelp::HedgeConfig {
+        deadline: std::time::Duration::from_secs(20),
+        ..Default::default()
+    };
+    HoldfastConfig {
+        op_timeout: std::time::Duration::from_secs(20),
+        hedge,
+        ..Default::default()
+    }
 }
 
 /// xorshift64*: reproducible test data without a dependency.
