@@ -491,7 +491,6 @@ impl Shared {
             } else {
                 Prepare::None
             };
-            let sh = self.clone();
             self.write_run(guard, first, seqs, data, prepare, durable, move |result| {
                 for (reply, reference) in replies {
                     let _ = reply.send(
