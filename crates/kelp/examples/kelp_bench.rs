@@ -1,7 +1,8 @@
 //! kelp benchmarks: Reed-Solomon coding of 4080-byte cells against memcpy, two coders side by
 //! side, and holdfast appends into 16 local shard stores against a plain sequential write.
 //!
-//! cargo run --release -p kelp --example kelp_bench -- [--dir DIR] [--mib N] [--write docs/kelp-bench.md]
+//! cargo run --release -p kelp --example kelp_bench -- [--dir DIR] [--mib N] [--only coding|large|small]
+//!     [--write docs/kelp-bench.md]
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ struct Args {
     dir: PathBuf,
     mib: usize,
     write: Option<PathBuf>,
+    only: Option<String>,
 }
 
 fn args() -> Args {
@@ -29,6 +31,7 @@ fn args() -> Args {
         dir: PathBuf::from("target/kelp-bench"),
         mib: 512,
         write: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -36,6 +39,7 @@ fn args() -> Args {
             "--dir" => a.dir = it.next().expect("--dir DIR").into(),
             "--mib" => a.mib = it.next().expect("--mib N").parse().expect("a number"),
             "--write" => a.write = Some(it.next().expect("--write FILE").into()),
+            "--only" => a.only = Some(it.next().expect("--only coding|large|small")),
             other => panic!("unknown argument {other}; see the file's header"),
         }
     }
@@ -228,7 +232,9 @@ async fn appends(a: &Args, out: &mut Vec<String>) {
     let plain_mbps = raw as f64 / plain.as_secs_f64() / 1e6;
 
     let mut rows = Vec::new();
-    for (blade, appenders) in [(1u32, 1usize), (2, 4)] {
+    let large = a.only.as_deref().is_none_or(|o| o == "large");
+    let small = a.only.as_deref().is_none_or(|o| o == "small");
+    for (blade, appenders) in [(1u32, 1usize), (2, 4)].into_iter().filter(|_| large) {
         drop_caches();
         let h = Holdfast::open(forest(&run, blade), HoldfastConfig::default())
             .await
@@ -262,6 +268,10 @@ async fn appends(a: &Args, out: &mut Vec<String>) {
     }
 
     // 4 KiB fronds, 16 appenders, before sync.
+    if !small {
+        std::fs::remove_dir_all(&run).unwrap();
+        return;
+    }
     let h = Holdfast::open(forest(&run, 3), HoldfastConfig::default())
         .await
         .unwrap();
@@ -319,7 +329,9 @@ async fn appends(a: &Args, out: &mut Vec<String>) {
 fn main() {
     let a = args();
     let mut out = Vec::new();
-    coding(&mut out);
+    if a.only.as_deref().is_none_or(|o| o == "coding") {
+        coding(&mut out);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

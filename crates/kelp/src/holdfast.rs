@@ -136,10 +136,17 @@ struct State {
     degraded_overflow: bool,
     syncs_started: u64,
     recovery: RepairReport,
+    /// Scratch copies of tail updates to drop: stipe -> (sequence it protected, durable).
+    releases: BTreeMap<u32, (u32, bool)>,
 }
+
+/// Stipes whose scratch copies wait for release before they are flushed without a sync.
+const RELEASES_PENDING_MAX: usize = 64;
 
 struct Shared {
     layout: BladeLayout,
+    /// Encoder (its matrices are built once per blade).
+    codec: StipeCodec,
     reader: BladeReader,
     cfg: HoldfastConfig,
     locks: Arc<RangeLocks>,
@@ -176,8 +183,10 @@ impl Holdfast {
                 degraded_overflow: false,
                 syncs_started: 0,
                 recovery: RepairReport::default(),
+                releases: BTreeMap::new(),
             }),
             queued_bytes: Arc::new(Semaphore::new(cfg.queue_bytes_max)),
+            codec: StipeCodec::new(layout.profile),
             inflight: Arc::new(Semaphore::new(cfg.batches_inflight_max)),
             tasks: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -248,7 +257,9 @@ impl Holdfast {
         let results = sh
             .each_shard(|st, key, _| async move { st.sync(key).await })
             .await;
-        sh.quorum("sync", &results)
+        sh.quorum("sync", &results)?;
+        sh.flush_releases().await;
+        Ok(())
     }
 
     /// Checks the stipes remembered as degraded and rebuilds their bad cells.
@@ -394,6 +405,16 @@ impl Holdfast {
 
 async fn batcher(sh: Arc<Shared>, mut rx: mpsc::Receiver<AppendReq>) {
     while let Some(first) = rx.recv().await {
+        // A batch that starts in the tail stipe waits for the batch still writing it; meanwhile
+        // more appends queue up and go together, so that a batch fills more of the stipe.
+        let tail = {
+            let st = sh.state.lock().expect("state");
+            let s = sh.stipe_bytes();
+            (st.append % s != 0).then(|| (st.append / s) as u32)
+        };
+        if let Some(stipe) = tail {
+            sh.locks.wait_free(stipe, stipe).await;
+        }
         let mut bytes = first.frond.len();
         let mut batch = vec![first];
         while bytes < sh.cfg.batch_bytes_max {
@@ -593,7 +614,7 @@ impl Shared {
         let p = self.layout.profile;
         let (n, quorum) = (p.n(), p.quorum());
         let count = seqs.len() as u32;
-        let runs = StipeCodec::new(p).build_run(self.layout.blade, first, &seqs, &data);
+        let runs = self.codec.build_run(self.layout.blade, first, &seqs, &data);
         drop(data);
         let mut ok = vec![true; n];
         if two_phase {
@@ -681,8 +702,22 @@ impl Shared {
         // Every shard has answered: the next update of these stipes may start. Scratch copies are
         // dropped after, only if no newer copy replaced them.
         drop(guard);
-        if prepare > 0 {
+        if two_phase {
             self.finish_update(first, &olds, &ok, durable).await;
+        } else if prepare > 0 {
+            // A later update of the stipe replaces the copy on each shard; the last one is dropped
+            // at the next sync, or once enough stipes wait.
+            let flush = {
+                let mut st = self.state.lock().expect("state");
+                for (i, &old) in olds.iter().enumerate() {
+                    let e = st.releases.entry(first + i as u32).or_insert((old, false));
+                    *e = (old, e.1 || durable);
+                }
+                st.releases.len() >= RELEASES_PENDING_MAX
+            };
+            if flush {
+                self.flush_releases().await;
+            }
         }
         if !errors.is_empty() {
             tracing::warn!(
@@ -694,6 +729,28 @@ impl Shared {
             );
             self.mark_degraded(first, count);
         }
+    }
+
+    /// Drops the scratch copies that tail appends left (syncing first if any protected a durable
+    /// version).
+    async fn flush_releases(&self) {
+        let releases = std::mem::take(&mut self.state.lock().expect("state").releases);
+        if releases.is_empty() {
+            return;
+        }
+        let durable = releases.values().any(|&(_, d)| d);
+        let list: Vec<(u32, u32)> = releases.iter().map(|(s, (q, _))| (*s, *q)).collect();
+        let list = &list;
+        self.each_shard(|st, key, _| async move {
+            if durable {
+                st.sync(key).await?;
+            }
+            for &(stipe, upto) in list {
+                st.release(key, stipe, upto).await?;
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// Drops the scratch copies of an update; when the replaced version was promised durable,

@@ -17,6 +17,9 @@ use crate::scratch::{Scratch, FILE_IDS};
 use crate::store::{ShardInfo, ShardKey, ShardStore, WriteMode};
 use crate::sync::DiskSyncer;
 
+/// Writes up to this size run on the calling task instead of the blocking pool.
+pub const INLINE_WRITE_BYTES_MAX: usize = 64 * 1024;
+
 /// Cells one read or write may carry (16 MiB).
 pub const CELLS_PER_CALL_MAX: u32 = 4096;
 
@@ -310,7 +313,7 @@ impl Inner {
                 .map_err(|e| KelpError::io(format!("write {}", f.path()), e))?;
         }
         f.cells.fetch_max(first + count, Ordering::AcqRel);
-        syncer.mark_dirty(f.sync_id, &f.file, &f.path());
+        syncer.mark_dirty(f.sync_id, &f.file, || f.path());
         Ok(())
     }
 }
@@ -358,13 +361,22 @@ impl ShardStore for LocalStore {
         mode: WriteMode,
     ) -> Result<()> {
         check_run(key, first_stipe, &cells)?;
+        let cells_len = cells.len();
         let this = self.inner.clone();
-        blocking(move || {
+        let write = move || {
             let f = this.get_or_create(key, disk)?;
             let d = this.disks[f.disk].clone();
             Inner::write_blocking(&f, key, first_stipe, &cells, mode, &d)
-        })
-        .await
+        };
+        // A small write lands in the page cache in microseconds: a hand-off to the blocking pool
+        // would cost more than the write. Larger writes and those that sync go to the pool.
+        if cells_len <= INLINE_WRITE_BYTES_MAX
+            && !matches!(mode, WriteMode::Update { durable: true })
+        {
+            write()
+        } else {
+            blocking(write).await
+        }
     }
 
     async fn read_cells(&self, key: ShardKey, first_stipe: u32, count: u32) -> Result<Bytes> {
@@ -405,17 +417,14 @@ impl ShardStore for LocalStore {
     }
 
     async fn release(&self, key: ShardKey, stipe: u32, upto: u32) -> Result<()> {
-        let disks = self.disks.clone();
-        blocking(move || {
-            for d in &disks {
-                d.scratch
-                    .lock()
-                    .expect("scratch lock")
-                    .release(key, stipe, upto)?;
-            }
-            Ok(())
-        })
-        .await
+        // In memory, but for the rare truncation or removal of a drained scratch log.
+        for d in &self.disks {
+            d.scratch
+                .lock()
+                .expect("scratch lock")
+                .release(key, stipe, upto)?;
+        }
+        Ok(())
     }
 
     async fn abort(&self, key: ShardKey, disk: u32, stipe: u32) -> Result<()> {

@@ -65,6 +65,23 @@ impl RangeLocks {
         self.enqueue(start, end).acquire().await
     }
 
+    /// Waits until no range overlapping `[start, end]` is held or waiting.
+    pub async fn wait_free(&self, start: u32, end: u32) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = {
+                let t = self.table.lock().expect("lock table");
+                t.entries.iter().any(|o| o.start <= end && start <= o.end)
+            };
+            if !busy {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Ranges held or waiting.
     pub fn len(&self) -> usize {
         self.table.lock().expect("lock table").entries.len()

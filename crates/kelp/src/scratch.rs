@@ -150,7 +150,7 @@ impl Scratch {
             .map_err(|e| KelpError::io(format!("write {}", log.path.display()), e))?;
         log.len += CELL_BYTES as u64;
         log.pending += 1;
-        syncer.mark_dirty(log.id, &log.file, &log.path.display().to_string());
+        syncer.mark_dirty(log.id, &log.file, || log.path.display().to_string());
         let (_, _, seq) = read_header(cell);
         if let Some(old) = self.pending.insert((key, stipe), (n, off, seq)) {
             self.forget(old.0)?;

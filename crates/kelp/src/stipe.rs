@@ -90,7 +90,7 @@ impl StipeCodec {
     /// Builds the cells of `count` consecutive stipes starting at `first` from `data`
     /// (count * k * 4080 bytes of the stream), with the sequence of each stipe in `seqs`.
     /// Returns one buffer per shard holding that shard's `count` cells back to back.
-    pub fn build_run(&mut self, blade: u32, first: u32, seqs: &[u32], data: &[u8]) -> Vec<Bytes> {
+    pub fn build_run(&self, blade: u32, first: u32, seqs: &[u32], data: &[u8]) -> Vec<Bytes> {
         let p = self.profile;
         let (k, n) = (p.k as usize, p.n());
         let count = seqs.len();

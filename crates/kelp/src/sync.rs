@@ -26,11 +26,9 @@ pub struct DiskSyncer {
 
 impl DiskSyncer {
     /// Records that `file` (named `what` in errors) has writes that the next sync must cover.
-    pub fn mark_dirty(&self, id: u64, file: &Arc<File>, what: &str) {
+    pub fn mark_dirty(&self, id: u64, file: &Arc<File>, what: impl FnOnce() -> String) {
         let mut s = self.state.lock().expect("syncer lock");
-        s.dirty
-            .entry(id)
-            .or_insert_with(|| (file.clone(), what.to_string()));
+        s.dirty.entry(id).or_insert_with(|| (file.clone(), what()));
         s.written += 1;
     }
 
