@@ -5,12 +5,10 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{check_all, fill, test_config, Forest, Rng};
-use kelp::fault::FaultPlan;
-use kelp::{frond, Holdfast, Profile};
+use common::{check_all, fill, Forest, Rng};
+use kelp::{frond, Profile};
 
 const BLADE: u32 = 0x2a;
 
@@ -104,13 +102,7 @@ async fn corrupt_cells_are_never_returned_and_scrub_repairs_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_missed_an_update_is_never_current() {
     let forest = Forest::new(4, 4);
-    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
-    let h = Holdfast::open(
-        forest.layout_per_shard(BLADE, Profile::default(), &plans),
-        test_config(),
-    )
-    .await
-    .unwrap();
+    let (h, plans) = forest.holdfast_with_plans(BLADE).await;
     let mut rng = Rng::new(3);
     let old = rng.bytes(30_000); // spans data shards 0..8 of stipe 0
     let r1 = h.append_data(&old).await.unwrap();
@@ -144,13 +136,7 @@ async fn a_shard_that_missed_an_update_is_never_current() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_need_k_plus_w_shards_and_repair_completes_the_rest() {
     let forest = Forest::new(4, 4);
-    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
-    let h = Holdfast::open(
-        forest.layout_per_shard(BLADE, Profile::default(), &plans),
-        test_config(),
-    )
-    .await
-    .unwrap();
+    let (h, plans) = forest.holdfast_with_plans(BLADE).await;
     let mut rng = Rng::new(11);
     let mut fronds = fill(&h, &mut rng, 5, 100_000).await;
     // 4 shards down: 12 of 16 still acknowledge.
@@ -186,13 +172,7 @@ async fn writes_need_k_plus_w_shards_and_repair_completes_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_hedge_around_a_store_that_hangs() {
     let forest = Forest::new(4, 4);
-    let plans: Vec<Arc<FaultPlan>> = (0..16).map(|_| Arc::new(FaultPlan::default())).collect();
-    let h = Holdfast::open(
-        forest.layout_per_shard(BLADE, Profile::default(), &plans),
-        test_config(),
-    )
-    .await
-    .unwrap();
+    let (h, plans) = forest.holdfast_with_plans(BLADE).await;
     let mut rng = Rng::new(5);
     let fronds = fill(&h, &mut rng, 10, 100_000).await;
     h.quiesce().await;

@@ -114,6 +114,14 @@ impl Forest {
             .expect("shard file exists")
     }
 
+    /// A holdfast whose shard stores each go through their own fault plan.
+    pub async fn holdfast_with_plans(&self, blade: u32) -> (Holdfast, Vec<Arc<FaultPlan>>) {
+        let n = Profile::default().n();
+        let plans: Vec<Arc<FaultPlan>> = (0..n).map(|_| Arc::new(FaultPlan::default())).collect();
+        let layout = self.layout_per_shard(blade, Profile::default(), &plans);
+        (Holdfast::open(layout, test_config()).await.unwrap(), plans)
+    }
+
     pub async fn holdfast(&self, blade: u32) -> Holdfast {
         Holdfast::open(self.layout(blade, Profile::default()), test_config())
             .await
