@@ -1083,8 +1083,17 @@ impl Shared {
                     stipe,
                     shard: *j as u8,
                 };
+                // A copy matters only if its own cell was since overwritten by a newer version
+                // (or is damaged); a copy left over from long ago (even one that a wrapped
+                // sequence makes look newer) is ignored.
+                let overwritten = match &row[*j] {
+                    Got::Cell(CellCheck::Valid { seq: current }, _) => Some(*current),
+                    _ => None,
+                };
                 if let CellCheck::Valid { seq } = check_cell(cell, id) {
-                    offers[*j].push((seq, cell.clone()));
+                    if overwritten.is_none_or(|c| seq_cmp(c, seq) == std::cmp::Ordering::Greater) {
+                        offers[*j].push((seq, cell.clone()));
+                    }
                 }
             }
             let mut candidates: Vec<u32> = offers.iter().flatten().map(|(q, _)| *q).collect();

@@ -182,3 +182,67 @@ async fn reads_hedge_around_a_store_that_hangs() {
         .await
         .expect("reads finish without the hung store");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_wrap_through_the_update_path() {
+    use kelp::cell::{check_cell, read_header, seal_cell, CellCheck, SEQ_MAX};
+    use kelp::{Reference, ShardKey};
+    let mut forest = Forest::new(4, 4);
+    let h = forest.holdfast(BLADE).await;
+    let mut rng = Rng::new(21);
+    let first = rng.bytes(20_000);
+    let r = h.append_data(&first).await.unwrap();
+    h.append_data(&rng.bytes(50_000)).await.unwrap();
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    drop(h);
+    // Age stipe 0 to two below the largest sequence, as if it had been updated 16 million times.
+    let aged = SEQ_MAX - 1;
+    for j in 0..16 {
+        let path = forest.shard_path(BLADE, j);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let cell = &mut bytes[..4096];
+        let (id, _, _) = read_header(cell);
+        assert!(matches!(check_cell(cell, id), CellCheck::Valid { .. }));
+        seal_cell(cell, id, aged);
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    forest.reopen();
+    let h = forest.holdfast(BLADE).await;
+    let r = Reference { seq: aged, ..r };
+    assert_eq!(h.read(r).await.unwrap(), first);
+    let a = rng.bytes(first.len());
+    let ra = h.update(r, frond::encode(&a).unwrap()).await.unwrap();
+    assert_eq!(ra.seq, SEQ_MAX);
+    let b = rng.bytes(first.len());
+    let rb = h.update(ra, frond::encode(&b).unwrap()).await.unwrap();
+    assert_eq!(rb.seq, 1, "the sequence wrapped");
+    h.quiesce().await;
+    assert_eq!(h.read(rb).await.unwrap(), b);
+    // A shard still holding the version before the wrap is stale, not newer.
+    let key = ShardKey {
+        blade: BLADE,
+        shard: 2,
+    };
+    let stale = {
+        let mut c = h.reader().layout().shards[2]
+            .store
+            .read_cells(key, 0, 1)
+            .await
+            .unwrap()
+            .to_vec();
+        let (id, _, _) = read_header(&c);
+        seal_cell(&mut c, id, SEQ_MAX);
+        c
+    };
+    let store = h.reader().layout().shards[2].store.clone();
+    let disk = h.reader().layout().shards[2].disk;
+    store
+        .write_cells(key, disk, 0, stale.into(), kelp::WriteMode::Force)
+        .await
+        .unwrap();
+    assert_eq!(h.read(rb).await.unwrap(), b);
+    let report = h.scrub(None).await.unwrap();
+    assert_eq!(report.cells_rewritten, 1, "{report:?}");
+    assert_eq!(h.read(rb).await.unwrap(), b);
+}
