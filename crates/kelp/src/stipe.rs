@@ -155,6 +155,16 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn decode_of_arbitrary_bytes_never_panics(shards in proptest::collection::vec((0usize..20, proptest::collection::vec(any::<u8>(), 0..4100)), 0..20)) {
+            let mut codec = StipeCodec::new(Profile::new(8, 8, 4).unwrap());
+            let cells: Vec<(usize, &[u8])> = shards.iter().map(|(j, b)| (*j, &b[..])).collect();
+            let mut out = vec![0u8; codec.profile().stipe_payload_bytes()];
+            let _ = codec.decode(&cells, &mut out);
+        }
+    }
+
     #[test]
     fn widest_profile_round_trips() {
         let p = Profile::new(32, 32, 16).unwrap();

@@ -235,3 +235,33 @@ async fn stores_refuse_bad_cells_and_calls() {
     // The file on disk still has only the good cell at stipe 0.
     assert_eq!(store.stipes(key).await.unwrap(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_scratch_logs_are_ignored() {
+    let mut forest = Forest::new(4, 4);
+    let mut rng = Rng::new(8);
+    let h = forest.holdfast(BLADE).await;
+    let fronds = fill(&h, &mut rng, 20, 20_000).await;
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    drop(h);
+    // A scratch log of random bytes, a torn record, and a valid cell of a blade nobody has.
+    let scratch = forest.disks[0][0].join("kelp/scratch");
+    std::fs::write(scratch.join("scratch.7.log"), rng.bytes(3 * 4096 + 1000)).unwrap();
+    let alien = make_cell(
+        CellId {
+            blade: 0xdead,
+            stipe: 3,
+            shard: 0,
+        },
+        9,
+        b"x",
+    );
+    std::fs::write(scratch.join("scratch.8.log"), alien).unwrap();
+    std::fs::write(scratch.join("scratch.x.log"), b"not a log").unwrap();
+    forest.reopen();
+    let h = forest.holdfast(BLADE).await;
+    assert!(h.recovery_report().unrecoverable.is_empty());
+    check_all(&h, &fronds).await;
+    assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
+}
