@@ -1,30 +1,40 @@
 //! The stipe codec: Reed-Solomon RS(k, m) over the 4080-byte payloads of a stipe's cells, and
 //! the building of runs of whole cells from a slice of the blade's payload stream.
 
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+
 use bytes::{Bytes, BytesMut};
-use reed_solomon_erasure::galois_8::ReedSolomon;
+use erasure_isa_l::erasure::{DecodeTable, ErasureCode};
 
 use crate::cell::{seal_cell, CellId, CELL_BYTES, CELL_HEADER_BYTES, CELL_PAYLOAD_BYTES};
 use crate::error::{KelpError, Result};
 use crate::profile::Profile;
 
-/// Reed-Solomon coder for one profile (GF(2^8), reed-solomon-erasure with its SIMD kernels;
-/// docs/kelp.md says why this crate). It caches the inverted matrices of erasure patterns.
+/// Decode tables kept per codec (one per erasure pattern seen) before the cache is cleared.
+const DECODE_TABLES_MAX: usize = 256;
+
+/// Reed-Solomon coder for one profile: ISA-L's erasure code with a Cauchy matrix (any k of the n
+/// cells decode), through erasure-isa-l; docs/kelp.md says why this library. Decode tables are
+/// cached per erasure pattern.
 pub struct StipeCodec {
     profile: Profile,
-    rs: ReedSolomon,
-    /// Scratch for decoding: n payloads.
+    ec: ErasureCode,
+    tables: HashMap<u64, DecodeTable>,
+    /// Scratch for decoding: m parity payloads.
     work: Vec<u8>,
 }
 
 impl StipeCodec {
     /// A coder for `profile`.
     pub fn new(profile: Profile) -> Self {
-        let rs = ReedSolomon::new(profile.k as usize, profile.m as usize)
-            .expect("profile checked: 1 <= k, m and k + m <= 64");
+        let nz = |v: u8| NonZeroUsize::new(v as usize).expect("profile checked: k, m >= 1");
+        let ec = ErasureCode::with_cauchy(nz(profile.k), nz(profile.m))
+            .expect("profile checked: k + m <= 64");
         StipeCodec {
             profile,
-            rs,
+            ec,
+            tables: HashMap::new(),
             work: Vec::new(),
         }
     }
@@ -39,8 +49,8 @@ impl StipeCodec {
     pub fn encode(&self, data: &[u8], parity: &mut [&mut [u8]]) {
         assert_eq!(data.len(), self.profile.stipe_payload_bytes());
         let shards: Vec<&[u8]> = data.chunks_exact(CELL_PAYLOAD_BYTES).collect();
-        self.rs
-            .encode_sep(&shards, parity)
+        self.ec
+            .encode(&shards, parity)
             .expect("k data and m parity payloads of 4080 bytes");
     }
 
@@ -50,14 +60,18 @@ impl StipeCodec {
         let p = self.profile;
         let (k, n) = (p.data(), p.n());
         assert_eq!(out.len(), p.stipe_payload_bytes());
+        self.work.resize((n - k) * CELL_PAYLOAD_BYTES, 0);
         let mut have = vec![false; n];
         for &(shard, payload) in cells {
             if shard < n && payload.len() == CELL_PAYLOAD_BYTES && !have[shard] {
                 have[shard] = true;
-                if shard < k {
-                    out[shard * CELL_PAYLOAD_BYTES..(shard + 1) * CELL_PAYLOAD_BYTES]
-                        .copy_from_slice(payload);
-                }
+                let dst = if shard < k {
+                    &mut out[shard * CELL_PAYLOAD_BYTES..(shard + 1) * CELL_PAYLOAD_BYTES]
+                } else {
+                    &mut self.work
+                        [(shard - k) * CELL_PAYLOAD_BYTES..(shard - k + 1) * CELL_PAYLOAD_BYTES]
+                };
+                dst.copy_from_slice(payload);
             }
         }
         if have[..k].iter().all(|&h| h) {
@@ -69,21 +83,24 @@ impl StipeCodec {
                 "decode needs {k} cells, got {present}"
             )));
         }
-        // Data payloads go straight into `out`; parity payloads into the work buffer.
-        self.work.resize((n - k) * CELL_PAYLOAD_BYTES, 0);
-        for &(shard, payload) in cells {
-            if shard >= k && shard < n && payload.len() == CELL_PAYLOAD_BYTES {
-                let at = (shard - k) * CELL_PAYLOAD_BYTES;
-                self.work[at..at + CELL_PAYLOAD_BYTES].copy_from_slice(payload);
+        // Every missing cell is an erasure (so that none is read as a source); at most m.
+        let erasures: Vec<usize> = (0..n).filter(|&j| !have[j]).collect();
+        let pattern = erasures.iter().fold(0u64, |acc, &j| acc | 1 << j);
+        if !self.tables.contains_key(&pattern) {
+            if self.tables.len() >= DECODE_TABLES_MAX {
+                self.tables.clear();
             }
+            let table = self
+                .ec
+                .make_decode_table(erasures.clone())
+                .map_err(|e| KelpError::invalid(format!("decode: {e}")))?;
+            self.tables.insert(pattern, table);
         }
-        let mut slots: Vec<(&mut [u8], bool)> = out
-            .chunks_exact_mut(CELL_PAYLOAD_BYTES)
-            .chain(self.work.chunks_exact_mut(CELL_PAYLOAD_BYTES))
-            .zip(have.iter().copied())
-            .collect();
-        self.rs
-            .reconstruct_data(&mut slots)
+        let table = &self.tables[&pattern];
+        let data: Vec<&mut [u8]> = out.chunks_exact_mut(CELL_PAYLOAD_BYTES).collect();
+        let code: Vec<&mut [u8]> = self.work.chunks_exact_mut(CELL_PAYLOAD_BYTES).collect();
+        self.ec
+            .decode_with_table(data, code, table, erasures)
             .map_err(|e| KelpError::invalid(format!("decode: {e}")))
     }
 
