@@ -1,0 +1,354 @@
+//! The wire protocol between real sockets on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sealfs_rpc::frame::{read_frame, Header, Kind, HEADER_BYTES};
+use sealfs_rpc::{
+    auth, Client, ClientConfig, ClusterKey, Handler, Request, Response, RpcError, Server,
+    ServerConfig, Status,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ECHO: u16 = 1;
+const SLEEP: u16 = 2;
+
+struct Echo;
+
+#[async_trait]
+impl Handler for Echo {
+    async fn handle(&self, req: Request) -> Response {
+        match req.op {
+            ECHO => Response::ok(req.meta, req.data),
+            SLEEP => {
+                let ms: u64 = sealfs_rpc::decode_meta(&req.meta).unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Response::ok(Bytes::new(), Bytes::new())
+            }
+            op => Response::error(Status::UnknownOp as u16, format!("unknown operation {op}")),
+        }
+    }
+}
+
+fn key() -> ClusterKey {
+    ClusterKey::from_secret(b"test cluster secret")
+}
+
+async fn server() -> sealfs_rpc::ServerHandle {
+    Server::bind(
+        "127.0.0.1:0",
+        key(),
+        ServerConfig::default(),
+        Arc::new(Echo),
+    )
+    .await
+    .unwrap()
+}
+
+fn echo(meta: &[u8], data: Bytes) -> Request {
+    Request {
+        op: ECHO,
+        epoch: 7,
+        meta: Bytes::copy_from_slice(meta),
+        data,
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_share_one_connection() {
+    let srv = server().await;
+    let client = Arc::new(Client::new(
+        srv.addr().to_string(),
+        key(),
+        ClientConfig::default(),
+    ));
+    let mut tasks = Vec::new();
+    for t in 0..64u32 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u32 {
+                let tag = format!("{t}/{i}");
+                let data = Bytes::from(vec![(t ^ i) as u8; (i as usize * 997) % 70_000]);
+                let r = c
+                    .call(echo(tag.as_bytes(), data.clone()), SECOND)
+                    .await
+                    .unwrap()
+                    .into_result()
+                    .unwrap();
+                assert_eq!(&r.meta[..], tag.as_bytes());
+                assert_eq!(r.data, data);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(client.connects(), 1);
+    assert_eq!(srv.accepted(), 1, "2560 requests over one connection");
+    // Bulk data goes through untouched.
+    let big = Bytes::from(
+        (0..16u32 << 20)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let r = client
+        .call(echo(b"big", big.clone()), SECOND)
+        .await
+        .unwrap();
+    assert_eq!(r.data, big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_end_calls_and_late_responses_are_dropped() {
+    let srv = server().await;
+    let client = Client::new(srv.addr().to_string(), key(), ClientConfig::default());
+    let slow = Request {
+        op: SLEEP,
+        epoch: 0,
+        meta: sealfs_rpc::encode_meta(&600u64).unwrap(),
+        data: Bytes::new(),
+    };
+    let err = client
+        .call(slow, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RpcError::Timeout {
+                op: SLEEP,
+                ms: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The connection is still good, and the late response (in 500 ms) is dropped quietly.
+    for _ in 0..10 {
+        client.call(echo(b"x", Bytes::new()), SECOND).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(70)).await;
+    }
+    assert_eq!(client.connects(), 1);
+    // The server applies the deadline too: it stops the handler and says so.
+    let slower = Request {
+        op: SLEEP,
+        epoch: 0,
+        meta: sealfs_rpc::encode_meta(&5000u64).unwrap(),
+        data: Bytes::new(),
+    };
+    let started = std::time::Instant::now();
+    assert!(client
+        .call(slower, Duration::from_millis(200))
+        .await
+        .is_err());
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_cluster_secret_is_refused() {
+    let srv = server().await;
+    let intruder = Client::new(
+        srv.addr().to_string(),
+        ClusterKey::from_secret(b"guess"),
+        ClientConfig::default(),
+    );
+    let err = intruder
+        .call(echo(b"x", Bytes::new()), SECOND)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cluster secret"), "{err}");
+    assert_eq!(srv.accepted(), 0);
+    let friend = Client::new(srv.addr().to_string(), key(), ClientConfig::default());
+    friend.call(echo(b"x", Bytes::new()), SECOND).await.unwrap();
+}
+
+async fn authed(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    auth::client(&mut s, &key()).await.unwrap();
+    s
+}
+
+/// Reads until the server closes; returns the frames it sent first.
+async fn until_closed(s: &mut TcpStream) -> Vec<sealfs_rpc::Frame> {
+    let mut frames = Vec::new();
+    let read = async {
+        while let Ok(f) = read_frame(s).await {
+            frames.push(f);
+        }
+    };
+    tokio::time::timeout(SECOND, read)
+        .await
+        .expect("the server closes the connection");
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_their_connection() {
+    let srv = server().await;
+    let good = Client::new(srv.addr().to_string(), key(), ClientConfig::default());
+    good.call(echo(b"before", Bytes::new()), SECOND)
+        .await
+        .unwrap();
+    let valid = Header {
+        kind: Kind::Request,
+        op: ECHO,
+        status: 0,
+        deadline_ms: 0,
+        id: 5,
+        epoch: 0,
+        meta_len: 0,
+        data_len: 0,
+    };
+
+    // Bad magic.
+    let mut s = authed(srv.addr()).await;
+    let mut h = valid.encode();
+    h[0] = b'X';
+    s.write_all(&h).await.unwrap();
+    let frames = until_closed(&mut s).await;
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].header.status, Status::BadFrame as u16);
+    assert!(String::from_utf8_lossy(&frames[0].meta).contains("magic"));
+
+    // A data length of 4 GiB: refused from the header, nothing allocated.
+    let mut s = authed(srv.addr()).await;
+    let mut h = valid.encode();
+    h[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&h).await.unwrap();
+    let frames = until_closed(&mut s).await;
+    assert!(String::from_utf8_lossy(&frames[0].meta).contains("over the limit"));
+
+    // A response where a request belongs, and a truncated frame.
+    let mut s = authed(srv.addr()).await;
+    s.write_all(
+        &Header {
+            kind: Kind::Response,
+            ..valid
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    until_closed(&mut s).await;
+    let mut s = authed(srv.addr()).await;
+    s.write_all(
+        &Header {
+            meta_len: 100,
+            ..valid
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    s.write_all(b"only part of it").await.unwrap();
+    s.shutdown().await.unwrap();
+    until_closed(&mut s).await;
+
+    // Garbage instead of a handshake.
+    let mut s = TcpStream::connect(srv.addr()).await.unwrap();
+    s.write_all(&[0x42u8; 48]).await.unwrap();
+    let mut buf = [0u8; HEADER_BYTES];
+    let n = tokio::time::timeout(SECOND, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+
+    // An unknown operation is an error response, not a closed connection.
+    let r = good
+        .call(
+            Request {
+                op: 999,
+                ..Default::default()
+            },
+            SECOND,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::UnknownOp as u16);
+    // The well-behaved client never noticed any of it.
+    good.call(echo(b"after", Bytes::new()), SECOND)
+        .await
+        .unwrap();
+    assert_eq!(good.connects(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_with_backoff_after_a_restart() {
+    let srv = server().await;
+    let addr = srv.addr();
+    let client = Client::new(addr.to_string(), key(), ClientConfig::default());
+    client.call(echo(b"1", Bytes::new()), SECOND).await.unwrap();
+    srv.shutdown().await;
+    let err = client
+        .call(echo(b"2", Bytes::new()), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RpcError::ConnectionLost(_) | RpcError::Unreachable { .. }
+        ),
+        "{err}"
+    );
+    // Back on the same port: the next calls get through on a new connection.
+    let srv = Server::bind(
+        &addr.to_string(),
+        key(),
+        ServerConfig::default(),
+        Arc::new(Echo),
+    )
+    .await
+    .unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if client
+            .call(echo(b"3", Bytes::new()), Duration::from_secs(2))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "reconnected");
+    assert_eq!(client.connects(), 2);
+    assert_eq!(srv.accepted(), 1);
+    // Nobody listening at all: a clear error within the deadline, not a hang.
+    drop(srv);
+    let started = std::time::Instant::now();
+    let err = client
+        .call(echo(b"4", Bytes::new()), Duration::from_millis(800))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_does_not_parse_is_an_error() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Lookup {
+        parent: u64,
+        name: String,
+    }
+    let m = sealfs_rpc::encode_meta(&Lookup {
+        parent: 1,
+        name: "a".into(),
+    })
+    .unwrap();
+    assert_eq!(
+        sealfs_rpc::decode_meta::<Lookup>(&m).unwrap(),
+        Lookup {
+            parent: 1,
+            name: "a".into()
+        }
+    );
+    assert!(sealfs_rpc::decode_meta::<Lookup>(&m[..m.len() - 1]).is_err());
+    assert!(sealfs_rpc::decode_meta::<Lookup>(&[0xff; 40]).is_err());
+}
