@@ -174,13 +174,16 @@ impl Client {
         }
         slot.conn = None;
         if let Some(at) = slot.retry_at {
-            if at > due {
+            // Fail fast while backing off: a dead peer must not hold its callers (and the locks
+            // they hold) for the length of the backoff.
+            let wait = at.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
                 return Err(self.unreachable(&format!(
-                    "{} (next attempt after the deadline)",
-                    slot.last_error
+                    "{} (next attempt in {} ms)",
+                    slot.last_error,
+                    wait.as_millis()
                 )));
             }
-            tokio::time::sleep_until(at.into()).await;
         }
         let limit = self
             .cfg
