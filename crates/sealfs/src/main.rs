@@ -1,0 +1,136 @@
+//! The sealfs binary. `sealfs server` runs a server: it owns the disks it is given and serves
+//! their shard files to its peers over the wire protocol.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use kelp::{LocalStore, LocalStoreConfig};
+use sealfs_rpc::{ClusterKey, Server, ServerConfig};
+use sealfs_shard::ShardService;
+
+#[derive(Parser)]
+#[command(name = "sealfs", version, about = "A distributed POSIX file system")]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info", env = "SEALFS_LOG")]
+    log: tracing::Level,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a server over the disks of this machine.
+    Server(ServerArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on for peers and clients (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Folder for the server's own state (not data).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A disk (a folder, normally a drive's mount point); repeat for every disk.
+    #[arg(long = "disk", required = true)]
+    disks: Vec<PathBuf>,
+    /// File holding the cluster secret (else SEALFS_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// The cluster secret itself (prefer --secret-file; command lines are visible to all users).
+    #[arg(long, env = "SEALFS_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+}
+
+fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, String> {
+    let s = match (file, value) {
+        (Some(f), _) => std::fs::read(f)
+            .map_err(|e| format!("cannot read the secret file {}: {e}", f.display()))?,
+        (None, Some(v)) => v.clone().into_bytes(),
+        (None, None) => {
+            return Err("no cluster secret: pass --secret-file FILE or set SEALFS_SECRET".into())
+        }
+    };
+    let trimmed: Vec<u8> = s.trim_ascii().to_vec();
+    if trimmed.len() < 16 {
+        return Err("the cluster secret must be at least 16 bytes".into());
+    }
+    Ok(trimmed)
+}
+
+async fn server(a: ServerArgs) -> Result<(), String> {
+    let key = ClusterKey::from_secret(&secret(&a.secret_file, &a.secret)?);
+    for d in &a.disks {
+        if !d.is_dir() {
+            return Err(format!(
+                "disk {} is not a folder (create it or mount the drive there)",
+                d.display()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&a.data_dir).map_err(|e| {
+        format!(
+            "cannot create the data folder {}: {e}",
+            a.data_dir.display()
+        )
+    })?;
+    let store = LocalStore::open(a.listen.clone(), &a.disks, LocalStoreConfig::default())
+        .map_err(|e| e.to_string())?;
+    let report = store.scan_report();
+    for bad in &report.mismatched {
+        tracing::warn!(
+            "left out {}: its cells belong to another shard file",
+            bad.display()
+        );
+    }
+    let found = report.found;
+    let service = Arc::new(ShardService::new(Arc::new(store)));
+    let handle = Server::bind(&a.listen, key, ServerConfig::default(), service)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+    // Scripts and tests read this line to learn the address (useful with port 0).
+    println!(
+        "sealfs server listening on {} with {} disks and {found} shard files",
+        handle.addr(),
+        a.disks.len()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    handle.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sealfs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Server(a) => server(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sealfs: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
