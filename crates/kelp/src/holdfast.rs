@@ -48,6 +48,9 @@ pub struct HoldfastConfig {
     pub op_timeout: Duration,
     /// Stipes remembered as needing repair at most (past it, a full scrub is asked for).
     pub degraded_max: usize,
+    /// How long the shards beyond the first k + w may take to write before the stipes are
+    /// released and marked for repair (their writes still finish in the background).
+    pub straggler_grace: Duration,
     /// Stipes at the end of a blade that recovery checks (appends in flight at a crash are there).
     pub recovery_tail_stipes: u32,
     /// Rebuild the frond index at open by walking the blade.
@@ -64,6 +67,7 @@ impl Default for HoldfastConfig {
             hedge: HedgeConfig::default(),
             op_timeout: Duration::from_secs(30),
             degraded_max: 1 << 16,
+            straggler_grace: Duration::from_millis(500),
             recovery_tail_stipes: 2048,
             rebuild_index: true,
         }
@@ -674,7 +678,22 @@ impl Shared {
             .filter(|&j| !ok[j])
             .map(|j| (j, "not prepared".to_string()))
             .collect();
-        while let Some((j, r)) = writes.next().await {
+        // Once k + w have written, the others get a grace period; a shard slower than that (a hung
+        // disk) must not hold the stipe lock, and with it every later append, until its timeout.
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        let mut stragglers = false;
+        loop {
+            let next = match grace_until {
+                Some(at) => match tokio::time::timeout_at(at, writes.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        stragglers = true;
+                        break;
+                    }
+                },
+                None => writes.next().await,
+            };
+            let Some((j, r)) = next else { break };
             match r {
                 Ok(()) => acked += 1,
                 Err(e) => {
@@ -685,6 +704,7 @@ impl Shared {
             if acked >= quorum {
                 if let Some(f) = on_quorum.take() {
                     f(Ok(()));
+                    grace_until = Some(tokio::time::Instant::now() + self.cfg.straggler_grace);
                 }
             } else if acked + writes.len() < quorum {
                 if let Some(f) = on_quorum.take() {
@@ -699,8 +719,24 @@ impl Shared {
                 }
             }
         }
-        // Every shard has answered: the next update of these stipes may start. Scratch copies are
-        // dropped after, only if no newer copy replaced them.
+        if stragglers {
+            // Let the late writes land (or fail) in the background; a late write of this version
+            // never overwrites a newer one (`IfNewer`), and the stipes are repaired either way.
+            errors.extend(std::iter::repeat_n(
+                (usize::MAX, "late".to_string()),
+                writes.len(),
+            ));
+            let blade = self.layout.blade;
+            tokio::spawn(async move {
+                while let Some((j, r)) = writes.next().await {
+                    if let Err(e) = r {
+                        tracing::debug!("blade {blade:08x} shard {j}: late write failed: {e}");
+                    }
+                }
+            });
+        }
+        // Every shard has answered (or is late): the next update of these stipes may start.
+        // Scratch copies are dropped after, only if no newer copy replaced them.
         drop(guard);
         if two_phase {
             self.finish_update(first, &olds, &ok, durable).await;
@@ -793,8 +829,11 @@ impl Shared {
         let last = ((end - 1) / s_bytes) as u32;
         let count = (last - first + 1) as usize;
         let off = (start - first as u64 * s_bytes) as usize;
-        // Order this update with the appends and take the tail's new version under the state lock.
-        let (ticket, tail) = {
+        // Order this update after the appends already laid out. If it touches the open tail stipe,
+        // close that stipe first (the append pointer moves to the next stipe; the rest of it stays
+        // zeros, which the frond walk skips): later appends then never build on bytes of an update
+        // that might still fail, and the update reads the stipe from its shards like any other.
+        let ticket = {
             let mut st = self.state.lock().expect("state");
             if end > st.append {
                 return Err(KelpError::invalid(format!(
@@ -802,20 +841,15 @@ impl Shared {
                     r.address.0, st.append
                 )));
             }
-            let ticket = self.locks.enqueue(first, last);
-            let mut tail = None;
-            if let Some(t) = st
+            if st
                 .tail
-                .as_mut()
-                .filter(|t| (first..=last).contains(&t.stipe))
+                .as_ref()
+                .is_some_and(|t| (first..=last).contains(&t.stipe))
             {
-                let i = (t.stipe - first) as usize;
-                let (lo, hi) = ((i * s).max(off), ((i + 1) * s).min(off + encoded.len()));
-                t.data[lo - i * s..hi - i * s].copy_from_slice(&encoded[lo - off..hi - off]);
-                t.seq = seq_next(t.seq);
-                tail = Some((t.stipe, t.seq, t.data.clone()));
+                let t = st.tail.take().expect("checked");
+                st.append = (t.stipe as u64 + 1) * s_bytes;
             }
-            (ticket, tail)
+            self.locks.enqueue(first, last)
         };
         let guard = ticket.acquire().await;
         let rows = self.reader.read_all(first, count as u32).await;
@@ -825,11 +859,6 @@ impl Shared {
         for (i, row) in rows.iter().enumerate() {
             let stipe = first + i as u32;
             let chunk = &mut data[i * s..(i + 1) * s];
-            if let Some((_, seq, tdata)) = tail.as_ref().filter(|t| t.0 == stipe) {
-                chunk.copy_from_slice(tdata);
-                seqs[i] = *seq;
-                continue;
-            }
             let cells: Vec<Option<Got>> = row.iter().cloned().map(Some).collect();
             let Some(cur) = crate::read::agreed_seq(&cells, p.data()) else {
                 return Err(self.reader_unreadable(stipe, row));

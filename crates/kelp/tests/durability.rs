@@ -246,3 +246,67 @@ async fn sequences_wrap_through_the_update_path() {
     assert_eq!(report.cells_rewritten, 1, "{report:?}");
     assert_eq!(h.read(rb).await.unwrap(), b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_store_does_not_stall_appends() {
+    let forest = Forest::new(4, 4);
+    let (h, plans) = forest.holdfast_with_plans(BLADE).await;
+    let mut rng = Rng::new(31);
+    let mut fronds = fill(&h, &mut rng, 3, 10_000).await;
+    // Shard 5's store stops answering (a hung disk): every write to it would wait an hour.
+    plans[5].set_delay(Duration::from_secs(3600));
+    let more = tokio::time::timeout(Duration::from_secs(60), fill(&h, &mut rng, 20, 10_000))
+        .await
+        .expect("appends go on at the pace of the other 15 shards");
+    fronds.extend(more);
+    assert!(
+        !h.degraded().is_empty(),
+        "the stipes the hung shard missed are marked for repair"
+    );
+    tokio::time::timeout(Duration::from_secs(60), check_all(&h, &fronds))
+        .await
+        .expect("reads hedge around it");
+    // Once it answers again, repair completes its cells.
+    plans[5].set_delay(Duration::ZERO);
+    let report = h.repair().await.unwrap();
+    assert!(
+        report.cells_rewritten > 0 && report.unrecoverable.is_empty(),
+        "{report:?}"
+    );
+    check_all(&h, &fronds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_update_of_the_tail_stipe_leaves_no_trace() {
+    let forest = Forest::new(4, 4);
+    let (h, plans) = forest.holdfast_with_plans(BLADE).await;
+    let mut rng = Rng::new(32);
+    let a = rng.bytes(3000);
+    let ra = h.append_data(&a).await.unwrap(); // stipe 0 is the open tail
+                                               // Nine shards down: the update cannot read the stipe and fails.
+    for p in &plans[..9] {
+        p.set_down(true);
+    }
+    let new = rng.bytes(3000);
+    assert!(h.update(ra, frond::encode(&new).unwrap()).await.is_err());
+    for p in &plans[..9] {
+        p.set_down(false);
+    }
+    // Appends after it must not carry the failed update's bytes into the stipe.
+    let b = rng.bytes(5000);
+    let rb = h.append_data(&b).await.unwrap();
+    h.quiesce().await;
+    assert_eq!(h.read(ra).await.unwrap(), a);
+    assert_eq!(h.read(rb).await.unwrap(), b);
+    // And an update that succeeds on a tail frond is read back whole.
+    let flipped: Vec<u8> = b.iter().map(|x| x ^ 0x55).collect();
+    let rb2 = h
+        .update(rb, frond::encode(&flipped).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(h.read(rb2).await.unwrap(), flipped);
+    let c = rng.bytes(100);
+    let rc = h.append_data(&c).await.unwrap();
+    assert_eq!(h.read(rc).await.unwrap(), c);
+    assert_eq!(h.read(ra).await.unwrap(), a);
+}

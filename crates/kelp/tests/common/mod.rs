@@ -136,6 +136,7 @@ pub fn test_config() -> HoldfastConfig {
     };
     HoldfastConfig {
         op_timeout: std::time::Duration::from_secs(20),
+        straggler_grace: std::time::Duration::from_millis(100),
         hedge,
         ..Default::default()
     }
