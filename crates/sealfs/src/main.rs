@@ -28,21 +28,81 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServerArgs {
-    /// Address to listen on for peers and clients (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    listen: String,
+    /// Address to listen on for peers and clients (port 0 picks a free one) [default: 127.0.0.1:7070].
+    #[arg(long, env = "SEALFS_LISTEN")]
+    listen: Option<String>,
     /// Folder for the server's own state (not data).
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, env = "SEALFS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// A disk (a folder, normally a drive's mount point); repeat for every disk.
-    #[arg(long = "disk", required = true)]
+    #[arg(long = "disk")]
     disks: Vec<PathBuf>,
     /// File holding the cluster secret (else SEALFS_SECRET).
-    #[arg(long)]
+    #[arg(long, env = "SEALFS_SECRET_FILE")]
     secret_file: Option<PathBuf>,
     /// The cluster secret itself (prefer --secret-file; command lines are visible to all users).
     #[arg(long, env = "SEALFS_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// A TOML file with any of: listen, data_dir, disks, secret_file. Flags and environment
+    /// variables take precedence over it.
+    #[arg(long, env = "SEALFS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The server settings a TOML file may hold.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    disks: Vec<PathBuf>,
+    secret_file: Option<PathBuf>,
+}
+
+/// Server settings after flags, environment, the config file and defaults, in that order.
+struct ServerSettings {
+    listen: String,
+    data_dir: PathBuf,
+    disks: Vec<PathBuf>,
+    secret: Vec<u8>,
+}
+
+impl ServerArgs {
+    fn settle(self) -> Result<ServerSettings, String> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+                toml::from_str::<ServerFile>(&text)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => ServerFile::default(),
+        };
+        let disks = if self.disks.is_empty() {
+            file.disks
+        } else {
+            self.disks
+        };
+        if disks.is_empty() {
+            return Err(
+                "no disks: pass --disk DIR (once per disk) or list disks in the config file".into(),
+            );
+        }
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .ok_or("no data folder: pass --data-dir DIR or set data_dir in the config file")?;
+        Ok(ServerSettings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7070".into()),
+            data_dir,
+            disks,
+            secret: secret(&self.secret_file.or(file.secret_file), &self.secret)?,
+        })
+    }
 }
 
 fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, String> {
@@ -62,7 +122,8 @@ fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, Str
 }
 
 async fn server(a: ServerArgs) -> Result<(), String> {
-    let key = ClusterKey::from_secret(&secret(&a.secret_file, &a.secret)?);
+    let a = a.settle()?;
+    let key = ClusterKey::from_secret(&a.secret);
     for d in &a.disks {
         if !d.is_dir() {
             return Err(format!(

@@ -282,6 +282,94 @@ fn the_server_refuses_bad_arguments_clearly() {
     );
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot listen"), "{err}");
-    let (code, _) = run(&["server", "--data-dir", state], Some(SECRET));
-    assert_eq!(code, Some(2), "--disk is required");
+    let (code, err) = run(&["server", "--data-dir", state], Some(SECRET));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no disks"), "{err}");
+}
+
+/// Starts `sealfs server` with `args` and environment `env`; returns its first line (or its
+/// error), then stops it.
+fn first_line(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealfs"));
+    cmd.args(args)
+        .env_remove("SEALFS_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    if line.is_empty() {
+        let out = child.wait_with_output().unwrap();
+        return (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (None, line)
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s);
+    for d in ["a", "b", "c"] {
+        std::fs::create_dir_all(p(d)).unwrap();
+    }
+    std::fs::write(p("secret"), format!("{SECRET}\n")).unwrap();
+    let config = p("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ndisks = [\"{}\", \"{}\"]\nsecret_file = \"{}\"\n",
+            p("state").display(),
+            p("a").display(),
+            p("b").display(),
+            p("secret").display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // Everything from the file.
+    let (_, line) = first_line(&["server", "--config", cfg], &[]);
+    assert!(
+        line.contains("listening on 127.0.0.1:") && line.contains("with 2 disks"),
+        "{line}"
+    );
+    // A flag wins over the file.
+    let c = p("c");
+    let (_, line) = first_line(
+        &["server", "--config", cfg, "--disk", c.to_str().unwrap()],
+        &[],
+    );
+    assert!(line.contains("with 1 disks"), "{line}");
+    // The environment wins over the file, and the config file can come from it too.
+    let (code, err) = first_line(
+        &["server"],
+        &[("SEALFS_CONFIG", cfg), ("SEALFS_LISTEN", "not an address")],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot listen on not an address"), "{err}");
+    // A file with an unknown key or bad syntax is refused with its name.
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\ndiskz = []\n").unwrap();
+    let (code, err) = first_line(&["server", "--config", cfg], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("server.toml") && err.contains("diskz"),
+        "{err}"
+    );
+    std::fs::write(&config, "listen = [").unwrap();
+    let (code, err) = first_line(&["server", "--config", cfg], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("server.toml"), "{err}");
 }
