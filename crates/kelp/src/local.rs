@@ -236,6 +236,28 @@ impl Inner {
         Ok(f)
     }
 
+    /// Fails with `ShardMissing` (and forgets the file) if the shard file was deleted or replaced
+    /// while open: writes to it would vanish at the next restart.
+    fn check_linked(&self, key: ShardKey, f: &Arc<ShardFile>) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = f
+            .file
+            .metadata()
+            .map_err(|e| KelpError::io(format!("stat {}", f.path()), e))?;
+        if meta.nlink() > 0 {
+            return Ok(());
+        }
+        tracing::error!(
+            "shard file {} was deleted while in use; it will be rebuilt",
+            f.path()
+        );
+        let mut shards = self.shards.lock().expect("shards lock");
+        if shards.get(&key).is_some_and(|cur| Arc::ptr_eq(cur, f)) {
+            shards.remove(&key);
+        }
+        Err(self.missing(key))
+    }
+
     fn read_run(f: &ShardFile, first: u32, count: u32) -> Result<BytesMut> {
         let mut buf = BytesMut::zeroed(count as usize * CELL_BYTES);
         let mut done = 0;
@@ -384,7 +406,12 @@ impl ShardStore for LocalStore {
             return Err(KelpError::invalid(format!("{key}: read of {count} cells")));
         }
         let f = self.get(key).ok_or_else(|| self.missing(key))?;
-        blocking(move || Ok(Inner::read_run(&f, first_stipe, count)?.freeze())).await
+        let this = self.inner.clone();
+        blocking(move || {
+            this.check_linked(key, &f)?;
+            Ok(Inner::read_run(&f, first_stipe, count)?.freeze())
+        })
+        .await
     }
 
     async fn prepare(&self, key: ShardKey, stipe: u32, durable: bool) -> Result<()> {
@@ -454,13 +481,19 @@ impl ShardStore for LocalStore {
     }
 
     async fn sync(&self, key: ShardKey) -> Result<()> {
-        let disks: Vec<Arc<Disk>> = match self.get(key) {
+        let file = self.get(key);
+        let disks: Vec<Arc<Disk>> = match &file {
             Some(f) => vec![self.disks[f.disk].clone()],
             None => self.disks.clone(),
         };
+        let this = self.inner.clone();
         blocking(move || {
             for d in &disks {
                 d.syncer.sync()?;
+            }
+            // A sync must not report durable what went into a file that is no longer there.
+            if let Some(f) = &file {
+                this.check_linked(key, f)?;
             }
             Ok(())
         })

@@ -310,3 +310,37 @@ async fn a_failed_update_of_the_tail_stipe_leaves_no_trace() {
     assert_eq!(h.read(rc).await.unwrap(), c);
     assert_eq!(h.read(ra).await.unwrap(), a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_files_deleted_while_in_use_are_noticed_and_rebuilt() {
+    let mut forest = Forest::new(4, 4);
+    let h = forest.holdfast(BLADE).await;
+    let mut rng = Rng::new(41);
+    let mut fronds = fill(&h, &mut rng, 20, 100_000).await;
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    // An operator deletes three shard files while the server runs with them open.
+    let gone = [1usize, 6, 11];
+    for &j in &gone {
+        std::fs::remove_file(forest.shard_path(BLADE, j)).unwrap();
+    }
+    // Writes that land in the deleted files are not counted as synced; reads skip them.
+    fronds.extend(fill(&h, &mut rng, 10, 50_000).await);
+    h.sync().await.unwrap();
+    check_all(&h, &fronds).await;
+    let report = h.scrub(None).await.unwrap();
+    assert!(
+        report.unrecoverable.is_empty() && report.cells_failed == 0,
+        "{report:?}"
+    );
+    for &j in &gone {
+        assert!(forest.shard_path(BLADE, j).exists(), "shard {j} rebuilt");
+    }
+    assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
+    // After a restart the rebuilt files are the real ones.
+    drop(h);
+    forest.reopen();
+    let h = forest.holdfast(BLADE).await;
+    check_all(&h, &fronds).await;
+    assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
+}
