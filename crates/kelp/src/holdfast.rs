@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::address::{check_range, Address, Reference, BLADE_PAYLOAD_BYTES_MAX};
 use crate::cell::{
     check_cell, read_header, seq_cmp, seq_next, seq_prev, CellCheck, CellId, CELL_BYTES,
+    CELL_PAYLOAD_BYTES,
 };
 use crate::error::{KelpError, Result};
 use crate::frond;
@@ -133,7 +134,7 @@ struct State {
     /// Next free byte of the stream.
     append: u64,
     tail: Option<Tail>,
-    /// Stipes whose sequence is above 1 (most stay at 1).
+    /// Sequences above 1 of recently written stipes: a bounded cache (the cells hold the truth).
     seqs: BTreeMap<u32, u32>,
     index: FrondIndex,
     degraded: BTreeSet<u32>,
@@ -142,6 +143,19 @@ struct State {
     recovery: RepairReport,
     /// Scratch copies of tail updates to drop: stipe -> (sequence it protected, durable).
     releases: BTreeMap<u32, (u32, bool)>,
+}
+
+/// Sequences kept in the holdfast's cache at most.
+const SEQS_CACHED_MAX: usize = 1 << 16;
+
+impl State {
+    fn remember_seq(&mut self, stipe: u32, seq: u32) {
+        self.seqs.insert(stipe, seq);
+        if self.seqs.len() > SEQS_CACHED_MAX {
+            // The oldest stipes are the least likely to be written again.
+            self.seqs.pop_first();
+        }
+    }
 }
 
 /// Stipes whose scratch copies wait for release before they are flushed without a sync.
@@ -354,7 +368,8 @@ impl Holdfast {
             .collect()
     }
 
-    /// The sequence of stipe `s` as the holdfast knows it (1 unless it was updated).
+    /// The sequence of stipe `s` as the holdfast's cache knows it (1 if not cached; the cells hold
+    /// the truth).
     pub fn stipe_seq(&self, s: u32) -> u32 {
         self.sh
             .state
@@ -388,22 +403,28 @@ impl Holdfast {
             + self.sh.locks.len() * 64
     }
 
-    /// The memory bound of an open blade in bytes: state plus queued and in-flight frond bytes,
-    /// for `fronds` fronds in the blade (see docs/kelp.md).
+    /// The memory bound of an open blade in bytes with `fronds` fronds in it (docs/kelp.md):
+    /// the state (`state_bound`), the append queue, and the batches in flight, each holding its
+    /// stream bytes (up to `batch_bytes_max` plus one frond and the tail stipe) and the n runs of
+    /// cells built from them (n/k times as much, plus headers).
     pub fn memory_bound(cfg: &HoldfastConfig, layout: &BladeLayout, fronds: usize) -> usize {
         let p = layout.profile;
-        let stipe = p.stipe_payload_bytes();
-        let batch =
-            cfg.batch_bytes_max + frond::FROND_DATA_BYTES_MAX.min(cfg.batch_bytes_max) + stipe;
-        // A batch in flight holds its stream bytes and its n shards' cells.
-        let inflight = cfg.batches_inflight_max * batch * (1 + p.n().div_ceil(p.data()) + 1);
-        stipe
+        let stream = cfg.batch_bytes_max + frond::FROND_DATA_BYTES_MAX + p.stipe_payload_bytes();
+        let cells = stream.div_ceil(CELL_PAYLOAD_BYTES) * p.n() / p.data() * CELL_BYTES;
+        Self::state_bound(cfg, layout, fronds)
             + cfg.queue_bytes_max
-            + inflight
-            + fronds
-            + fronds / 2
-            + 64 * 1024
-            + cfg.degraded_max * 40
+            + cfg.batches_inflight_max * (stream + cells)
+    }
+
+    /// The bound on `memory_bytes` (the state without frond bytes): the tail stipe, 3 bytes per
+    /// frond for the index, 48 bytes per cached sequence, 40 per degraded stipe, and 64 KiB for
+    /// locks and the scratch releases waiting.
+    pub fn state_bound(cfg: &HoldfastConfig, layout: &BladeLayout, fronds: usize) -> usize {
+        layout.profile.stipe_payload_bytes()
+            + 3 * fronds
+            + 48 * SEQS_CACHED_MAX
+            + 40 * cfg.degraded_max
+            + (64 << 10)
     }
 }
 
@@ -504,7 +525,7 @@ impl Shared {
             born_sync: if count == 1 { born } else { st.syncs_started },
         });
         if seqs[0] > 1 {
-            st.seqs.insert(first, seqs[0]);
+            st.remember_seq(first, seqs[0]);
         }
         let ticket = self.locks.enqueue(first, last);
         drop(st);
@@ -883,7 +904,7 @@ impl Shared {
             let mut st = self.state.lock().expect("state");
             for (i, &q) in seqs.iter().enumerate() {
                 if q > 1 {
-                    st.seqs.insert(first + i as u32, q);
+                    st.remember_seq(first + i as u32, q);
                 }
             }
         }
@@ -1001,7 +1022,7 @@ impl Shared {
             st.append = end as u64 * self.stipe_bytes();
             for (s, v) in &versions {
                 if let Some(q) = v.filter(|&q| q > 1) {
-                    st.seqs.insert(*s, q);
+                    st.remember_seq(*s, q);
                 }
             }
             if !report.unrecoverable.is_empty() {

@@ -86,11 +86,17 @@ async fn memory_per_open_blade_stays_under_its_bound() {
     h.append_data(&rng.bytes(3_000_000)).await.unwrap();
     let used = h.memory_bytes();
     // The state part (without queued and in-flight frond bytes): the tail stipe, the index,
-    // sparse sequences and locks. docs/kelp.md states it as about 32 KiB + 3 bytes per frond.
-    let state_bound = 64 * 1024 + 3 * (fronds + 1);
+    // cached sequences, degraded stipes and locks. Beyond the fixed part, about 3 bytes a frond.
+    let fixed = Holdfast::state_bound(&cfg, &layout, 0);
+    let state_bound = Holdfast::state_bound(&cfg, &layout, fronds + 1);
     assert!(
         used <= state_bound,
         "holdfast state {used} bytes > {state_bound}"
+    );
+    assert!(state_bound - fixed == 3 * (fronds + 1));
+    assert!(
+        used < 64 * 1024 + 3 * (fronds + 1),
+        "in practice far under the bound: {used}"
     );
     let bound = Holdfast::memory_bound(&cfg, &layout, fronds + 1);
     assert!(
