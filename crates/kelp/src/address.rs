@@ -19,7 +19,7 @@ impl Address {
     /// The address of byte `byte_offset` of blade `blade`; the offset must be 8-byte aligned and
     /// inside the blade.
     pub fn new(blade: u32, byte_offset: u64) -> Result<Self> {
-        if byte_offset % 8 != 0 {
+        if !byte_offset.is_multiple_of(8) {
             return Err(KelpError::invalid(format!(
                 "offset {byte_offset} in blade {blade:08x} is not 8-byte aligned"
             )));

@@ -18,7 +18,7 @@ pub const STIPE_INDEX_MAX: u32 = 0x00FF_FFFF;
 
 const _: () = assert!(CELL_BYTES == 4096);
 const _: () = assert!(CELL_PAYLOAD_BYTES == 4080);
-const _: () = assert!(CELL_PAYLOAD_BYTES % 8 == 0);
+const _: () = assert!(CELL_PAYLOAD_BYTES.is_multiple_of(8));
 
 /// Where a cell belongs: blade, stipe and shard. A valid cell carries these in its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -435,7 +435,7 @@ async fn batcher(sh: Arc<Shared>, mut rx: mpsc::Receiver<AppendReq>) {
         let tail = {
             let st = sh.state.lock().expect("state");
             let s = sh.stipe_bytes();
-            (st.append % s != 0).then(|| (st.append / s) as u32)
+            (!st.append.is_multiple_of(s)).then(|| (st.append / s) as u32)
         };
         if let Some(stipe) = tail {
             sh.locks.wait_free(stipe, stipe).await;
@@ -488,7 +488,7 @@ impl Shared {
         let count = (last - first + 1) as usize;
         let mut data = vec![0u8; count * s];
         let mut seqs = vec![1u32; count];
-        let tail_update = start % s_bytes != 0;
+        let tail_update = !start.is_multiple_of(s_bytes);
         let mut durable = false;
         let mut born = st.syncs_started;
         if tail_update {
@@ -518,7 +518,7 @@ impl Shared {
             at += r.frond.len() as u64;
         }
         st.append = end;
-        st.tail = (end % s_bytes != 0).then(|| Tail {
+        st.tail = (!end.is_multiple_of(s_bytes)).then(|| Tail {
             stipe: last,
             seq: seqs[count - 1],
             data: data[(count - 1) * s..].to_vec(),

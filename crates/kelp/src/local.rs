@@ -341,7 +341,7 @@ impl Inner {
 }
 
 fn check_run(key: ShardKey, first: u32, cells: &[u8]) -> Result<u32> {
-    if cells.is_empty() || cells.len() % CELL_BYTES != 0 {
+    if cells.is_empty() || !cells.len().is_multiple_of(CELL_BYTES) {
         return Err(KelpError::invalid(format!(
             "{key}: write of {} bytes is not a whole number of cells",
             cells.len()

@@ -344,7 +344,7 @@ impl ShardStore for RemoteStore {
         let r = self
             .call(op::SCRATCH, Self::meta(&Shard::from(key))?, Bytes::new())
             .await?;
-        if r.data.len() % CELL_BYTES != 0 {
+        if !r.data.len().is_multiple_of(CELL_BYTES) {
             return Err(KelpError::invalid(format!(
                 "store {}: scratch reply is not whole cells",
                 self.name

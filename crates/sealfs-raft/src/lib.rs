@@ -1,0 +1,225 @@
+//! Raft groups for sealfs (DESIGN 5.1, 5.4): the manager's cluster map and each metadata
+//! partition are a group of 1 or 3 (R) replicas running openraft. A group keeps its log, vote and
+//! snapshots in a redb file (every write synced before it is acknowledged), sends its messages on
+//! the sealfs wire (one connection per pair of servers, shared by all groups), and applies
+//! committed commands to the application's [`Machine`].
+
+pub mod network;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+
+pub use network::{Peers, RaftRouter};
+use store::{open_db, LogStore, StateMachineStore};
+
+/// A server's id within a group.
+pub type NodeId = u64;
+
+/// A command to apply, serialized by the application.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Command(pub Vec<u8>);
+
+/// What applying a command returned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// The Raft types of every sealfs group.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The replicated state of a group, as the application defines it. Applying must be
+/// deterministic: every replica applies the same commands in the same order.
+pub trait Machine: Send + Sync + 'static {
+    /// Applies one committed command and returns its reply.
+    fn apply(&mut self, command: &[u8]) -> Vec<u8>;
+    /// The whole state, for a snapshot.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot's.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// Errors of a group.
+#[derive(Debug)]
+pub enum GroupError {
+    /// This replica is not the leader; the leader's address if known.
+    NotLeader(Option<String>),
+    /// No quorum, shut down, or a storage failure.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupError::NotLeader(Some(a)) => write!(f, "not the leader; the leader is at {a}"),
+            GroupError::NotLeader(None) => write!(f, "not the leader, and no leader is known"),
+            GroupError::Unavailable(m) => write!(f, "raft group unavailable: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for GroupError {}
+
+/// One replica of a group on this server.
+#[derive(Clone)]
+pub struct Group {
+    id: u64,
+    node: NodeId,
+    raft: Raft<TypeConfig>,
+    sm: StateMachineStore,
+    router: Arc<RaftRouter>,
+}
+
+/// Timing of every group: heartbeats every 100 ms (each append is synced on the followers),
+/// elections after 400 to 800 ms without one.
+fn config() -> Arc<openraft::Config> {
+    let c = openraft::Config {
+        cluster_name: "sealfs".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        install_snapshot_timeout: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        ..Default::default()
+    };
+    Arc::new(c.validate().expect("valid raft timing"))
+}
+
+impl Group {
+    /// Starts replica `node` of group `id` with its state in `path` (a redb file), reachable
+    /// through `router` on this server's RPC listener and reaching others through `peers`.
+    pub async fn start(
+        id: u64,
+        node: NodeId,
+        path: &Path,
+        machine: Box<dyn Machine>,
+        router: Arc<RaftRouter>,
+        peers: Peers,
+    ) -> Result<Group, GroupError> {
+        let unavailable = |e: String| GroupError::Unavailable(format!("group {id}: {e}"));
+        let db = open_db(path).map_err(|e| unavailable(format!("open {}: {e}", path.display())))?;
+        let sm =
+            StateMachineStore::open(db.clone(), machine).map_err(|e| unavailable(e.to_string()))?;
+        let net = network::NetFactory { group: id, peers };
+        let raft = Raft::new(node, config(), net, LogStore::new(db), sm.clone())
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        router.add(id, raft.clone());
+        Ok(Group {
+            id,
+            node,
+            raft,
+            sm,
+            router,
+        })
+    }
+
+    /// Makes the group of `members` (node id -> address). Run on one replica of a new group;
+    /// running it again, or on a group that exists, does nothing.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), GroupError> {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(k, a)| (k, BasicNode::new(a)))
+            .collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Replicates and applies `command` (on the leader); returns its reply once a majority has it.
+    pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, GroupError> {
+        match self.raft.client_write(Command(command)).await {
+            Ok(r) => Ok(r.data.0),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(GroupError::NotLeader(f.leader_node.map(|n| n.addr)))
+            }
+            Err(e) => Err(GroupError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Runs `f` on the state after confirming leadership with a majority (a linearizable read).
+    pub async fn read<T>(&self, f: impl FnOnce(&dyn Machine) -> T) -> Result<T, GroupError> {
+        if let Err(e) = self.raft.ensure_linearizable().await {
+            return Err(match e.forward_to_leader::<BasicNode>() {
+                Some(fw) => GroupError::NotLeader(fw.leader_node.as_ref().map(|n| n.addr.clone())),
+                None => GroupError::Unavailable(e.to_string()),
+            });
+        }
+        let st = self.sm.state.read().await;
+        Ok(f(st.machine.as_ref()))
+    }
+
+    /// Runs `f` on this replica's applied state, without checking it is current.
+    pub async fn read_local<T>(&self, f: impl FnOnce(&dyn Machine) -> T) -> T {
+        let st = self.sm.state.read().await;
+        f(st.machine.as_ref())
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// The index of the last log entry applied here.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().last_applied.map(|l| l.index)
+    }
+
+    /// Waits (at most `timeout`) until some replica is the known leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Builds a snapshot of the applied state now (normally every 10,000 entries) and waits for it.
+    pub async fn snapshot_now(&self) -> Result<(), GroupError> {
+        let want = self.applied_index();
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+        self.raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.snapshot.map(|l| l.index) >= want, "a snapshot")
+            .await
+            .map(|_| ())
+            .map_err(|e| GroupError::Unavailable(e.to_string()))
+    }
+
+    /// This replica's node id.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Stops this replica.
+    pub async fn shutdown(&self) {
+        self.router.remove(self.id);
+        let _ = self.raft.shutdown().await;
+    }
+}
