@@ -1,0 +1,375 @@
+//! The sealfs manager (DESIGN 5.4): the cluster map in a Raft group (1 or 3 replicas), server
+//! registration and heartbeats, servers declared down after a timeout, blade placement, and the
+//! epoch that clients and servers watch.
+
+pub mod map;
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use map::{ClusterMap, Command, Disk, Outcome};
+use sealfs_raft::{Group, GroupError, Machine, Peers, RaftRouter};
+use sealfs_rpc::{
+    Client, ClientConfig, ClusterKey, Handler, Request, Response, Server, ServerConfig,
+    ServerHandle, Status,
+};
+use serde::{Deserialize, Serialize};
+
+/// Register a server.
+pub const OP_REGISTER: u16 = 0x0301;
+/// A server's heartbeat.
+pub const OP_HEARTBEAT: u16 = 0x0302;
+/// Allocate a blade.
+pub const OP_ALLOCATE: u16 = 0x0303;
+/// Fetch the map (returned only if newer than the caller's epoch).
+pub const OP_MAP: u16 = 0x0304;
+
+/// The Raft group id of the manager.
+pub const MANAGER_GROUP: u64 = 0;
+
+#[derive(Default)]
+struct MapMachine(ClusterMap);
+
+impl Machine for MapMachine {
+    fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+        let out = match postcard::from_bytes::<Command>(command) {
+            Ok(c) => self.0.apply(c),
+            Err(e) => Outcome::Refused(format!("malformed command: {e}")),
+        };
+        postcard::to_stdvec(&out).unwrap_or_default()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        postcard::to_stdvec(&self.0).unwrap_or_default()
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.0 = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Serialize, Deserialize)]
+struct RegisterReq {
+    addr: String,
+    zone: String,
+    disks: Vec<Disk>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeartbeatReq {
+    server: u64,
+    free: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AllocateReq {
+    k: u8,
+    m: u8,
+    w: u8,
+}
+
+struct Service {
+    router: Arc<RaftRouter>,
+    group: OnceLock<Group>,
+}
+
+impl Service {
+    async fn write(&self, c: Command) -> Response {
+        let Some(g) = self.group.get() else {
+            return Response::error(Status::Unavailable as u16, "the manager is starting");
+        };
+        let cmd = match postcard::to_stdvec(&c) {
+            Ok(b) => b,
+            Err(e) => return Response::error(Status::Internal as u16, e.to_string()),
+        };
+        match g.write(cmd).await {
+            Ok(reply) => Response::ok(Bytes::from(reply), Bytes::new()),
+            Err(e) => group_error(e),
+        }
+    }
+
+    async fn serve(&self, req: Request) -> Response {
+        let bad = |e: postcard::Error| {
+            Response::error(Status::BadRequest as u16, format!("manager request: {e}"))
+        };
+        match req.op {
+            OP_REGISTER => match postcard::from_bytes::<RegisterReq>(&req.meta) {
+                Ok(r) => {
+                    self.write(Command::Register {
+                        addr: r.addr,
+                        zone: r.zone,
+                        disks: r.disks,
+                        now_ms: now_ms(),
+                    })
+                    .await
+                }
+                Err(e) => bad(e),
+            },
+            OP_HEARTBEAT => match postcard::from_bytes::<HeartbeatReq>(&req.meta) {
+                Ok(h) => {
+                    self.write(Command::Heartbeat {
+                        server: h.server,
+                        free: h.free,
+                        now_ms: now_ms(),
+                    })
+                    .await
+                }
+                Err(e) => bad(e),
+            },
+            OP_ALLOCATE => match postcard::from_bytes::<AllocateReq>(&req.meta) {
+                Ok(a) => {
+                    self.write(Command::AllocateBlade {
+                        k: a.k,
+                        m: a.m,
+                        w: a.w,
+                    })
+                    .await
+                }
+                Err(e) => bad(e),
+            },
+            OP_MAP => {
+                let Some(g) = self.group.get() else {
+                    return Response::error(Status::Unavailable as u16, "the manager is starting");
+                };
+                match g.read(|m| m.snapshot()).await {
+                    Ok(map) => {
+                        let epoch = postcard::from_bytes::<ClusterMap>(&map)
+                            .map(|m| m.epoch)
+                            .unwrap_or(0);
+                        let mut r = Response::ok(Bytes::from(map), Bytes::new());
+                        r.epoch = epoch;
+                        if req.epoch >= epoch && req.epoch != 0 {
+                            // The caller's map is current: say so without sending it again.
+                            r.meta = Bytes::new();
+                        }
+                        r
+                    }
+                    Err(e) => group_error(e),
+                }
+            }
+            op => Response::error(
+                Status::UnknownOp as u16,
+                format!("manager: unknown operation {op:#x}"),
+            ),
+        }
+    }
+}
+
+fn group_error(e: GroupError) -> Response {
+    Response::error(Status::Unavailable as u16, e.to_string())
+}
+
+#[async_trait]
+impl Handler for Service {
+    async fn handle(&self, req: Request) -> Response {
+        if (0x0200..0x0300).contains(&req.op) {
+            self.router.handle(req).await
+        } else {
+            self.serve(req).await
+        }
+    }
+}
+
+/// A running manager.
+pub struct Manager {
+    server: ServerHandle,
+    group: Group,
+    detector: tokio::task::JoinHandle<()>,
+}
+
+impl Manager {
+    /// Starts a one-replica manager listening on `listen`, with its Raft state under `data_dir`;
+    /// servers silent for `down_after` are declared down.
+    pub async fn start(
+        listen: &str,
+        data_dir: &Path,
+        key: ClusterKey,
+        down_after: Duration,
+    ) -> Result<Manager, String> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        let router = Arc::new(RaftRouter::default());
+        let service = Arc::new(Service {
+            router: router.clone(),
+            group: OnceLock::new(),
+        });
+        let server = Server::bind(
+            listen,
+            key.clone(),
+            ServerConfig::default(),
+            service.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = server.addr().to_string();
+        let group = Group::start(
+            MANAGER_GROUP,
+            1,
+            &data_dir.join("manager.redb"),
+            Box::new(MapMachine::default()),
+            router,
+            Peers::new(key),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        group
+            .initialize([(1, addr)].into_iter().collect())
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = service.group.set(group.clone());
+        let g = group.clone();
+        let detector = tokio::spawn(async move {
+            let tick = (down_after / 4).max(Duration::from_millis(50));
+            loop {
+                tokio::time::sleep(tick).await;
+                if g.is_leader() {
+                    let before_ms = now_ms().saturating_sub(down_after.as_millis() as u64);
+                    if let Ok(cmd) = postcard::to_stdvec(&Command::MarkDown { before_ms }) {
+                        let _ = g.write(cmd).await;
+                    }
+                }
+            }
+        });
+        Ok(Manager {
+            server,
+            group,
+            detector,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// Stops it.
+    pub async fn shutdown(self) {
+        self.detector.abort();
+        self.group.shutdown().await;
+        self.server.shutdown().await;
+    }
+}
+
+/// Errors of manager calls.
+#[derive(Debug)]
+pub struct ManagerError(pub String);
+
+impl std::fmt::Display for ManagerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ManagerError {}
+
+/// What servers and clients use to talk to the manager.
+pub struct ManagerClient {
+    client: Client,
+    deadline: Duration,
+}
+
+impl ManagerClient {
+    /// A client of the manager at `addr`.
+    pub fn new(addr: &str, key: ClusterKey) -> Self {
+        ManagerClient {
+            client: Client::new(addr.to_string(), key, ClientConfig::default()),
+            deadline: Duration::from_secs(5),
+        }
+    }
+
+    async fn call(
+        &self,
+        op: u16,
+        meta: Vec<u8>,
+        epoch: u64,
+    ) -> Result<sealfs_rpc::Response, ManagerError> {
+        let req = Request {
+            op,
+            epoch,
+            meta: Bytes::from(meta),
+            data: Bytes::new(),
+        };
+        let r = self
+            .client
+            .call(req, self.deadline)
+            .await
+            .map_err(|e| ManagerError(format!("manager {}: {e}", self.client.peer())))?;
+        r.into_result()
+            .map_err(|e| ManagerError(format!("manager {}: {e}", self.client.peer())))
+    }
+
+    async fn outcome(&self, op: u16, meta: Vec<u8>) -> Result<Outcome, ManagerError> {
+        let r = self.call(op, meta, 0).await?;
+        postcard::from_bytes(&r.meta).map_err(|e| ManagerError(format!("manager reply: {e}")))
+    }
+
+    fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+        postcard::to_stdvec(v).unwrap_or_default()
+    }
+
+    /// Registers a server; returns its id.
+    pub async fn register(
+        &self,
+        addr: &str,
+        zone: &str,
+        disks: Vec<Disk>,
+    ) -> Result<u64, ManagerError> {
+        let req = RegisterReq {
+            addr: addr.into(),
+            zone: zone.into(),
+            disks,
+        };
+        match self.outcome(OP_REGISTER, Self::enc(&req)).await? {
+            Outcome::Registered(id) => Ok(id),
+            other => Err(ManagerError(format!("register: {other:?}"))),
+        }
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self, server: u64, free: Vec<u64>) -> Result<Outcome, ManagerError> {
+        self.outcome(OP_HEARTBEAT, Self::enc(&HeartbeatReq { server, free }))
+            .await
+    }
+
+    /// Allocates a blade with profile k+m+w.
+    pub async fn allocate(
+        &self,
+        k: u8,
+        m: u8,
+        w: u8,
+    ) -> Result<(u32, map::BladeEntry), ManagerError> {
+        match self
+            .outcome(OP_ALLOCATE, Self::enc(&AllocateReq { k, m, w }))
+            .await?
+        {
+            Outcome::Blade(id, b) => Ok((id, b)),
+            Outcome::Refused(e) => Err(ManagerError(format!("allocate: {e}"))),
+            other => Err(ManagerError(format!("allocate: {other:?}"))),
+        }
+    }
+
+    /// The current map; None if `known_epoch` is already current.
+    pub async fn map_since(&self, known_epoch: u64) -> Result<Option<ClusterMap>, ManagerError> {
+        let r = self.call(OP_MAP, Vec::new(), known_epoch).await?;
+        if r.meta.is_empty() {
+            return Ok(None);
+        }
+        postcard::from_bytes(&r.meta)
+            .map(Some)
+            .map_err(|e| ManagerError(format!("map: {e}")))
+    }
+
+    /// The current map.
+    pub async fn map(&self) -> Result<ClusterMap, ManagerError> {
+        Ok(self.map_since(0).await?.unwrap_or_default())
+    }
+}

@@ -1,0 +1,375 @@
+//! The cluster map (DESIGN 5.4) and the commands that change it. Applying is deterministic: time
+//! comes in the commands (the leader's clock), never from the replica applying them.
+
+use std::collections::BTreeMap;
+
+use kelp::Profile;
+use serde::{Deserialize, Serialize};
+
+/// Whether a server is taking part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerState {
+    /// Heartbeating.
+    Up,
+    /// Silent past the timeout.
+    Down,
+}
+
+/// A disk of a server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Bytes in all.
+    pub capacity: u64,
+    /// Bytes free at the last heartbeat.
+    pub free: u64,
+}
+
+/// A server in the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// Where peers and clients reach it.
+    pub addr: String,
+    /// Failure domain (rack, data centre); empty when not configured.
+    pub zone: String,
+    /// Its disks, by index.
+    pub disks: Vec<Disk>,
+    /// Up or down.
+    pub state: ServerState,
+    /// Leader's clock (ms) at its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// Where one shard of a blade lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHome {
+    /// Server id.
+    pub server: u64,
+    /// Disk index on that server.
+    pub disk: u32,
+}
+
+/// A blade in the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BladeEntry {
+    /// k, m, w.
+    pub k: u8,
+    /// Parity cells.
+    pub m: u8,
+    /// Extra acknowledgements.
+    pub w: u8,
+    /// Shard 0..n (shard 0's server is the holdfast).
+    pub shards: Vec<ShardHome>,
+}
+
+/// The cluster map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Bumped by every change that moves work (not by heartbeats).
+    pub epoch: u64,
+    /// Servers by id.
+    pub servers: BTreeMap<u64, ServerEntry>,
+    /// Blades by id.
+    pub blades: BTreeMap<u32, BladeEntry>,
+    next_server: u64,
+    next_blade: u32,
+}
+
+/// A change to the map.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// A server starts: same address, same id.
+    Register {
+        /// Its address.
+        addr: String,
+        /// Its zone.
+        zone: String,
+        /// Its disks.
+        disks: Vec<Disk>,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+    /// A server is alive; its disks' free bytes.
+    Heartbeat {
+        /// Server id.
+        server: u64,
+        /// Free bytes per disk.
+        free: Vec<u64>,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+    /// Servers silent since before `before_ms` are down.
+    MarkDown {
+        /// Leader's clock minus the timeout.
+        before_ms: u64,
+    },
+    /// A new blade with this profile, placed over distinct disks.
+    AllocateBlade {
+        /// k, m, w.
+        k: u8,
+        /// Parity.
+        m: u8,
+        /// Extra acknowledgements.
+        w: u8,
+    },
+}
+
+/// What applying a command returned.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server's id.
+    Registered(u64),
+    /// Done.
+    Done,
+    /// No such server (a heartbeat from one the map does not know: it must register).
+    UnknownServer,
+    /// The new blade.
+    Blade(u32, BladeEntry),
+    /// The command could not be applied.
+    Refused(String),
+}
+
+impl ClusterMap {
+    /// Applies one command.
+    pub fn apply(&mut self, c: Command) -> Outcome {
+        match c {
+            Command::Register {
+                addr,
+                zone,
+                disks,
+                now_ms,
+            } => {
+                let id = match self.servers.iter().find(|(_, s)| s.addr == addr) {
+                    Some((id, _)) => *id,
+                    None => {
+                        self.next_server += 1;
+                        self.next_server
+                    }
+                };
+                self.servers.insert(
+                    id,
+                    ServerEntry {
+                        addr,
+                        zone,
+                        disks,
+                        state: ServerState::Up,
+                        last_seen_ms: now_ms,
+                    },
+                );
+                self.epoch += 1;
+                Outcome::Registered(id)
+            }
+            Command::Heartbeat {
+                server,
+                free,
+                now_ms,
+            } => {
+                let Some(s) = self.servers.get_mut(&server) else {
+                    return Outcome::UnknownServer;
+                };
+                s.last_seen_ms = s.last_seen_ms.max(now_ms);
+                for (d, f) in s.disks.iter_mut().zip(free) {
+                    d.free = f.min(d.capacity);
+                }
+                if s.state == ServerState::Down {
+                    s.state = ServerState::Up;
+                    self.epoch += 1;
+                }
+                Outcome::Done
+            }
+            Command::MarkDown { before_ms } => {
+                let mut changed = false;
+                for s in self.servers.values_mut() {
+                    if s.state == ServerState::Up && s.last_seen_ms < before_ms {
+                        s.state = ServerState::Down;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.epoch += 1;
+                }
+                Outcome::Done
+            }
+            Command::AllocateBlade { k, m, w } => match Profile::new(k, m, w) {
+                Err(e) => Outcome::Refused(e.to_string()),
+                Ok(p) => match self.place(p) {
+                    Err(e) => Outcome::Refused(e),
+                    Ok(shards) => {
+                        self.next_blade += 1;
+                        let id = self.next_blade;
+                        let b = BladeEntry { k, m, w, shards };
+                        self.blades.insert(id, b.clone());
+                        self.epoch += 1;
+                        Outcome::Blade(id, b)
+                    }
+                },
+            },
+        }
+    }
+
+    /// Picks n distinct disks of servers that are up: spread over zones and servers as evenly
+    /// as possible, then the disk with the most free bytes; the first server turns with the blade
+    /// count so that every disk is the holdfast of some blades.
+    fn place(&self, p: Profile) -> Result<Vec<ShardHome>, String> {
+        let n = p.n();
+        let up: Vec<(u64, &ServerEntry)> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.state == ServerState::Up)
+            .map(|(id, s)| (*id, s))
+            .collect();
+        let disks: usize = up.iter().map(|(_, s)| s.disks.len()).sum();
+        if disks < n {
+            return Err(format!(
+                "a {p} blade needs {n} disks; the servers that are up have {disks}"
+            ));
+        }
+        let turn = self.next_blade as usize;
+        let mut per_server: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut used: Vec<(u64, u32)> = Vec::new();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let best = up
+                .iter()
+                .enumerate()
+                .flat_map(|(rank, (id, s))| {
+                    s.disks
+                        .iter()
+                        .enumerate()
+                        .map(move |(d, disk)| (rank, *id, *s, d as u32, disk))
+                })
+                .filter(|(_, id, _, d, _)| !used.contains(&(*id, *d)))
+                .min_by_key(|(rank, id, s, d, disk)| {
+                    (
+                        per_zone.get(s.zone.as_str()).copied().unwrap_or(0),
+                        per_server.get(id).copied().unwrap_or(0),
+                        std::cmp::Reverse(disk.free),
+                        (rank + up.len() - turn % up.len()) % up.len(),
+                        (*d as usize + turn) % s.disks.len().max(1),
+                    )
+                })
+                .expect("enough disks checked");
+            let (_, id, s, d, _) = best;
+            *per_server.entry(id).or_default() += 1;
+            *per_zone.entry(s.zone.as_str()).or_default() += 1;
+            used.push((id, d));
+            out.push(ShardHome {
+                server: id,
+                disk: d,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(servers: usize, disks: usize) -> ClusterMap {
+        let mut m = ClusterMap::default();
+        for s in 0..servers {
+            let disks = (0..disks)
+                .map(|_| Disk {
+                    capacity: 1 << 40,
+                    free: 1 << 40,
+                })
+                .collect();
+            m.apply(Command::Register {
+                addr: format!("10.0.0.{s}:7070"),
+                zone: String::new(),
+                disks,
+                now_ms: 0,
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn blades_use_distinct_disks_and_servers_evenly_and_rotate_holdfasts() {
+        let mut m = map(4, 4);
+        let mut holdfasts = BTreeMap::new();
+        for _ in 0..16 {
+            let Outcome::Blade(_, b) = m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }) else {
+                panic!()
+            };
+            let mut seen: Vec<(u64, u32)> = b.shards.iter().map(|h| (h.server, h.disk)).collect();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), 16, "16 distinct disks");
+            for s in 1..=4 {
+                assert_eq!(
+                    b.shards.iter().filter(|h| h.server == s).count(),
+                    4,
+                    "4 shards per server"
+                );
+            }
+            *holdfasts
+                .entry((b.shards[0].server, b.shards[0].disk))
+                .or_insert(0) += 1;
+        }
+        assert!(
+            holdfasts.len() >= 4,
+            "holdfasts spread over servers and disks: {holdfasts:?}"
+        );
+    }
+
+    #[test]
+    fn too_few_disks_and_bad_profiles_are_refused() {
+        let mut m = map(2, 4);
+        assert!(
+            matches!(m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }), Outcome::Refused(e) if e.contains("needs 16 disks"))
+        );
+        assert!(matches!(
+            m.apply(Command::AllocateBlade { k: 0, m: 8, w: 4 }),
+            Outcome::Refused(_)
+        ));
+        let Outcome::Blade(_, b) = m.apply(Command::AllocateBlade { k: 4, m: 2, w: 1 }) else {
+            panic!()
+        };
+        assert_eq!(b.shards.iter().filter(|h| h.server == 1).count(), 3);
+    }
+
+    #[test]
+    fn silent_servers_go_down_and_come_back() {
+        let mut m = map(3, 1);
+        let e = m.epoch;
+        m.apply(Command::Heartbeat {
+            server: 1,
+            free: vec![5],
+            now_ms: 10_000,
+        });
+        m.apply(Command::Heartbeat {
+            server: 2,
+            free: vec![5],
+            now_ms: 10_000,
+        });
+        assert_eq!(m.epoch, e, "heartbeats do not move work");
+        m.apply(Command::MarkDown { before_ms: 5_000 });
+        assert_eq!(m.servers[&3].state, ServerState::Down);
+        assert_eq!(m.servers[&1].state, ServerState::Up);
+        assert!(m.epoch > e);
+        m.apply(Command::Heartbeat {
+            server: 3,
+            free: vec![5],
+            now_ms: 11_000,
+        });
+        assert_eq!(m.servers[&3].state, ServerState::Up);
+        assert_eq!(
+            m.apply(Command::Heartbeat {
+                server: 9,
+                free: vec![],
+                now_ms: 1
+            }),
+            Outcome::UnknownServer
+        );
+        // Registering again from the same address keeps the id.
+        let again = m.apply(Command::Register {
+            addr: "10.0.0.0:7070".into(),
+            zone: String::new(),
+            disks: vec![],
+            now_ms: 1,
+        });
+        assert_eq!(again, Outcome::Registered(1));
+    }
+}
