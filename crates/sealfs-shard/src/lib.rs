@@ -211,6 +211,33 @@ impl Handler for ShardService {
     }
 }
 
+/// A blade layout whose shards live on other servers: shard `j` on the server reached by
+/// `servers[j % servers.len()]`, disk `j / servers.len()` (modulo `disks`), one connection per
+/// server shared by its shards. Every store call has `deadline`.
+pub fn spread_layout(
+    blade: u32,
+    profile: kelp::Profile,
+    servers: &[Arc<Client>],
+    disks: u32,
+    deadline: Duration,
+) -> kelp::Result<kelp::BladeLayout> {
+    if servers.is_empty() || disks == 0 {
+        return Err(KelpError::invalid(
+            "a layout needs at least one server with one disk",
+        ));
+    }
+    let shards = (0..profile.n())
+        .map(|j| kelp::ShardPlacement {
+            store: Arc::new(RemoteStore::new(
+                servers[j % servers.len()].clone(),
+                deadline,
+            )) as Arc<dyn ShardStore>,
+            disk: (j / servers.len()) as u32 % disks,
+        })
+        .collect();
+    kelp::BladeLayout::new(blade, profile, shards)
+}
+
 /// The shard store of another server, reached over its connection.
 pub struct RemoteStore {
     client: Arc<Client>,

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use kelp::{
     frond, BladeLayout, Holdfast, HoldfastConfig, LocalStore, LocalStoreConfig, Profile, Reference,
-    ShardPlacement, ShardStore,
 };
 use sealfs_rpc::{Client, ClientConfig, ClusterKey, Server, ServerConfig, ServerHandle};
-use sealfs_shard::{RemoteStore, ShardService};
+use sealfs_shard::{spread_layout, ShardService};
 
 const BLADE: u32 = 0x51;
 
@@ -67,16 +66,14 @@ fn layout(nodes: &[Node]) -> BladeLayout {
         .iter()
         .map(|n| Arc::new(Client::new(n.addr.clone(), key(), ClientConfig::default())))
         .collect();
-    let shards = (0..16)
-        .map(|j| ShardPlacement {
-            store: Arc::new(RemoteStore::new(
-                clients[j % 4].clone(),
-                Duration::from_secs(5),
-            )) as Arc<dyn ShardStore>,
-            disk: (j / 4) as u32,
-        })
-        .collect();
-    BladeLayout::new(BLADE, Profile::default(), shards).unwrap()
+    spread_layout(
+        BLADE,
+        Profile::default(),
+        &clients,
+        4,
+        Duration::from_secs(5),
+    )
+    .unwrap()
 }
 
 fn config() -> HoldfastConfig {

@@ -2,14 +2,15 @@
 //! blades are placed over all their disks, `sealfs status` shows it, and a SIGKILLed server is
 //! declared down and comes back up when it restarts.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sealfs_manager::map::ServerState;
 use sealfs_manager::ManagerClient;
 use sealfs_rpc::ClusterKey;
+
+mod common;
 
 const SECRET: &str = "cluster test cluster secret";
 
@@ -17,36 +18,13 @@ struct Proc(Child, String);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        common::kill(&mut self.0);
     }
 }
 
 fn spawn(args: &[String]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sealfs"))
-        .args(args)
-        .env("SEALFS_SECRET", SECRET)
-        .env("SEALFS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start sealfs");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("first line");
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("an address")
-        .to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (child, addr) = common::start_listening(&args, &[("SEALFS_SECRET", SECRET)]);
     Proc(child, addr)
 }
 

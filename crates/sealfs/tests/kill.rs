@@ -1,17 +1,16 @@
 //! Real `sealfs server` processes on loopback hold a blade's shards; servers are SIGKILLed in the
 //! middle of a workload and restarted, and every acknowledged frond stays intact.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kelp::{
-    frond, BladeLayout, Holdfast, HoldfastConfig, Profile, Reference, ShardPlacement, ShardStore,
-};
+use kelp::{frond, BladeLayout, Holdfast, HoldfastConfig, Profile, Reference};
 use sealfs_rpc::{Client, ClientConfig, ClusterKey};
-use sealfs_shard::RemoteStore;
+use sealfs_shard::spread_layout;
+
+mod common;
 
 const SECRET: &str = "kill test cluster secret";
 const BLADE: u32 = 0x6b;
@@ -28,35 +27,13 @@ impl Proc {
         for d in disks {
             std::fs::create_dir_all(d).unwrap();
         }
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealfs"));
-        cmd.args(["server", "--listen", listen, "--data-dir"])
-            .arg(data);
-        for d in disks {
-            cmd.arg("--disk").arg(d);
+        let data_s = data.display().to_string();
+        let mut args = vec!["server", "--listen", listen, "--data-dir", &data_s];
+        let disk_s: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
+        for d in &disk_s {
+            args.extend(["--disk", d.as_str()]);
         }
-        let mut child = cmd
-            .env("SEALFS_SECRET", SECRET)
-            .env("SEALFS_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sealfs server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the server says where it listens");
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_string();
+        let (child, addr) = common::start_listening(&args, &[("SEALFS_SECRET", SECRET)]);
         Proc {
             child,
             addr,
@@ -67,8 +44,7 @@ impl Proc {
 
     /// SIGKILL, then wait for the process to be gone.
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::kill(&mut self.child);
     }
 
     fn restart(&mut self) {
@@ -85,27 +61,25 @@ impl Drop for Proc {
 }
 
 fn layout(procs: &[Proc]) -> BladeLayout {
-    let key = ClusterKey::from_secret(SECRET.as_bytes());
+    // One client (one connection) per server, shared by that server's four shards.
     let clients: Vec<Arc<Client>> = procs
         .iter()
         .map(|p| {
             Arc::new(Client::new(
                 p.addr.clone(),
-                key.clone(),
+                ClusterKey::from_secret(SECRET.as_bytes()),
                 ClientConfig::default(),
             ))
         })
         .collect();
-    let shards = (0..16)
-        .map(|j| ShardPlacement {
-            store: Arc::new(RemoteStore::new(
-                clients[j % 4].clone(),
-                Duration::from_secs(5),
-            )) as Arc<dyn ShardStore>,
-            disk: (j / 4) as u32,
-        })
-        .collect();
-    BladeLayout::new(BLADE, Profile::default(), shards).unwrap()
+    spread_layout(
+        BLADE,
+        Profile::default(),
+        &clients,
+        4,
+        Duration::from_secs(5),
+    )
+    .unwrap()
 }
 
 fn config() -> HoldfastConfig {
@@ -211,112 +185,56 @@ fn the_server_refuses_bad_arguments_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d0");
     std::fs::create_dir_all(&disk).unwrap();
-    let run = |args: &[&str], secret: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealfs"));
-        cmd.args(args).env_remove("SEALFS_SECRET");
-        if let Some(s) = secret {
-            cmd.env("SEALFS_SECRET", s);
-        }
-        let out = cmd.output().unwrap();
+    let (d, state) = (
+        disk.display().to_string(),
+        dir.path().join("state").display().to_string(),
+    );
+    let base = ["server", "--data-dir", state.as_str()];
+    let any = "127.0.0.1:0";
+    let cases: [(&[&str], Option<&str>, &str); 5] = [
+        (&["--disk", &d, "--listen", any], None, "no cluster secret"),
         (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let d = disk.to_str().unwrap();
-    let state = dir.path().join("state");
-    let state = state.to_str().unwrap();
-    let (code, err) = run(
-        &[
-            "server",
-            "--data-dir",
-            state,
-            "--disk",
-            d,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        None,
-    );
-    assert_eq!(code, Some(2));
-    assert!(err.contains("no cluster secret"), "{err}");
-    let (code, err) = run(
-        &[
-            "server",
-            "--data-dir",
-            state,
-            "--disk",
-            d,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        Some("short"),
-    );
-    assert_eq!(code, Some(2));
-    assert!(err.contains("at least 16 bytes"), "{err}");
-    let (code, err) = run(
-        &[
-            "server",
-            "--data-dir",
-            state,
-            "--disk",
-            "/nonexistent/disk",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        Some(SECRET),
-    );
-    assert_eq!(code, Some(2));
-    assert!(err.contains("is not a folder"), "{err}");
-    let (code, err) = run(
-        &[
-            "server",
-            "--data-dir",
-            state,
-            "--disk",
-            d,
-            "--listen",
-            "not an address",
-        ],
-        Some(SECRET),
-    );
-    assert_eq!(code, Some(2));
-    assert!(err.contains("cannot listen"), "{err}");
-    let (code, err) = run(&["server", "--data-dir", state], Some(SECRET));
-    assert_eq!(code, Some(2));
-    assert!(err.contains("no disks"), "{err}");
+            &["--disk", &d, "--listen", any],
+            Some("short"),
+            "at least 16 bytes",
+        ),
+        (
+            &["--disk", "/nonexistent/disk", "--listen", any],
+            Some(SECRET),
+            "is not a folder",
+        ),
+        (
+            &["--disk", &d, "--listen", "not an address"],
+            Some(SECRET),
+            "cannot listen",
+        ),
+        (&["--listen", any], Some(SECRET), "no disks"),
+    ];
+    for (extra, secret, want) in cases {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let env: Vec<(&str, &str)> = secret.map(|s| ("SEALFS_SECRET", s)).into_iter().collect();
+        match common::start(&args, &env) {
+            common::Started::Exited(code, err) => {
+                assert_eq!(code, Some(2), "{args:?}");
+                assert!(err.contains(want), "{args:?}: {err}");
+            }
+            common::Started::Running(mut c, line) => {
+                common::kill(&mut c);
+                panic!("{args:?} started: {line}");
+            }
+        }
+    }
 }
 
-/// Starts `sealfs server` with `args` and environment `env`; returns its first line (or its
-/// error), then stops it.
+/// Starts `sealfs` and returns (None, first line) if it came up, else (exit code, stderr).
 fn first_line(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealfs"));
-    cmd.args(args)
-        .env_remove("SEALFS_SECRET")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
+    match common::start(args, env) {
+        common::Started::Running(mut child, line) => {
+            common::kill(&mut child);
+            (None, line)
+        }
+        common::Started::Exited(code, err) => (code, err),
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-    if line.is_empty() {
-        let out = child.wait_with_output().unwrap();
-        return (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    (None, line)
 }
 
 #[test]
