@@ -26,6 +26,8 @@ pub const OP_HEARTBEAT: u16 = 0x0302;
 pub const OP_ALLOCATE: u16 = 0x0303;
 /// Fetch the map (returned only if newer than the caller's epoch).
 pub const OP_MAP: u16 = 0x0304;
+/// Create or delete a volume.
+pub const OP_VOLUME: u16 = 0x0305;
 
 /// The Raft group id of the manager.
 pub const MANAGER_GROUP: u64 = 0;
@@ -68,6 +70,20 @@ struct RegisterReq {
 struct HeartbeatReq {
     server: u64,
     free: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum VolumeReq {
+    Create {
+        name: String,
+        quota: u64,
+        k: u8,
+        m: u8,
+        w: u8,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -136,6 +152,26 @@ impl Service {
                 }
                 Err(e) => bad(e),
             },
+            OP_VOLUME => match postcard::from_bytes::<VolumeReq>(&req.meta) {
+                Ok(VolumeReq::Create {
+                    name,
+                    quota,
+                    k,
+                    m,
+                    w,
+                }) => {
+                    self.write(Command::CreateVolume {
+                        name,
+                        quota,
+                        k,
+                        m,
+                        w,
+                    })
+                    .await
+                }
+                Ok(VolumeReq::Delete { name }) => self.write(Command::DeleteVolume { name }).await,
+                Err(e) => bad(e),
+            },
             OP_MAP => {
                 let Some(g) = self.group.get() else {
                     return Response::error(Status::Unavailable as u16, "the manager is starting");
@@ -179,6 +215,24 @@ impl Handler for Service {
     }
 }
 
+/// How the namespace is laid out when enough servers are up.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Metadata partitions (a power of two).
+    pub partitions: u32,
+    /// Replicas per partition; partitions are laid out once this many servers are up.
+    pub replicas: u8,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            partitions: 64,
+            replicas: 3,
+        }
+    }
+}
+
 /// A running manager.
 pub struct Manager {
     server: ServerHandle,
@@ -194,6 +248,7 @@ impl Manager {
         data_dir: &Path,
         key: ClusterKey,
         down_after: Duration,
+        layout: Layout,
     ) -> Result<Manager, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
@@ -232,6 +287,22 @@ impl Manager {
             loop {
                 tokio::time::sleep(tick).await;
                 if g.is_leader() {
+                    let unlaid = g
+                        .read_local(|m| {
+                            postcard::from_bytes::<ClusterMap>(&m.snapshot())
+                                .map(|map| map.partitions.is_empty())
+                                .unwrap_or(false)
+                        })
+                        .await;
+                    if unlaid {
+                        let c = Command::InitPartitions {
+                            count: layout.partitions,
+                            replicas: layout.replicas,
+                        };
+                        if let Ok(cmd) = postcard::to_stdvec(&c) {
+                            let _ = g.write(cmd).await;
+                        }
+                    }
                     let before_ms = now_ms().saturating_sub(down_after.as_millis() as u64);
                     if let Ok(cmd) = postcard::to_stdvec(&Command::MarkDown { before_ms }) {
                         let _ = g.write(cmd).await;
@@ -371,5 +442,95 @@ impl ManagerClient {
     /// The current map.
     pub async fn map(&self) -> Result<ClusterMap, ManagerError> {
         Ok(self.map_since(0).await?.unwrap_or_default())
+    }
+
+    /// Creates a volume; returns its id.
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        quota: u64,
+        k: u8,
+        m: u8,
+        w: u8,
+    ) -> Result<u32, ManagerError> {
+        let req = VolumeReq::Create {
+            name: name.into(),
+            quota,
+            k,
+            m,
+            w,
+        };
+        match self.outcome(OP_VOLUME, Self::enc(&req)).await? {
+            Outcome::Volume(id) => Ok(id),
+            Outcome::Refused(e) => Err(ManagerError(e)),
+            other => Err(ManagerError(format!("create volume: {other:?}"))),
+        }
+    }
+
+    /// Deletes a volume.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ManagerError> {
+        match self
+            .outcome(
+                OP_VOLUME,
+                Self::enc(&VolumeReq::Delete { name: name.into() }),
+            )
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            Outcome::Refused(e) => Err(ManagerError(e)),
+            other => Err(ManagerError(format!("delete volume: {other:?}"))),
+        }
+    }
+}
+
+/// A cached cluster map, refreshed from the manager when asked and in the background.
+#[derive(Clone)]
+pub struct MapCache {
+    manager: Arc<ManagerClient>,
+    map: Arc<std::sync::RwLock<Arc<ClusterMap>>>,
+}
+
+impl MapCache {
+    /// An empty cache of the map of the manager at `addr`.
+    pub fn new(addr: &str, key: ClusterKey) -> Self {
+        MapCache {
+            manager: Arc::new(ManagerClient::new(addr, key)),
+            map: Arc::new(std::sync::RwLock::new(Arc::new(ClusterMap::default()))),
+        }
+    }
+
+    /// The manager's client.
+    pub fn manager(&self) -> &ManagerClient {
+        &self.manager
+    }
+
+    /// The map as last fetched.
+    pub fn get(&self) -> Arc<ClusterMap> {
+        self.map.read().expect("map lock").clone()
+    }
+
+    /// Fetches the map if the manager has a newer one; returns the current one.
+    pub async fn refresh(&self) -> Result<Arc<ClusterMap>, ManagerError> {
+        let known = self.get().epoch;
+        if let Some(m) = self.manager.map_since(known).await? {
+            let mut w = self.map.write().expect("map lock");
+            if m.epoch > w.epoch || known == 0 {
+                *w = Arc::new(m);
+            }
+        }
+        Ok(self.get())
+    }
+
+    /// Refreshes every `every` until dropped (the task ends with the returned handle).
+    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = me.refresh().await {
+                    tracing::debug!("map refresh: {e}");
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 }

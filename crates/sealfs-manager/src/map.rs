@@ -61,6 +61,21 @@ pub struct BladeEntry {
     pub shards: Vec<ShardHome>,
 }
 
+/// A volume: a namespace with its own root, a quota and an erasure profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// 1 and up; the root inode derives from it.
+    pub id: u32,
+    /// Bytes allowed (0: no limit).
+    pub quota: u64,
+    /// k, m, w of its blades.
+    pub k: u8,
+    /// Parity cells.
+    pub m: u8,
+    /// Extra acknowledgements.
+    pub w: u8,
+}
+
 /// The cluster map.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMap {
@@ -70,8 +85,32 @@ pub struct ClusterMap {
     pub servers: BTreeMap<u64, ServerEntry>,
     /// Blades by id.
     pub blades: BTreeMap<u32, BladeEntry>,
+    /// The replica set (server ids) of each metadata partition; empty until enough servers
+    /// are up. The first member starts the group.
+    pub partitions: Vec<Vec<u64>>,
+    /// Volumes by name.
+    pub volumes: BTreeMap<String, Volume>,
     next_server: u64,
     next_blade: u32,
+    next_volume: u32,
+}
+
+/// Picks the `r` servers of `ids` with the highest hash of (partition, server): rendezvous
+/// hashing, so that adding or removing a server moves only the partitions it wins or held.
+pub fn replica_set(partition: u32, ids: &[u64], r: usize) -> Vec<u64> {
+    let mut scored: Vec<(u64, u64)> = ids
+        .iter()
+        .map(|&id| {
+            let mut h = blake3::Hasher::new();
+            h.update(&partition.to_le_bytes());
+            h.update(&id.to_le_bytes());
+            let d = h.finalize();
+            let score = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"));
+            (score, id)
+        })
+        .collect();
+    scored.sort_unstable_by(|a, b| b.cmp(a));
+    scored.into_iter().take(r).map(|(_, id)| id).collect()
 }
 
 /// A change to the map.
@@ -102,6 +141,32 @@ pub enum Command {
         /// Leader's clock minus the timeout.
         before_ms: u64,
     },
+    /// Lays out `count` metadata partitions of `replicas` replicas over the servers that are
+    /// up (once; later calls change nothing), and makes the volume "default".
+    InitPartitions {
+        /// P, a power of two.
+        count: u32,
+        /// R.
+        replicas: u8,
+    },
+    /// A new volume.
+    CreateVolume {
+        /// Its name.
+        name: String,
+        /// Bytes allowed (0: no limit).
+        quota: u64,
+        /// k.
+        k: u8,
+        /// m.
+        m: u8,
+        /// w.
+        w: u8,
+    },
+    /// Deletes a volume (its files become unreachable).
+    DeleteVolume {
+        /// Its name.
+        name: String,
+    },
     /// A new blade with this profile, placed over distinct disks.
     AllocateBlade {
         /// k, m, w.
@@ -124,6 +189,8 @@ pub enum Outcome {
     UnknownServer,
     /// The new blade.
     Blade(u32, BladeEntry),
+    /// The volume's id.
+    Volume(u32),
     /// The command could not be applied.
     Refused(String),
 }
@@ -187,6 +254,80 @@ impl ClusterMap {
                 if changed {
                     self.epoch += 1;
                 }
+                Outcome::Done
+            }
+            Command::InitPartitions { count, replicas } => {
+                if !self.partitions.is_empty() {
+                    return Outcome::Done;
+                }
+                if count == 0 || !count.is_power_of_two() || count > 4096 || replicas == 0 {
+                    return Outcome::Refused(format!(
+                        "partitions must be a power of two up to 4096 (got {count}), replicas at least 1"
+                    ));
+                }
+                let up: Vec<u64> = self
+                    .servers
+                    .iter()
+                    .filter(|(_, s)| s.state == ServerState::Up)
+                    .map(|(id, _)| *id)
+                    .collect();
+                if up.len() < replicas as usize {
+                    return Outcome::Refused(format!(
+                        "{replicas} replicas need {replicas} servers up; {} are",
+                        up.len()
+                    ));
+                }
+                self.partitions = (0..count)
+                    .map(|p| replica_set(p, &up, replicas as usize))
+                    .collect();
+                if !self.volumes.contains_key("default") {
+                    self.next_volume += 1;
+                    let v = Volume {
+                        id: self.next_volume,
+                        quota: 0,
+                        k: 8,
+                        m: 8,
+                        w: 4,
+                    };
+                    self.volumes.insert("default".into(), v);
+                }
+                self.epoch += 1;
+                Outcome::Done
+            }
+            Command::CreateVolume {
+                name,
+                quota,
+                k,
+                m,
+                w,
+            } => {
+                if let Err(e) = Profile::new(k, m, w) {
+                    return Outcome::Refused(e.to_string());
+                }
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                {
+                    return Outcome::Refused(format!(
+                        "volume name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+                    ));
+                }
+                if self.volumes.contains_key(&name) {
+                    return Outcome::Refused(format!("volume {name} exists"));
+                }
+                self.next_volume += 1;
+                let id = self.next_volume;
+                self.volumes.insert(name, Volume { id, quota, k, m, w });
+                self.epoch += 1;
+                Outcome::Volume(id)
+            }
+            Command::DeleteVolume { name } => {
+                if self.volumes.remove(&name).is_none() {
+                    return Outcome::Refused(format!("no volume {name}"));
+                }
+                self.epoch += 1;
                 Outcome::Done
             }
             Command::AllocateBlade { k, m, w } => match Profile::new(k, m, w) {

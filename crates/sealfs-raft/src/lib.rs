@@ -52,6 +52,22 @@ pub trait Machine: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot's.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Answers a read-only query on the applied state (the application's encoding).
+    fn query(&self, _query: &[u8]) -> Vec<u8> {
+        Vec::new()
+    }
+    /// For a machine that keeps its state on disk: the applied position it last stored with
+    /// [`Machine::commit`]. Such a machine is not restored from the group's snapshot at start;
+    /// Raft re-applies the log after this position. `None` for a machine held in memory.
+    fn applied(&self) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+    /// Ends a batch of applied commands: a machine on disk stores their effects together with
+    /// `applied` (an opaque position) in one transaction, synced when `durable`. Errors stop the
+    /// group (a replica that cannot store what it applied must not go on).
+    fn commit(&mut self, _applied: &[u8], _durable: bool) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Errors of a group.
@@ -163,6 +179,11 @@ impl Group {
         }
         let st = self.sm.state.read().await;
         Ok(f(st.machine.as_ref()))
+    }
+
+    /// A linearizable [`Machine::query`].
+    pub async fn query(&self, q: &[u8]) -> Result<Vec<u8>, GroupError> {
+        self.read(|m| m.query(q)).await
     }
 
     /// Runs `f` on this replica's applied state, without checking it is current.

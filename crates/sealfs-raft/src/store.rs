@@ -191,6 +191,18 @@ pub struct Applied {
     pub machine: Box<dyn Machine>,
 }
 
+/// What a machine on disk stores with its state: the last log id and membership applied.
+#[derive(Serialize, Deserialize)]
+struct Position(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
+
+fn commit_machine(st: &mut Applied, durable: bool) -> Result<(), SErr> {
+    let pos = postcard::to_stdvec(&Position(st.last_applied, st.last_membership.clone()))
+        .map_err(werr)?;
+    st.machine
+        .commit(&pos, durable)
+        .map_err(|e| SErr::from(StorageIOError::write_state_machine(AnyError::error(e))))
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
@@ -211,7 +223,14 @@ impl StateMachineStore {
     pub fn open(db: Arc<Database>, mut machine: Box<dyn Machine>) -> Result<Self, SErr> {
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
-        if let Some(s) = get_kv::<StoredSnapshot>(&db, SNAP, "current")? {
+        let on_disk = machine
+            .applied()
+            .map_err(|e| SErr::from(StorageIOError::read_state_machine(AnyError::error(e))))?;
+        if let Some(pos) = on_disk {
+            let p: Position = postcard::from_bytes(&pos).map_err(rerr)?;
+            last_applied = p.0;
+            last_membership = p.1;
+        } else if let Some(s) = get_kv::<StoredSnapshot>(&db, SNAP, "current")? {
             machine.restore(&s.data).map_err(|e| {
                 SErr::from(StorageIOError::read_snapshot(
                     Some(s.meta.signature()),
@@ -236,7 +255,10 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (data, last, membership) = {
-            let st = self.state.read().await;
+            // A machine on disk is synced first, so that the log the snapshot covers (which
+            // may then be purged) is never needed to rebuild it.
+            let mut st = self.state.write().await;
+            commit_machine(&mut st, true)?;
             (
                 st.machine.snapshot(),
                 st.last_applied,
@@ -297,6 +319,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             });
         }
+        // The log is synced; the machine's own file need not be (Raft re-applies after a crash).
+        commit_machine(&mut st, false)?;
         Ok(out)
     }
 
@@ -324,6 +348,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             })?;
             st.last_applied = meta.last_log_id;
             st.last_membership = meta.last_membership.clone();
+            commit_machine(&mut st, true)?;
         }
         put_kv(
             &self.db,

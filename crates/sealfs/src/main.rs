@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+
+mod cli;
+mod node;
 
 use clap::{Args, Parser, Subcommand};
-use kelp::{LocalStore, LocalStoreConfig};
-use sealfs_rpc::{ClusterKey, Server, ServerConfig};
-use sealfs_shard::ShardService;
+use sealfs_rpc::ClusterKey;
 
 #[derive(Parser)]
 #[command(name = "sealfs", version, about = "A distributed POSIX file system")]
@@ -31,10 +31,27 @@ enum Cmd {
     Manager(ManagerArgs),
     /// Show servers, disks and blades (needs --manager).
     Status(SecretArgs),
+    /// Copy a local file (or - for standard input) into the cluster.
+    Put(cli::PutArgs),
+    /// Copy a file of the cluster to a local file (or - for standard output).
+    Get(cli::GetArgs),
+    /// List a directory.
+    Ls(cli::PathArgs),
+    /// Show a file's attributes.
+    Stat(cli::PathArgs),
+    /// Remove files or empty directories.
+    Rm(cli::RmArgs),
+    /// Make directories.
+    Mkdir(cli::MkdirArgs),
+    /// Rename or move.
+    Mv(cli::MvArgs),
+    /// Create, list or delete volumes.
+    #[command(subcommand)]
+    Volume(cli::VolumeCmd),
 }
 
-#[derive(Args)]
-struct SecretArgs {
+#[derive(Args, Clone)]
+pub(crate) struct SecretArgs {
     /// File holding the cluster secret (else SEALFS_SECRET).
     #[arg(long, env = "SEALFS_SECRET_FILE")]
     secret_file: Option<PathBuf>,
@@ -54,6 +71,12 @@ struct ManagerArgs {
     /// A server silent this long is declared down.
     #[arg(long, default_value_t = 10_000)]
     down_after_ms: u64,
+    /// Metadata partitions (a power of two), fixed when the cluster is made.
+    #[arg(long, default_value_t = 64)]
+    partitions: u32,
+    /// Replicas of each partition; the partitions are laid out once this many servers are up.
+    #[arg(long, default_value_t = 3)]
+    replicas: u8,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -74,6 +97,9 @@ struct ServerArgs {
     zone: String,
     #[command(flatten)]
     secret: SecretArgs,
+    /// Half-done metadata operations older than this are settled by the orphan scan.
+    #[arg(long, default_value_t = 60_000, hide = true)]
+    orphan_grace_ms: u64,
     /// A TOML file with any of: listen, data_dir, disks, secret_file. Flags and environment
     /// variables take precedence over it.
     #[arg(long, env = "SEALFS_CONFIG")]
@@ -93,6 +119,7 @@ struct ServerFile {
 
 /// Server settings after flags, environment, the config file and defaults, in that order.
 struct ServerSettings {
+    orphan_grace_ms: u64,
     zone: String,
     listen: String,
     data_dir: PathBuf,
@@ -126,6 +153,7 @@ impl ServerArgs {
             .or(file.data_dir)
             .ok_or("no data folder: pass --data-dir DIR or set data_dir in the config file")?;
         Ok(ServerSettings {
+            orphan_grace_ms: self.orphan_grace_ms,
             zone: self.zone,
             listen: self
                 .listen
@@ -141,7 +169,7 @@ impl ServerArgs {
     }
 }
 
-fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, String> {
+pub(crate) fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, String> {
     let s = match (file, value) {
         (Some(f), _) => std::fs::read(f)
             .map_err(|e| format!("cannot read the secret file {}: {e}", f.display()))?,
@@ -157,58 +185,14 @@ fn secret(file: &Option<PathBuf>, value: &Option<String>) -> Result<Vec<u8>, Str
     Ok(trimmed)
 }
 
-/// Capacity and free bytes of the file system holding `dir`.
-fn disk_space(dir: &std::path::Path) -> (u64, u64) {
-    match rustix::fs::statvfs(dir) {
-        Ok(s) => (
-            s.f_blocks.saturating_mul(s.f_frsize),
-            s.f_bavail.saturating_mul(s.f_frsize),
-        ),
-        Err(_) => (0, 0),
-    }
-}
-
-/// Registers with the manager and heartbeats every second, registering again when the manager
-/// no longer knows this server (a new manager, or one restored from an older state).
-async fn report_to(
-    manager: String,
-    key: ClusterKey,
-    addr: String,
-    zone: String,
-    disks: Vec<PathBuf>,
-) {
-    let m = sealfs_manager::ManagerClient::new(&manager, key);
-    let mut id = None;
-    loop {
-        let space: Vec<(u64, u64)> = disks.iter().map(|d| disk_space(d)).collect();
-        match id {
-            None => {
-                let ds = space
-                    .iter()
-                    .map(|&(capacity, free)| sealfs_manager::map::Disk { capacity, free })
-                    .collect();
-                match m.register(&addr, &zone, ds).await {
-                    Ok(i) => {
-                        tracing::info!("registered with the manager at {manager} as server {i}");
-                        id = Some(i);
-                    }
-                    Err(e) => tracing::warn!("cannot register with the manager: {e}"),
-                }
-            }
-            Some(i) => match m.heartbeat(i, space.iter().map(|s| s.1).collect()).await {
-                Ok(sealfs_manager::map::Outcome::UnknownServer) => id = None,
-                Ok(_) => {}
-                Err(e) => tracing::warn!("heartbeat: {e}"),
-            },
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-}
-
 async fn manager(a: ManagerArgs) -> Result<(), String> {
     let key = ClusterKey::from_secret(&secret(&a.secret.secret_file, &a.secret.secret)?);
     let down = std::time::Duration::from_millis(a.down_after_ms);
-    let m = sealfs_manager::Manager::start(&a.listen, &a.data_dir, key, down).await?;
+    let layout = sealfs_manager::Layout {
+        partitions: a.partitions,
+        replicas: a.replicas,
+    };
+    let m = sealfs_manager::Manager::start(&a.listen, &a.data_dir, key, down, layout).await?;
     println!("sealfs manager listening on {}", m.addr());
     wait_for_signal().await?;
     tracing::info!("stopping");
@@ -221,7 +205,7 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     let manager =
         manager.ok_or("status needs the manager: pass --manager ADDR or set SEALFS_MANAGER")?;
     let key = ClusterKey::from_secret(&secret(&s.secret_file, &s.secret)?);
-    let map = sealfs_manager::ManagerClient::new(&manager, key)
+    let map = sealfs_manager::ManagerClient::new(&manager, key.clone())
         .map()
         .await
         .map_err(|e| e.to_string())?;
@@ -249,6 +233,45 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
             gib(free),
             gib(cap)
         );
+    }
+    println!("volumes: {}", map.volumes.len());
+    for (name, v) in &map.volumes {
+        println!(
+            "  {name} id {} ec {}+{}+{} quota {}",
+            v.id, v.k, v.m, v.w, v.quota
+        );
+    }
+    let parts = map.partitions.len() as u32;
+    println!("partitions: {parts}");
+    if parts > 0 {
+        let peers = sealfs_raft::Peers::new(key.clone());
+        let maps = sealfs_manager::MapCache::new(&manager, key);
+        maps.refresh().await.map_err(|e| e.to_string())?;
+        let mut meta = sealfs_meta::MetaClient::new(maps, peers);
+        meta.deadline = std::time::Duration::from_secs(3);
+        let mut down = Vec::new();
+        let mut led: std::collections::BTreeMap<u64, usize> = Default::default();
+        for p in 0..parts {
+            match meta.read(p, &sealfs_meta::Query::Usage).await {
+                Ok(_) => *led.entry(meta.leader(p).unwrap_or(0)).or_default() += 1,
+                Err(e) => down.push(format!("{p} ({e})")),
+            }
+        }
+        for (p, set) in map.partitions.iter().enumerate().take(8) {
+            println!(
+                "  partition {p} replicas {set:?} leader {:?}",
+                meta.leader(p as u32)
+            );
+        }
+        if parts > 8 {
+            println!("  ... ({} more)", parts - 8);
+        }
+        println!("  leaders per server: {led:?}");
+        if down.is_empty() {
+            println!("  all {parts} partitions answer");
+        } else {
+            println!("  UNAVAILABLE: {}", down.join(", "));
+        }
     }
     println!("blades: {}", map.blades.len());
     for (id, b) in &map.blades {
@@ -278,66 +301,45 @@ async fn wait_for_signal() -> Result<(), String> {
 
 async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
     let a = a.settle()?;
-    let key = ClusterKey::from_secret(&a.secret);
-    for d in &a.disks {
-        if !d.is_dir() {
-            return Err(format!(
-                "disk {} is not a folder (create it or mount the drive there)",
-                d.display()
-            ));
-        }
-    }
-    std::fs::create_dir_all(&a.data_dir).map_err(|e| {
-        format!(
-            "cannot create the data folder {}: {e}",
-            a.data_dir.display()
-        )
-    })?;
-    let store = LocalStore::open(a.listen.clone(), &a.disks, LocalStoreConfig::default())
-        .map_err(|e| e.to_string())?;
-    let report = store.scan_report();
-    for bad in &report.mismatched {
-        tracing::warn!(
-            "left out {}: its cells belong to another shard file",
-            bad.display()
-        );
-    }
-    let found = report.found;
-    let service = Arc::new(ShardService::new(Arc::new(store)));
-    let handle = Server::bind(&a.listen, key, ServerConfig::default(), service)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+    let node = node::Node::start(node::NodeSettings {
+        listen: a.listen.clone(),
+        data_dir: a.data_dir.clone(),
+        disks: a.disks.clone(),
+        zone: a.zone.clone(),
+        key: ClusterKey::from_secret(&a.secret),
+        manager,
+        host: sealfs_meta::HostConfig {
+            orphan_grace: std::time::Duration::from_millis(a.orphan_grace_ms),
+            ..Default::default()
+        },
+    })
+    .await?;
     // Scripts and tests read this line to learn the address (useful with port 0).
     println!(
-        "sealfs server listening on {} with {} disks and {found} shard files",
-        handle.addr(),
-        a.disks.len()
+        "sealfs server listening on {} with {} disks and {} shard files",
+        node.addr(),
+        a.disks.len(),
+        node.found
     );
-    let reporter = manager.map(|m| {
-        let key = ClusterKey::from_secret(&a.secret);
-        tokio::spawn(report_to(
-            m,
-            key,
-            handle.addr().to_string(),
-            a.zone.clone(),
-            a.disks.clone(),
-        ))
-    });
     wait_for_signal().await?;
     tracing::info!("stopping");
-    if let Some(r) = reporter {
-        r.abort();
-    }
-    handle.shutdown().await;
+    node.shutdown().await;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(cli.log)
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        // openraft reports every election at info; keep its warnings only.
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_default(cli.log)
+            .with_target("openraft", tracing::Level::WARN.min(cli.log));
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(filter)
+            .init();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -350,6 +352,14 @@ fn main() -> ExitCode {
             Cmd::Server(a) => server(a, cli.manager).await,
             Cmd::Manager(a) => manager(a).await,
             Cmd::Status(s) => status(cli.manager, s).await,
+            Cmd::Put(a) => cli::put(cli.manager, a).await,
+            Cmd::Get(a) => cli::get(cli.manager, a).await,
+            Cmd::Ls(a) => cli::ls(cli.manager, a).await,
+            Cmd::Stat(a) => cli::stat(cli.manager, a).await,
+            Cmd::Rm(a) => cli::rm(cli.manager, a).await,
+            Cmd::Mkdir(a) => cli::mkdir(cli.manager, a).await,
+            Cmd::Mv(a) => cli::mv(cli.manager, a).await,
+            Cmd::Volume(v) => cli::volume(cli.manager, v).await,
         }
     });
     match result {

@@ -69,3 +69,131 @@ pub fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A loopback address with a port free right now (for a process that must keep its address
+/// across restarts).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("address").to_string()
+}
+
+/// A running `sealfs` process, killed (SIGKILL) when dropped.
+pub struct Proc(pub Child, pub String);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+/// A manager and `n` servers with 4 disks each, as separate processes, under one folder.
+pub struct Cluster {
+    pub dir: std::path::PathBuf,
+    pub secret: String,
+    pub manager: Option<Proc>,
+    pub manager_addr: String,
+    pub servers: Vec<Option<Proc>>,
+    pub server_addrs: Vec<String>,
+    pub partitions: u32,
+}
+
+impl Cluster {
+    /// Starts the manager (P partitions, 3 replicas) and `n` servers.
+    pub fn start(dir: &std::path::Path, n: usize, partitions: u32) -> Cluster {
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            secret: "files test cluster secret".into(),
+            manager: None,
+            manager_addr: free_addr(),
+            servers: (0..n).map(|_| None).collect(),
+            server_addrs: (0..n).map(|_| free_addr()).collect(),
+            partitions,
+        };
+        c.start_manager();
+        for s in 0..n {
+            c.start_server(s);
+        }
+        c
+    }
+
+    fn spawn(&self, args: &[String]) -> Proc {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, addr) = start_listening(&args, &[("SEALFS_SECRET", self.secret.as_str())]);
+        Proc(child, addr)
+    }
+
+    pub fn start_manager(&mut self) {
+        let args: Vec<String> = [
+            "manager",
+            "--listen",
+            &self.manager_addr,
+            "--data-dir",
+            &self.dir.join("manager").display().to_string(),
+            "--down-after-ms",
+            "3000",
+            "--partitions",
+            &self.partitions.to_string(),
+            "--replicas",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.manager = Some(self.spawn(&args));
+    }
+
+    pub fn start_server(&mut self, s: usize) {
+        let mut args: Vec<String> = vec![
+            "--manager".into(),
+            self.manager_addr.clone(),
+            "server".into(),
+            "--listen".into(),
+            self.server_addrs[s].clone(),
+            "--data-dir".into(),
+            self.dir.join(format!("s{s}/state")).display().to_string(),
+            "--orphan-grace-ms".into(),
+            "2000".into(),
+        ];
+        for d in 0..4 {
+            let disk = self.dir.join(format!("s{s}/disk{d}"));
+            std::fs::create_dir_all(&disk).expect("disk folder");
+            args.extend(["--disk".into(), disk.display().to_string()]);
+        }
+        self.servers[s] = Some(self.spawn(&args));
+    }
+
+    /// SIGKILLs server `s`.
+    pub fn kill_server(&mut self, s: usize) {
+        self.servers[s] = None;
+    }
+
+    /// SIGKILLs every process.
+    pub fn kill_all(&mut self) {
+        for s in &mut self.servers {
+            *s = None;
+        }
+        self.manager = None;
+    }
+
+    /// The cluster key.
+    pub fn key(&self) -> sealfs_rpc::ClusterKey {
+        sealfs_rpc::ClusterKey::from_secret(self.secret.as_bytes())
+    }
+
+    /// Runs the `sealfs` CLI against this cluster; its exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_sealfs"))
+            .arg("--manager")
+            .arg(&self.manager_addr)
+            .args(args)
+            .env("SEALFS_SECRET", &self.secret)
+            .env("SEALFS_LOG", "error")
+            .output()
+            .expect("run sealfs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

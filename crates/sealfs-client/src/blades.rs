@@ -1,0 +1,213 @@
+//! Blades as servers and clients see them: layouts built from the cluster map, the holdfasts a
+//! server runs for the blades whose shard 0 it holds, and the data operations on the wire.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kelp::{BladeLayout, Holdfast, HoldfastConfig, KelpError, Profile, ShardPlacement, ShardStore};
+use sealfs_manager::map::ClusterMap;
+use sealfs_manager::MapCache;
+use sealfs_raft::Peers;
+use sealfs_rpc::{Request, Response, Status};
+use sealfs_shard::RemoteStore;
+use serde::{Deserialize, Serialize};
+
+/// Append an encoded frond to a blade: meta [`AppendReq`], data the frond; reply [`Appended`].
+pub const OP_APPEND: u16 = 0x0501;
+/// Make a blade's acknowledged appends durable on k + w shards: meta [`BladeReq`].
+pub const OP_BLADE_SYNC: u16 = 0x0502;
+
+/// Deadline of one shard call.
+pub const SHARD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Which blade.
+#[derive(Serialize, Deserialize)]
+pub struct BladeReq {
+    pub blade: u32,
+}
+
+/// An append.
+#[derive(Serialize, Deserialize)]
+pub struct AppendReq {
+    pub blade: u32,
+}
+
+/// Where an appended frond is.
+#[derive(Serialize, Deserialize)]
+pub struct Appended {
+    pub address: u64,
+    pub len: u32,
+    pub seq: u32,
+}
+
+/// The layout of `blade` from `map`: shards on server `me` use `local`, the others are reached
+/// through `peers`.
+pub fn layout_for(
+    map: &ClusterMap,
+    blade: u32,
+    me: Option<(u64, &Arc<dyn ShardStore>)>,
+    peers: &Peers,
+) -> kelp::Result<BladeLayout> {
+    let b = map
+        .blades
+        .get(&blade)
+        .ok_or_else(|| KelpError::invalid(format!("blade {blade:08x} is not in the map")))?;
+    let profile = Profile::new(b.k, b.m, b.w)?;
+    let mut shards = Vec::with_capacity(b.shards.len());
+    for h in &b.shards {
+        let store: Arc<dyn ShardStore> = match me {
+            Some((id, local)) if id == h.server => local.clone(),
+            _ => {
+                let addr = map
+                    .servers
+                    .get(&h.server)
+                    .map(|s| s.addr.clone())
+                    .ok_or_else(|| {
+                        KelpError::invalid(format!("server {} is not in the map", h.server))
+                    })?;
+                Arc::new(RemoteStore::new(peers.client(&addr), SHARD_DEADLINE))
+            }
+        };
+        shards.push(ShardPlacement {
+            store,
+            disk: h.disk,
+        });
+    }
+    BladeLayout::new(blade, profile, shards)
+}
+
+/// The holdfasts of one server, opened on first use.
+pub struct BladeHost {
+    maps: MapCache,
+    peers: Peers,
+    local: Arc<dyn ShardStore>,
+    me: Mutex<Option<u64>>,
+    open: tokio::sync::Mutex<HashMap<u32, Holdfast>>,
+}
+
+fn err(status: Status, m: impl Into<String>) -> Response {
+    Response::error(status as u16, m)
+}
+
+impl BladeHost {
+    /// The holdfasts of the server whose own disks are `local`.
+    pub fn new(maps: MapCache, peers: Peers, local: Arc<dyn ShardStore>) -> Self {
+        BladeHost {
+            maps,
+            peers,
+            local,
+            me: Mutex::new(None),
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets this server's id (once registered).
+    pub fn set_me(&self, id: u64) {
+        *self.me.lock().expect("me") = Some(id);
+    }
+
+    /// Blades with an open holdfast here, and their append pointers.
+    pub async fn open_blades(&self) -> Vec<(u32, u64, usize)> {
+        self.open
+            .lock()
+            .await
+            .iter()
+            .map(|(b, h)| (*b, h.append_pointer(), h.degraded().len()))
+            .collect()
+    }
+
+    async fn holdfast(&self, blade: u32, epoch: u64) -> Result<Holdfast, Response> {
+        let Some(me) = *self.me.lock().expect("me") else {
+            return Err(err(
+                Status::Unavailable,
+                "the server has not registered yet",
+            ));
+        };
+        let mut open = self.open.lock().await;
+        if let Some(h) = open.get(&blade) {
+            return Ok(h.clone());
+        }
+        let mut map = self.maps.get();
+        if !map.blades.contains_key(&blade) || map.epoch < epoch {
+            map = self
+                .maps
+                .refresh()
+                .await
+                .map_err(|e| err(Status::Unavailable, e.to_string()))?;
+        }
+        let Some(b) = map.blades.get(&blade) else {
+            return Err(err(Status::BadRequest, format!("no blade {blade:08x}")));
+        };
+        if b.shards[0].server != me {
+            let mut r = err(
+                Status::StaleEpoch,
+                format!("blade {blade:08x} is not held here"),
+            );
+            r.epoch = map.epoch;
+            return Err(r);
+        }
+        let layout = layout_for(&map, blade, Some((me, &self.local)), &self.peers)
+            .map_err(|e| err(Status::Internal, e.to_string()))?;
+        let h = Holdfast::open(layout, HoldfastConfig::default())
+            .await
+            .map_err(|e| err(Status::Unavailable, format!("blade {blade:08x}: {e}")))?;
+        open.insert(blade, h.clone());
+        Ok(h)
+    }
+
+    /// Answers a data operation.
+    pub async fn handle(&self, req: Request) -> Response {
+        let Ok(b) = postcard::from_bytes::<BladeReq>(&req.meta) else {
+            return err(Status::BadRequest, "malformed blade request");
+        };
+        let h = match self.holdfast(b.blade, req.epoch).await {
+            Ok(h) => h,
+            Err(r) => return r,
+        };
+        match req.op {
+            OP_APPEND => match h.append(req.data).await {
+                Ok(r) => {
+                    let a = Appended {
+                        address: r.address.0,
+                        len: r.len,
+                        seq: r.seq,
+                    };
+                    match postcard::to_stdvec(&a) {
+                        Ok(m) => Response::ok(Bytes::from(m), Bytes::new()),
+                        Err(e) => err(Status::Internal, e.to_string()),
+                    }
+                }
+                Err(e @ KelpError::Invalid(_)) | Err(e @ KelpError::Frond { .. }) => {
+                    err(Status::BadRequest, e.to_string())
+                }
+                Err(e) => err(Status::Unavailable, e.to_string()),
+            },
+            OP_BLADE_SYNC => match h.sync().await {
+                Ok(()) => Response::ok(Bytes::new(), Bytes::new()),
+                Err(e) => err(Status::Unavailable, e.to_string()),
+            },
+            op => err(
+                Status::UnknownOp,
+                format!("data: unknown operation {op:#x}"),
+            ),
+        }
+    }
+
+    /// Repairs the degraded stipes of every open blade; returns how many cells it rebuilt.
+    pub async fn repair_pass(&self) -> u64 {
+        let hs: Vec<Holdfast> = self.open.lock().await.values().cloned().collect();
+        let mut fixed = 0;
+        for h in hs {
+            if h.degraded().is_empty() {
+                continue;
+            }
+            match h.repair().await {
+                Ok(r) => fixed += r.cells_rewritten,
+                Err(e) => tracing::debug!("repair of blade {:08x}: {e}", h.layout().blade),
+            }
+        }
+        fixed
+    }
+}

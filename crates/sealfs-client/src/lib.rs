@@ -1,0 +1,1102 @@
+//! The sealfs client library (DESIGN 5.5): namespace operations routed to the partitions that
+//! own them, file data written as fronds of about 2 MiB to the blades' holdfasts and read
+//! straight from the shards (hedged), `sync` before a write is acknowledged as durable.
+//!
+//! Every call returns a POSIX error ([`Errno`]) so that the FUSE mount and the CLI can use it as
+//! it is; a partition without a majority answers [`Errno::UNAVAILABLE`] within the deadline.
+
+pub mod blades;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use kelp::{Address, BladeReader, HedgeConfig, Reference};
+use sealfs_manager::map::{ClusterMap, ServerState, Volume};
+use sealfs_manager::MapCache;
+use sealfs_meta::{
+    check_name, dir_partition, partition_of, root_ino, Attr, DirEntry, Errno, Extent, Kind,
+    MetaClient, Op, Query, Reply, SetAttr, Unsettled, PATH_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE,
+};
+use sealfs_raft::Peers;
+use sealfs_rpc::{ClusterKey, Request};
+
+pub use sealfs_meta::{Errno as Error, Kind as FileKind};
+
+use blades::{AppendReq, Appended, BladeReq, OP_APPEND, OP_BLADE_SYNC};
+
+/// Data bytes per frond the client writes (the last frond of a write may be shorter).
+pub const FROND_BYTES: usize = 2 << 20;
+/// Fronds of one write in flight at once.
+const FRONDS_IN_FLIGHT: usize = 4;
+/// Writable blades the client keeps per profile before it asks for more.
+const BLADES_WANTED: usize = 4;
+/// A blade whose holdfast failed is avoided this long.
+const AVOID: Duration = Duration::from_secs(10);
+
+/// What `statfs` reports for a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeStat {
+    /// Bytes the volume may hold (its quota, or the cluster's usable capacity).
+    pub capacity: u64,
+    /// Bytes used (the sizes of its files).
+    pub used: u64,
+    /// Bytes free.
+    pub free: u64,
+    /// Inodes in use.
+    pub inodes: u64,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// Holdfast latency in µs (EWMA) by blade.
+    latency: HashMap<u32, f64>,
+    /// Blades to avoid until then.
+    avoid: HashMap<u32, Instant>,
+    turn: usize,
+}
+
+/// A connection to one volume of a cluster.
+#[derive(Clone)]
+pub struct Sealfs {
+    maps: MapCache,
+    peers: Peers,
+    meta: MetaClient,
+    volume: Volume,
+    volume_name: String,
+    root: u64,
+    readers: Arc<Mutex<HashMap<u32, Arc<BladeReader>>>>,
+    writer: Arc<Mutex<WriterState>>,
+    allocating: Arc<tokio::sync::Mutex<()>>,
+    usage: Arc<Mutex<Option<(Instant, u64, u64)>>>,
+    _watch: Arc<WatchGuard>,
+}
+
+struct WatchGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn io<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Errno + '_ {
+    move |e| {
+        tracing::warn!("{what}: {e}");
+        Errno::IO
+    }
+}
+
+fn entry(r: Reply) -> Result<(u64, Kind), Errno> {
+    match r.err()? {
+        Reply::Entry { ino, kind, .. } => Ok((ino, kind)),
+        _ => Err(Errno::IO),
+    }
+}
+
+fn attr(r: Reply) -> Result<Attr, Errno> {
+    match r.err()? {
+        Reply::Attr(a) => Ok(a),
+        _ => Err(Errno::IO),
+    }
+}
+
+impl Sealfs {
+    /// Connects to volume `volume` of the cluster whose manager is at `manager`, waiting up to
+    /// `wait` for the manager to lay out the partitions (a cluster still starting).
+    pub async fn connect(
+        manager: &str,
+        key: ClusterKey,
+        volume: &str,
+        wait: Duration,
+    ) -> Result<Sealfs, String> {
+        let maps = MapCache::new(manager, key.clone());
+        let start = Instant::now();
+        let map = loop {
+            match maps.refresh().await {
+                Ok(m) if !m.partitions.is_empty() => break m,
+                Ok(_) if start.elapsed() < wait => {}
+                Ok(m) => {
+                    let up = m
+                        .servers
+                        .values()
+                        .filter(|s| s.state == ServerState::Up)
+                        .count();
+                    return Err(format!(
+                        "the cluster has no metadata partitions yet ({up} servers up; the manager lays them out once enough servers are up for its replica count)"
+                    ));
+                }
+                Err(e) if start.elapsed() >= wait => return Err(e.to_string()),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let Some(v) = map.volumes.get(volume).cloned() else {
+            let names: Vec<&String> = map.volumes.keys().collect();
+            return Err(format!("no volume {volume:?} (volumes: {names:?})"));
+        };
+        let peers = Peers::new(key);
+        let meta = MetaClient::new(maps.clone(), peers.clone());
+        let root = root_ino(v.id, map.partitions.len() as u32);
+        let watch = maps.watch(Duration::from_secs(1));
+        let fs = Sealfs {
+            maps,
+            peers,
+            meta,
+            volume: v,
+            volume_name: volume.to_string(),
+            root,
+            readers: Arc::default(),
+            writer: Arc::default(),
+            allocating: Arc::default(),
+            usage: Arc::default(),
+            _watch: Arc::new(WatchGuard(watch)),
+        };
+        let op = Op::EnsureRoot {
+            ino: root,
+            volume: fs.volume.id,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            now: 0,
+        };
+        let start = Instant::now();
+        loop {
+            match fs.meta.write(partition_of(root), &op).await {
+                Ok(r) => {
+                    attr(r).map_err(|e| format!("the volume's root: {e}"))?;
+                    break;
+                }
+                Err(e) if start.elapsed() >= wait => return Err(format!("the volume's root: {e}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        Ok(fs)
+    }
+
+    /// The volume's root inode.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> (&str, &Volume) {
+        (&self.volume_name, &self.volume)
+    }
+
+    /// The cluster map as last seen.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.maps.get()
+    }
+
+    /// The metadata router.
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
+    /// Sets how long one metadata operation may take, retries included.
+    pub fn set_deadline(&mut self, d: Duration) {
+        self.meta.deadline = d;
+    }
+
+    // ----- namespace -----
+
+    /// The entry `name` in `parent`.
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Kind), Errno> {
+        check_name(name)?;
+        let q = Query::Lookup {
+            parent,
+            name: name.to_vec(),
+        };
+        entry(self.meta.read(partition_of(parent), &q).await?)
+    }
+
+    /// The attributes of `ino`.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
+        attr(
+            self.meta
+                .read(partition_of(ino), &Query::GetAttr { ino })
+                .await?,
+        )
+    }
+
+    /// The inode at `path` (absolute within the volume).
+    pub async fn resolve(&self, path: &str) -> Result<u64, Errno> {
+        let mut ino = self.root;
+        for name in split(path)? {
+            ino = self.lookup(ino, name.as_bytes()).await?.0;
+        }
+        Ok(ino)
+    }
+
+    /// The parent directory of `path` and the last name.
+    pub async fn resolve_parent<'a>(&self, path: &'a str) -> Result<(u64, &'a str), Errno> {
+        let parts = split(path)?;
+        let Some((last, dirs)) = parts.split_last() else {
+            return Err(Errno::INVAL);
+        };
+        let mut ino = self.root;
+        for name in dirs {
+            ino = self.lookup(ino, name.as_bytes()).await?.0;
+        }
+        Ok((ino, last))
+    }
+
+    /// Makes a file, symlink (with `target`) or special file.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: &[u8],
+        exclusive: bool,
+    ) -> Result<Attr, Errno> {
+        check_name(name)?;
+        self.check_quota(0).await?;
+        let op = Op::Create {
+            parent,
+            name: name.to_vec(),
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            target: target.to_vec(),
+            exclusive,
+            now: 0,
+        };
+        match self.meta.write(partition_of(parent), &op).await?.err()? {
+            Reply::Attr(a) => Ok(a),
+            Reply::Entry { ino, .. } => self.getattr(ino).await,
+            _ => Err(Errno::IO),
+        }
+    }
+
+    /// Makes a directory: its inode in the partition its name hashes to, its entry in the
+    /// parent's (two steps; a stop between them leaves a pending inode the orphan scan removes).
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, Errno> {
+        check_name(name)?;
+        self.check_quota(0).await?;
+        // The parent must be a directory of this cluster before anything is made.
+        let pa = self.getattr(parent).await?;
+        if pa.kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        if self.lookup(parent, name).await.is_ok() {
+            return Err(Errno::EXIST);
+        }
+        let child_p = dir_partition(parent, name, self.meta.partitions());
+        let a = attr(
+            self.meta
+                .write(
+                    child_p,
+                    &Op::MkdirAlloc {
+                        parent,
+                        name: name.to_vec(),
+                        perm,
+                        uid,
+                        gid,
+                        volume: pa.volume,
+                        now: 0,
+                    },
+                )
+                .await?,
+        )?;
+        let link = Op::MkdirLink {
+            parent,
+            name: name.to_vec(),
+            ino: a.ino,
+            now: 0,
+        };
+        match self
+            .meta
+            .write(partition_of(parent), &link)
+            .await
+            .and_then(Reply::err)
+        {
+            Ok(_) => {}
+            Err(e) => {
+                if e != Errno::UNAVAILABLE {
+                    // Undo now rather than wait for the orphan scan.
+                    let undo = Op::Settle {
+                        item: Unsettled::PendingDir {
+                            ino: a.ino,
+                            parent,
+                            name: name.to_vec(),
+                        },
+                        entry_exists: false,
+                        now: 0,
+                    };
+                    let _ = self.meta.write(child_p, &undo).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(Attr { ..a })
+    }
+
+    /// Removes a file's entry (the inode goes with its last link).
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        check_name(name)?;
+        let op = Op::Unlink {
+            parent,
+            name: name.to_vec(),
+            dir: false,
+            now: 0,
+        };
+        self.meta.write(partition_of(parent), &op).await?.err()?;
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        check_name(name)?;
+        let (ino, kind) = self.lookup(parent, name).await?;
+        if kind != Kind::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        let remote = partition_of(ino) != partition_of(parent);
+        if remote {
+            self.prepare_rmdir(ino, parent, name).await?;
+        }
+        let op = Op::Unlink {
+            parent,
+            name: name.to_vec(),
+            dir: true,
+            now: 0,
+        };
+        let r = self
+            .meta
+            .write(partition_of(parent), &op)
+            .await
+            .and_then(Reply::err);
+        if let Err(e) = r {
+            if remote && e != Errno::UNAVAILABLE {
+                let _ = self
+                    .meta
+                    .write(partition_of(ino), &Op::RmdirAbort { ino })
+                    .await;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn prepare_rmdir(&self, ino: u64, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        let op = Op::RmdirPrepare {
+            ino,
+            parent,
+            name: name.to_vec(),
+            now: 0,
+        };
+        self.meta.write(partition_of(ino), &op).await?.err()?;
+        Ok(())
+    }
+
+    /// A hard link to `ino` named `name` in `parent`.
+    pub async fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
+        check_name(name)?;
+        if partition_of(ino) == partition_of(parent) {
+            let op = Op::Link {
+                ino,
+                parent,
+                name: name.to_vec(),
+                now: 0,
+            };
+            return attr(self.meta.write(partition_of(parent), &op).await?);
+        }
+        let prep = Op::LinkPrepare {
+            ino,
+            parent,
+            name: name.to_vec(),
+            now: 0,
+        };
+        let a = attr(self.meta.write(partition_of(ino), &prep).await?)?;
+        let add = Op::LinkEntry {
+            ino,
+            kind: a.kind,
+            parent,
+            name: name.to_vec(),
+            now: 0,
+        };
+        if let Err(e) = self
+            .meta
+            .write(partition_of(parent), &add)
+            .await
+            .and_then(Reply::err)
+        {
+            if e != Errno::UNAVAILABLE {
+                let undo = Op::Settle {
+                    item: Unsettled::Link {
+                        ino,
+                        parent,
+                        name: name.to_vec(),
+                    },
+                    entry_exists: false,
+                    now: 0,
+                };
+                let _ = self.meta.write(partition_of(ino), &undo).await;
+            }
+            return Err(e);
+        }
+        Ok(a)
+    }
+
+    /// Renames `(sp, sn)` to `(dp, dn)` with RENAME_NOREPLACE or RENAME_EXCHANGE flags.
+    pub async fn rename(
+        &self,
+        sp: u64,
+        sn: &[u8],
+        dp: u64,
+        dn: &[u8],
+        flags: u32,
+    ) -> Result<(), Errno> {
+        check_name(sn)?;
+        check_name(dn)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
+            return Err(Errno::INVAL);
+        }
+        let (ino, kind) = self.lookup(sp, sn).await?;
+        if kind == Kind::Dir && sp != dp && self.is_ancestor(ino, dp).await? {
+            return Err(Errno::INVAL);
+        }
+        let victim = match self.lookup(dp, dn).await {
+            Ok(v) => Some(v),
+            Err(Errno::NOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if victim.is_some_and(|v| v.0 == ino) {
+            return Ok(());
+        }
+        if flags & RENAME_EXCHANGE != 0 && partition_of(sp) != partition_of(dp) {
+            // An exchange across partitions is not supported yet.
+            return Err(Errno::XDEV);
+        }
+        // A directory that will be replaced, living in another partition than the entry that
+        // names it, is made dying first (the partition of the entry cannot check it is empty).
+        let mut prepared = None;
+        if let Some((v, Kind::Dir)) = victim {
+            if flags == 0 && kind == Kind::Dir && partition_of(v) != partition_of(dp) {
+                self.prepare_rmdir(v, dp, dn).await?;
+                prepared = Some(v);
+            }
+        }
+        let abort = |e: Errno| async move {
+            if let Some(v) = prepared {
+                if e != Errno::UNAVAILABLE {
+                    let _ = self
+                        .meta
+                        .write(partition_of(v), &Op::RmdirAbort { ino: v })
+                        .await;
+                }
+            }
+            Err(e)
+        };
+        if partition_of(sp) == partition_of(dp) {
+            let op = Op::Rename {
+                src_parent: sp,
+                src_name: sn.to_vec(),
+                dst_parent: dp,
+                dst_name: dn.to_vec(),
+                flags,
+                now: 0,
+            };
+            return match self
+                .meta
+                .write(partition_of(sp), &op)
+                .await
+                .and_then(Reply::err)
+            {
+                Ok(_) => Ok(()),
+                Err(e) => abort(e).await,
+            };
+        }
+        let lock = Op::RenameLock {
+            src_parent: sp,
+            src_name: sn.to_vec(),
+            dst_parent: dp,
+            dst_name: dn.to_vec(),
+            now: 0,
+        };
+        let (ino, kind) = match self
+            .meta
+            .write(partition_of(sp), &lock)
+            .await
+            .and_then(entry)
+        {
+            Ok(e) => e,
+            Err(e) => return abort(e).await,
+        };
+        let put = Op::RenameIn {
+            ino,
+            kind,
+            src_parent: sp,
+            dst_parent: dp,
+            dst_name: dn.to_vec(),
+            noreplace: flags & RENAME_NOREPLACE != 0,
+            now: 0,
+        };
+        if let Err(e) = self
+            .meta
+            .write(partition_of(dp), &put)
+            .await
+            .and_then(Reply::err)
+        {
+            if e != Errno::UNAVAILABLE {
+                let unlock = Op::RenameUnlock {
+                    src_parent: sp,
+                    src_name: sn.to_vec(),
+                };
+                let _ = self.meta.write(partition_of(sp), &unlock).await;
+            }
+            return abort(e).await;
+        }
+        let finish = Op::RenameFinish {
+            src_parent: sp,
+            src_name: sn.to_vec(),
+            now: 0,
+        };
+        // Past this point the rename has happened; if the source cannot be told now, the
+        // orphan scan finishes it (the destination exists).
+        let _ = self.meta.write(partition_of(sp), &finish).await;
+        Ok(())
+    }
+
+    /// Whether directory `dir` is `ino` or one of its ancestors.
+    async fn is_ancestor(&self, dir: u64, mut ino: u64) -> Result<bool, Errno> {
+        for _ in 0..PATH_MAX {
+            if ino == dir {
+                return Ok(true);
+            }
+            if ino == self.root {
+                return Ok(false);
+            }
+            let parent = match self
+                .meta
+                .read(partition_of(ino), &Query::Parent { ino })
+                .await?
+                .err()?
+            {
+                Reply::Parent(p) => p,
+                _ => return Err(Errno::IO),
+            };
+            if parent == ino {
+                return Ok(false);
+            }
+            ino = parent;
+        }
+        Err(Errno::IO)
+    }
+
+    /// Entries of directory `ino` after cookie `after` (0: from the start), at most `max`.
+    pub async fn readdir(&self, ino: u64, after: u64, max: u32) -> Result<Vec<DirEntry>, Errno> {
+        match self
+            .meta
+            .read(partition_of(ino), &Query::ReadDir { ino, after, max })
+            .await?
+            .err()?
+        {
+            Reply::Entries(e) => Ok(e),
+            _ => Err(Errno::IO),
+        }
+    }
+
+    /// Every entry of directory `ino`.
+    pub async fn readdir_all(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let batch = self
+                .readdir(ino, after, sealfs_meta::READDIR_MAX as u32)
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok(out);
+            };
+            after = last.cookie;
+            out.extend(batch);
+        }
+    }
+
+    /// A symlink's target.
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        match self
+            .meta
+            .read(partition_of(ino), &Query::ReadLink { ino })
+            .await?
+            .err()?
+        {
+            Reply::Target(t) => Ok(t),
+            _ => Err(Errno::IO),
+        }
+    }
+
+    /// Changes attributes (a smaller size truncates).
+    pub async fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr, Errno> {
+        if let Some(size) = set.size {
+            let now = self.getattr(ino).await?.size;
+            if size > now {
+                self.check_quota(size - now).await?;
+            }
+        }
+        attr(
+            self.meta
+                .write(partition_of(ino), &Op::SetAttr { ino, set, now: 0 })
+                .await?,
+        )
+    }
+
+    /// An extended attribute.
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        let q = Query::GetXattr {
+            ino,
+            name: name.to_vec(),
+        };
+        match self.meta.read(partition_of(ino), &q).await?.err()? {
+            Reply::Value(v) => Ok(v),
+            _ => Err(Errno::IO),
+        }
+    }
+
+    /// The names of the extended attributes.
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
+        match self
+            .meta
+            .read(partition_of(ino), &Query::ListXattr { ino })
+            .await?
+            .err()?
+        {
+            Reply::Names(n) => Ok(n),
+            _ => Err(Errno::IO),
+        }
+    }
+
+    /// Sets an extended attribute (XATTR_CREATE / XATTR_REPLACE flags).
+    pub async fn setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let op = Op::SetXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            flags,
+            now: 0,
+        };
+        self.meta.write(partition_of(ino), &op).await?.err()?;
+        Ok(())
+    }
+
+    /// Removes an extended attribute.
+    pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+        let op = Op::RemoveXattr {
+            ino,
+            name: name.to_vec(),
+            now: 0,
+        };
+        self.meta.write(partition_of(ino), &op).await?.err()?;
+        Ok(())
+    }
+
+    /// Bytes and inodes the volume uses, summed over all partitions.
+    pub async fn usage(&self) -> Result<(u64, u64), Errno> {
+        let parts = self.meta.partitions();
+        let replies: Vec<Reply> = stream::iter(0..parts)
+            .map(|p| async move { self.meta.read(p, &Query::Usage).await })
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        let (mut bytes, mut inodes) = (0, 0);
+        for r in replies {
+            if let Reply::Usage(list) = r {
+                for (v, b, i) in list {
+                    if v == self.volume.id {
+                        bytes += b;
+                        inodes += i;
+                    }
+                }
+            }
+        }
+        *self.usage.lock().expect("usage") = Some((Instant::now(), bytes, inodes));
+        Ok((bytes, inodes))
+    }
+
+    /// The volume's capacity and use.
+    pub async fn statfs(&self) -> Result<VolumeStat, Errno> {
+        let (used, inodes) = self.usage().await?;
+        let map = self.maps.get();
+        let (k, n) = (self.volume.k as u64, (self.volume.k + self.volume.m) as u64);
+        let raw: u64 = map
+            .servers
+            .values()
+            .filter(|s| s.state == ServerState::Up)
+            .flat_map(|s| s.disks.iter().map(|d| d.capacity))
+            .sum();
+        let raw_free: u64 = map
+            .servers
+            .values()
+            .filter(|s| s.state == ServerState::Up)
+            .flat_map(|s| s.disks.iter().map(|d| d.free))
+            .sum();
+        let usable = raw / n.max(1) * k;
+        let usable_free = raw_free / n.max(1) * k;
+        let (capacity, free) = if self.volume.quota > 0 {
+            (
+                self.volume.quota,
+                self.volume.quota.saturating_sub(used).min(usable_free),
+            )
+        } else {
+            (usable, usable_free)
+        };
+        Ok(VolumeStat {
+            capacity,
+            used,
+            free,
+            inodes,
+        })
+    }
+
+    /// Fails with EDQUOT if `more` bytes would take the volume past its quota (usage is
+    /// re-read at most every second, so concurrent writers may pass it by that much).
+    pub async fn check_quota(&self, more: u64) -> Result<(), Errno> {
+        if self.volume.quota == 0 {
+            return Ok(());
+        }
+        let cached = *self.usage.lock().expect("usage");
+        let used = match cached {
+            Some((t, b, _)) if t.elapsed() < Duration::from_secs(1) => b,
+            _ => self.usage().await?.0,
+        };
+        if used.saturating_add(more) > self.volume.quota {
+            return Err(Errno::DQUOT);
+        }
+        Ok(())
+    }
+
+    // ----- data -----
+
+    /// Blades of the volume's profile whose holdfast is up, allocating some when there are
+    /// fewer than wanted.
+    async fn writable_blades(&self) -> Result<Vec<u32>, Errno> {
+        let v = &self.volume;
+        let pick = |map: &ClusterMap| -> Vec<u32> {
+            map.blades
+                .iter()
+                .filter(|(_, b)| b.k == v.k && b.m == v.m && b.w == v.w)
+                .filter(|(_, b)| {
+                    map.servers
+                        .get(&b.shards[0].server)
+                        .is_some_and(|s| s.state == ServerState::Up)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let have = pick(&self.maps.get());
+        if have.len() >= BLADES_WANTED {
+            return Ok(have);
+        }
+        let _one = self.allocating.lock().await;
+        let map = self.maps.refresh().await.map_err(io("map"))?;
+        let mut have = pick(&map);
+        let up = map
+            .servers
+            .values()
+            .filter(|s| s.state == ServerState::Up)
+            .count();
+        while have.len() < BLADES_WANTED.min(up.max(1)) {
+            match self.maps.manager().allocate(v.k, v.m, v.w).await {
+                Ok((id, _)) => have.push(id),
+                Err(e) => {
+                    if have.is_empty() {
+                        tracing::warn!("no blade to write to: {e}");
+                        return Err(Errno::NOSPC);
+                    }
+                    break;
+                }
+            }
+        }
+        self.maps.refresh().await.map_err(io("map"))?;
+        Ok(have)
+    }
+
+    /// The blades to try for the next frond, best first: not avoided, lowest latency, turning.
+    fn blade_order(&self, blades: &[u32]) -> Vec<u32> {
+        let mut w = self.writer.lock().expect("writer");
+        let now = Instant::now();
+        w.avoid.retain(|_, t| *t > now);
+        w.turn = w.turn.wrapping_add(1);
+        let turn = w.turn;
+        let mut order: Vec<(bool, u64, usize, u32)> = blades
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let lat = w.latency.get(b).copied().unwrap_or(0.0);
+                // Latencies within 2x count as equal, so that load turns over the blades.
+                let bucket = (lat.max(1.0)).log2() as u64;
+                (
+                    w.avoid.contains_key(b),
+                    bucket,
+                    (i + turn) % blades.len().max(1),
+                    *b,
+                )
+            })
+            .collect();
+        order.sort_unstable();
+        order.into_iter().map(|o| o.3).collect()
+    }
+
+    fn holdfast_addr(&self, blade: u32) -> Option<String> {
+        let map = self.maps.get();
+        let b = map.blades.get(&blade)?;
+        map.servers.get(&b.shards[0].server).map(|s| s.addr.clone())
+    }
+
+    /// Appends one frond of `data`; tries other blades when a holdfast fails.
+    async fn append(&self, data: &[u8]) -> Result<Reference, Errno> {
+        let encoded = kelp::frond::encode(data).map_err(io("encode"))?;
+        let mut last = Errno::IO;
+        for attempt in 0..3 {
+            let blades = self.writable_blades().await?;
+            for blade in self.blade_order(&blades) {
+                let Some(addr) = self.holdfast_addr(blade) else {
+                    continue;
+                };
+                let req = Request {
+                    op: OP_APPEND,
+                    epoch: self.maps.get().epoch,
+                    meta: Bytes::from(
+                        postcard::to_stdvec(&AppendReq { blade }).unwrap_or_default(),
+                    ),
+                    data: encoded.clone(),
+                };
+                let t = Instant::now();
+                let r = self
+                    .peers
+                    .client(&addr)
+                    .call(req, Duration::from_secs(30))
+                    .await
+                    .and_then(|r| r.into_result());
+                let mut w = self.writer.lock().expect("writer");
+                match r.map(|r| postcard::from_bytes::<Appended>(&r.meta)) {
+                    Ok(Ok(a)) => {
+                        let us = t.elapsed().as_micros() as f64;
+                        let e = w.latency.entry(blade).or_insert(us);
+                        *e = 0.8 * *e + 0.2 * us;
+                        return Ok(Reference {
+                            address: Address(a.address),
+                            len: a.len,
+                            seq: a.seq,
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("append reply from {addr}: {e}");
+                        last = Errno::IO;
+                    }
+                    Err(e) => {
+                        tracing::debug!("append to blade {blade:08x} at {addr}: {e}");
+                        w.avoid.insert(blade, Instant::now() + AVOID);
+                        last = Errno::IO;
+                    }
+                }
+            }
+            let _ = self.maps.refresh().await;
+            tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+        }
+        Err(last)
+    }
+
+    async fn sync_blades(&self, blades: &BTreeSet<u32>) -> Result<(), Errno> {
+        stream::iter(blades.iter().copied())
+            .map(|blade| async move {
+                let addr = self.holdfast_addr(blade).ok_or(Errno::IO)?;
+                let req = Request {
+                    op: OP_BLADE_SYNC,
+                    epoch: self.maps.get().epoch,
+                    meta: Bytes::from(postcard::to_stdvec(&BladeReq { blade }).unwrap_or_default()),
+                    data: Bytes::new(),
+                };
+                self.peers
+                    .client(&addr)
+                    .call(req, Duration::from_secs(30))
+                    .await
+                    .and_then(|r| r.into_result())
+                    .map_err(io("sync"))?;
+                Ok::<(), Errno>(())
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of file `ino`: fronds of up to 2 MiB appended (several in
+    /// flight), synced on k + w shards, then recorded in the file's metadata (synced by a
+    /// majority). When it returns, the bytes survive the loss of power of every machine.
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Attr, Errno> {
+        if data.is_empty() {
+            return self.getattr(ino).await;
+        }
+        offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
+        self.check_quota(data.len() as u64).await?;
+        let n = data.len().div_ceil(FROND_BYTES);
+        let extents: Vec<Extent> = stream::iter(0..n)
+            .map(|i| {
+                let c = &data[i * FROND_BYTES..((i + 1) * FROND_BYTES).min(data.len())];
+                let off = offset + (i * FROND_BYTES) as u64;
+                async move {
+                    let r = self.append(c).await?;
+                    Ok::<Extent, Errno>(Extent {
+                        offset: off,
+                        len: c.len() as u64,
+                        blade: r.address.blade(),
+                        address: r.address.0,
+                        frond_len: r.len,
+                        seq: r.seq,
+                        skip: 0,
+                    })
+                }
+            })
+            .buffered(FRONDS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let blades: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
+        self.sync_blades(&blades).await?;
+        // One command per 512 extents (1 GiB), to keep commands small.
+        let mut last = None;
+        for batch in extents.chunks(512) {
+            let op = Op::Write {
+                ino,
+                extents: batch.to_vec(),
+                now: 0,
+            };
+            last = Some(attr(self.meta.write(partition_of(ino), &op).await?)?);
+        }
+        last.ok_or(Errno::IO)
+    }
+
+    fn reader(&self, blade: u32) -> Result<Arc<BladeReader>, Errno> {
+        if let Some(r) = self.readers.lock().expect("readers").get(&blade) {
+            return Ok(r.clone());
+        }
+        let map = self.maps.get();
+        let layout = blades::layout_for(&map, blade, None, &self.peers).map_err(io("layout"))?;
+        let r = Arc::new(BladeReader::new(layout, HedgeConfig::default()));
+        self.readers
+            .lock()
+            .expect("readers")
+            .insert(blade, r.clone());
+        Ok(r)
+    }
+
+    async fn read_extent(&self, e: Extent, from: u64, to: u64) -> Result<Bytes, Errno> {
+        let reader = match self.reader(e.blade) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.maps.refresh().await;
+                self.reader(e.blade)?
+            }
+        };
+        let skip = e.skip as u64 + (from - e.offset);
+        let len = (to - from) as usize;
+        if len as u64 * 2 >= e.frond_len as u64 {
+            // Most of the frond: read it whole and check its BLAKE3.
+            let r = Reference {
+                address: Address(e.address),
+                len: e.frond_len,
+                seq: e.seq,
+            };
+            let data = reader.read_frond(r).await.map_err(io("read"))?;
+            Ok(data.slice(skip as usize..skip as usize + len))
+        } else {
+            // A small part: only its cells (each checked by its CRC-32C).
+            let start =
+                Address(e.address).byte_offset() + kelp::frond::FROND_HEADER_BYTES as u64 + skip;
+            reader
+                .read_range(start, len, e.seq)
+                .await
+                .map_err(io("read"))
+        }
+    }
+
+    /// Reads up to `len` bytes of file `ino` at `offset` (fewer at the end of the file; holes
+    /// read as zeros).
+    pub async fn read(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
+        let q = Query::Extents { ino, offset, len };
+        let (extents, size) = match self.meta.read(partition_of(ino), &q).await?.err()? {
+            Reply::Extents(e, s) => (e, s),
+            _ => return Err(Errno::IO),
+        };
+        self.read_extents(&extents, size, offset, len).await
+    }
+
+    /// Reads `[offset, offset + len)` given the extents covering it and the file's size.
+    pub async fn read_extents(
+        &self,
+        extents: &[Extent],
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, Errno> {
+        let end = offset.saturating_add(len).min(size);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let parts: Vec<(Extent, u64, u64)> = extents
+            .iter()
+            .filter_map(|e| {
+                let a = e.offset.max(offset);
+                let b = (e.offset + e.len).min(end);
+                (a < b).then_some((*e, a, b))
+            })
+            .collect();
+        let got: Vec<(u64, Bytes)> = stream::iter(parts)
+            .map(|(e, a, b)| async move { Ok::<_, Errno>((a, self.read_extent(e, a, b).await?)) })
+            .buffered(FRONDS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (a, bytes) in got {
+            let at = (a - offset) as usize;
+            out[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+}
+
+/// The names of an absolute path within a volume; `.` parts dropped, `..` refused.
+pub fn split(path: &str) -> Result<Vec<&str>, Errno> {
+    if path.len() > PATH_MAX {
+        return Err(Errno::NAMETOOLONG);
+    }
+    if path.contains('\0') {
+        return Err(Errno::INVAL);
+    }
+    let mut out = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(Errno::INVAL),
+            p => {
+                check_name(p.as_bytes())?;
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}

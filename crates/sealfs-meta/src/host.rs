@@ -1,0 +1,313 @@
+//! The partitions a server hosts: it starts a replica of every partition the map gives it (the
+//! first member of a replica set makes the group), answers commands and queries on the leaders,
+//! completes the intents its commands record, and on the leaders it runs the background driver
+//! of intents left behind and the orphan scan.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sealfs_manager::map::ClusterMap;
+use sealfs_raft::{Group, GroupError, Peers, RaftRouter};
+use sealfs_rpc::{Request, Response, Status};
+
+use crate::{
+    group_of, now_nanos, Errno, Intent, MetaClient, Nanos, Op, PartitionMachine, Query, Reply,
+    Unsettled, OP_META_READ, OP_META_WRITE,
+};
+
+/// Settings of the partitions' background work.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Intents older than this are driven by the background task (the client's own drive is
+    /// normally done well before).
+    pub intent_grace: Duration,
+    /// Half-done operations older than this are settled by the orphan scan. Longer than any
+    /// operation's deadline, so that a client still working is never overtaken.
+    pub orphan_grace: Duration,
+    /// How often the background work runs.
+    pub every: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            intent_grace: Duration::from_secs(5),
+            orphan_grace: Duration::from_secs(60),
+            every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The metadata partitions of one server.
+pub struct MetaHost {
+    dir: PathBuf,
+    router: Arc<RaftRouter>,
+    peers: Peers,
+    client: MetaClient,
+    groups: RwLock<HashMap<u32, Group>>,
+    starting: tokio::sync::Mutex<()>,
+    cfg: HostConfig,
+}
+
+fn reply(r: &Reply) -> Response {
+    match postcard::to_stdvec(r) {
+        Ok(b) => Response::ok(Bytes::from(b), Bytes::new()),
+        Err(e) => Response::error(Status::Internal as u16, e.to_string()),
+    }
+}
+
+fn group_reply(e: GroupError, g: &Group) -> Reply {
+    match e {
+        GroupError::NotLeader(_) => Reply::Redirect(g.leader()),
+        GroupError::Unavailable(m) => {
+            tracing::debug!("partition unavailable: {m}");
+            Reply::Error(Errno::UNAVAILABLE)
+        }
+    }
+}
+
+impl MetaHost {
+    /// Partitions kept under `dir`, their Raft messages through `router`.
+    pub fn new(
+        dir: PathBuf,
+        router: Arc<RaftRouter>,
+        peers: Peers,
+        client: MetaClient,
+        cfg: HostConfig,
+    ) -> Arc<Self> {
+        Arc::new(MetaHost {
+            dir,
+            router,
+            peers,
+            client,
+            groups: RwLock::default(),
+            starting: tokio::sync::Mutex::new(()),
+            cfg,
+        })
+    }
+
+    fn group(&self, p: u32) -> Option<Group> {
+        self.groups.read().expect("groups").get(&p).cloned()
+    }
+
+    /// The partitions hosted here and whether this replica leads each.
+    pub fn hosted(&self) -> BTreeMap<u32, bool> {
+        self.groups
+            .read()
+            .expect("groups")
+            .iter()
+            .map(|(p, g)| (*p, g.is_leader()))
+            .collect()
+    }
+
+    /// Starts the replicas `map` gives server `me` that are not running yet.
+    pub async fn follow(&self, map: &ClusterMap, me: u64) -> Result<(), String> {
+        let _one = self.starting.lock().await;
+        for (p, set) in map.partitions.iter().enumerate() {
+            let p = p as u32;
+            if !set.contains(&me) || self.group(p).is_some() {
+                continue;
+            }
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+            let machine = PartitionMachine::open(p, &self.dir.join(format!("p{p:04}.state.redb")))?;
+            let g = Group::start(
+                group_of(p),
+                me,
+                &self.dir.join(format!("p{p:04}.raft.redb")),
+                Box::new(machine),
+                self.router.clone(),
+                self.peers.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            if set.first() == Some(&me) {
+                let members: BTreeMap<u64, String> = set
+                    .iter()
+                    .filter_map(|s| map.servers.get(s).map(|e| (*s, e.addr.clone())))
+                    .collect();
+                if members.len() == set.len() {
+                    g.initialize(members).await.map_err(|e| e.to_string())?;
+                }
+            }
+            self.groups.write().expect("groups").insert(p, g);
+        }
+        Ok(())
+    }
+
+    /// Answers a metadata request.
+    pub async fn handle(&self, req: Request) -> Response {
+        match req.op {
+            OP_META_WRITE => {
+                let Ok((p, mut op)) = postcard::from_bytes::<(u32, Op)>(&req.meta) else {
+                    return Response::error(
+                        Status::BadRequest as u16,
+                        "malformed metadata command",
+                    );
+                };
+                let Some(g) = self.group(p) else {
+                    return reply(&Reply::Redirect(None));
+                };
+                op.set_now(now_nanos());
+                reply(&self.write(p, &g, &op).await)
+            }
+            OP_META_READ => {
+                let Ok((p, q)) = postcard::from_bytes::<(u32, Query)>(&req.meta) else {
+                    return Response::error(Status::BadRequest as u16, "malformed metadata query");
+                };
+                let Some(g) = self.group(p) else {
+                    return reply(&Reply::Redirect(None));
+                };
+                let Ok(qb) = postcard::to_stdvec(&q) else {
+                    return Response::error(Status::Internal as u16, "encode");
+                };
+                match g.query(&qb).await {
+                    Ok(b) => Response::ok(Bytes::from(b), Bytes::new()),
+                    Err(e) => reply(&group_reply(e, &g)),
+                }
+            }
+            op => Response::error(
+                Status::UnknownOp as u16,
+                format!("metadata: unknown operation {op:#x}"),
+            ),
+        }
+    }
+
+    /// Proposes `op` on partition `p` and completes the intents it recorded.
+    async fn write(&self, p: u32, g: &Group, op: &Op) -> Reply {
+        let Ok(b) = postcard::to_stdvec(op) else {
+            return Reply::Error(Errno::INVAL);
+        };
+        let r = match g.write(b).await {
+            Ok(out) => postcard::from_bytes::<Reply>(&out).unwrap_or(Reply::Error(Errno::IO)),
+            Err(e) => return group_reply(e, g),
+        };
+        let intents = match &r {
+            Reply::Entry { intents, .. } | Reply::Intents(intents) => intents.clone(),
+            _ => vec![],
+        };
+        for i in intents {
+            if let Err(e) = self.drive(p, i).await {
+                tracing::warn!("partition {p}: intent left for the background driver: {e}");
+            }
+        }
+        r
+    }
+
+    /// Applies an intent's follow-up on its partition, then forgets it here.
+    async fn drive(&self, p: u32, i: Intent) -> Result<(), Errno> {
+        let id = i.id;
+        self.client
+            .write(i.to, &Op::Apply { intent: i })
+            .await?
+            .err()?;
+        let g = self.group(p).ok_or(Errno::UNAVAILABLE)?;
+        let b = postcard::to_stdvec(&Op::ClearIntent { id }).map_err(|_| Errno::INVAL)?;
+        g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
+        Ok(())
+    }
+
+    /// One pass of background work on the partitions led here: intents left behind are driven,
+    /// half-done operations older than the grace are settled. Returns how many it settled.
+    pub async fn background_pass(&self) -> usize {
+        let led: Vec<(u32, Group)> = self
+            .groups
+            .read()
+            .expect("groups")
+            .iter()
+            .filter(|(_, g)| g.is_leader())
+            .map(|(p, g)| (*p, g.clone()))
+            .collect();
+        let mut settled = 0;
+        let now = now_nanos();
+        let ago = |d: Duration| -> Nanos { now - d.as_nanos().min(i64::MAX as u128) as i64 };
+        for (p, g) in led {
+            let q = |q: Query| postcard::to_stdvec(&q).unwrap_or_default();
+            let intents = g
+                .query(&q(Query::Intents {
+                    before: ago(self.cfg.intent_grace),
+                }))
+                .await;
+            if let Ok(Ok(Reply::Intents(list))) = intents.map(|b| postcard::from_bytes::<Reply>(&b))
+            {
+                for i in list {
+                    if self.drive(p, i).await.is_ok() {
+                        settled += 1;
+                    }
+                }
+            }
+            let unsettled = g
+                .query(&q(Query::Unsettled {
+                    before: ago(self.cfg.orphan_grace),
+                }))
+                .await;
+            if let Ok(Ok(Reply::Unsettled(list))) =
+                unsettled.map(|b| postcard::from_bytes::<Reply>(&b))
+            {
+                for item in list {
+                    if self.settle(&g, item).await.is_ok() {
+                        settled += 1;
+                    }
+                }
+            }
+        }
+        settled
+    }
+
+    async fn settle(&self, g: &Group, item: Unsettled) -> Result<(), Errno> {
+        let (parent, name, ino) = item.decider();
+        let exists = match self
+            .client
+            .read(
+                crate::partition_of(parent),
+                &Query::Lookup {
+                    parent,
+                    name: name.to_vec(),
+                },
+            )
+            .await?
+        {
+            Reply::Entry { ino: found, .. } => found == ino,
+            Reply::Error(Errno::NOENT) => false,
+            Reply::Error(e) => return Err(e),
+            _ => return Err(Errno::IO),
+        };
+        tracing::info!("orphan scan: settling {item:?} (entry exists: {exists})");
+        let op = Op::Settle {
+            item,
+            entry_exists: exists,
+            now: now_nanos(),
+        };
+        let b = postcard::to_stdvec(&op).map_err(|_| Errno::INVAL)?;
+        g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
+        Ok(())
+    }
+
+    /// Runs the background work every `cfg.every` until the returned task is aborted.
+    pub fn run_background(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(me.cfg.every).await;
+                me.background_pass().await;
+            }
+        })
+    }
+
+    /// Stops every replica.
+    pub async fn shutdown(&self) {
+        let groups: Vec<Group> = self
+            .groups
+            .write()
+            .expect("groups")
+            .drain()
+            .map(|(_, g)| g)
+            .collect();
+        for g in groups {
+            g.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The namespace of sealfs (DESIGN 5.1, 5.2): inodes and directory entries split over P
+//! partitions, each a Raft group whose state machine is a redb store ([`PartitionMachine`]).
+//!
+//! - `ino = partition << 40 | local counter`; the roots of volumes are inodes below
+//!   [`FIRST_LOCAL`] (volume 1's root is inode 1 in partition 0).
+//! - An entry `(parent, name) -> (ino, kind)` lives in the parent's partition; a file, symlink or
+//!   special file is created there too; a directory's inode goes to the partition that
+//!   `(parent, name)` hashes to.
+//! - Operations on two partitions follow the intent protocol of [`intent`](crate::Op): the
+//!   coordinating partition records, in the same transaction as its own change, the follow-up
+//!   the other partition must apply; follow-ups are idempotent (their id is remembered), and a
+//!   leader re-drives every intent left behind by a client that stopped. The orphan scan settles
+//!   inodes and entries whose client stopped between steps. docs/metadata.md lists the invariants.
+
+pub mod host;
+pub mod machine;
+pub mod route;
+
+use serde::{Deserialize, Serialize};
+
+pub use host::{HostConfig, MetaHost};
+pub use machine::PartitionMachine;
+pub use route::MetaClient;
+
+/// A command for a partition: `(partition, Op)`.
+pub const OP_META_WRITE: u16 = 0x0401;
+/// A query of a partition: `(partition, Query)`.
+pub const OP_META_READ: u16 = 0x0402;
+
+/// The Raft group id of partition `p` (group 0 is the manager's).
+pub fn group_of(p: u32) -> u64 {
+    p as u64 + 1
+}
+
+/// Bits of the local counter in an inode number.
+pub const PARTITION_SHIFT: u32 = 40;
+/// Local counters start here; the inodes below are the roots of volumes.
+pub const FIRST_LOCAL: u64 = 1 << 20;
+/// Longest name of an entry, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest path, in bytes.
+pub const PATH_MAX: usize = 4096;
+/// Largest extended attribute value.
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Entries one readdir call returns at most.
+pub const READDIR_MAX: usize = 1024;
+
+/// The partition an inode lives in.
+pub fn partition_of(ino: u64) -> u32 {
+    (ino >> PARTITION_SHIFT) as u32
+}
+
+/// The root inode of volume `volume` (1 and up) with `partitions` partitions.
+pub fn root_ino(volume: u32, partitions: u32) -> u64 {
+    let p = (volume.saturating_sub(1) % partitions.max(1)) as u64;
+    p << PARTITION_SHIFT | volume as u64
+}
+
+/// The partition a new directory named `name` in `parent` goes to.
+pub fn dir_partition(parent: u64, name: &[u8], partitions: u32) -> u32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&parent.to_le_bytes());
+    h.update(name);
+    let d = h.finalize();
+    let v = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"));
+    (v % partitions.max(1) as u64) as u32
+}
+
+/// Checks an entry name: not empty, not `.` or `..`, no `/` or NUL, at most 255 bytes.
+pub fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::NAMETOOLONG);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Errno::INVAL);
+    }
+    Ok(())
+}
+
+/// A POSIX error number (Linux values), as replies carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const PERM: Errno = Errno(1);
+    pub const NOENT: Errno = Errno(2);
+    pub const IO: Errno = Errno(5);
+    pub const AGAIN: Errno = Errno(11);
+    pub const ACCES: Errno = Errno(13);
+    pub const BUSY: Errno = Errno(16);
+    pub const EXIST: Errno = Errno(17);
+    pub const XDEV: Errno = Errno(18);
+    pub const NOTDIR: Errno = Errno(20);
+    pub const ISDIR: Errno = Errno(21);
+    pub const INVAL: Errno = Errno(22);
+    pub const FBIG: Errno = Errno(27);
+    pub const NOSPC: Errno = Errno(28);
+    pub const MLINK: Errno = Errno(31);
+    pub const RANGE: Errno = Errno(34);
+    pub const NAMETOOLONG: Errno = Errno(36);
+    pub const NOTEMPTY: Errno = Errno(39);
+    pub const NODATA: Errno = Errno(61);
+    pub const DQUOT: Errno = Errno(122);
+    /// Not the leader of the partition (the client asks another replica).
+    pub const NOTLEADER: Errno = Errno(-1);
+    /// The partition has no quorum (or stopped) within the deadline.
+    pub const UNAVAILABLE: Errno = Errno(-2);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match *self {
+            Errno::PERM => "operation not permitted",
+            Errno::NOENT => "no such file or directory",
+            Errno::IO => "input/output error",
+            Errno::AGAIN => "try again",
+            Errno::ACCES => "permission denied",
+            Errno::BUSY => "busy: another operation holds the entry",
+            Errno::EXIST => "file exists",
+            Errno::XDEV => "cross-device link",
+            Errno::NOTDIR => "not a directory",
+            Errno::ISDIR => "is a directory",
+            Errno::INVAL => "invalid argument",
+            Errno::FBIG => "file too large",
+            Errno::NOSPC => "no space left on device",
+            Errno::MLINK => "too many links",
+            Errno::RANGE => "result too large",
+            Errno::NAMETOOLONG => "file name too long",
+            Errno::NOTEMPTY => "directory not empty",
+            Errno::NODATA => "no such attribute",
+            Errno::DQUOT => "disk quota exceeded",
+            Errno::NOTLEADER => "not the partition's leader",
+            Errno::UNAVAILABLE => "metadata partition unavailable (no quorum)",
+            Errno(n) => return write!(f, "error {n}"),
+        };
+        f.write_str(s)
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// The type of an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// Nanoseconds since the Unix epoch (negative before it).
+pub type Nanos = i64;
+
+/// The attributes of an inode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits, with setuid, setgid and sticky (07777).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub flags: u32,
+    pub atime: Nanos,
+    pub mtime: Nanos,
+    pub ctime: Nanos,
+    pub crtime: Nanos,
+    /// Bumped when an inode number is reused (never, today: counters only grow).
+    pub generation: u64,
+    /// The volume the inode belongs to.
+    pub volume: u32,
+}
+
+/// A stretch of a file stored in a frond: file bytes `[offset, offset + len)` are the frond's
+/// data bytes `[skip, skip + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub blade: u32,
+    /// The frond's address (blade and byte offset, as kelp encodes it).
+    pub address: u64,
+    /// The frond's data length.
+    pub frond_len: u32,
+    /// The sequence of the frond's first stipe when written.
+    pub seq: u32,
+    /// Bytes of the frond's data before this extent's first byte.
+    pub skip: u32,
+}
+
+/// An entry of a directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+    /// Where a readdir continues after this entry.
+    pub cookie: u64,
+}
+
+/// Attributes to change; `None` leaves one as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Nanos>,
+    pub mtime: Option<Nanos>,
+    pub flags: Option<u32>,
+}
+
+/// Flags of rename (Linux values).
+pub const RENAME_NOREPLACE: u32 = 1;
+/// Swap the two entries.
+pub const RENAME_EXCHANGE: u32 = 2;
+/// setxattr: fail if it exists.
+pub const XATTR_CREATE: u32 = 1;
+/// setxattr: fail unless it exists.
+pub const XATTR_REPLACE: u32 = 2;
+
+/// A follow-up that one partition must apply for an operation another partition coordinated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// Unique within the coordinating partition.
+    pub id: u64,
+    /// The coordinating partition.
+    pub from: u32,
+    /// The partition that applies it.
+    pub to: u32,
+    /// What it applies.
+    pub op: FollowUp,
+    /// When the coordinator recorded it (the leader's clock).
+    pub created: Nanos,
+}
+
+/// The part of a two-partition operation applied by the second partition. Each is idempotent
+/// with its intent's id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FollowUp {
+    /// A directory's entry is in place: it is no longer pending.
+    Confirm { ino: u64 },
+    /// A link's entry is in place.
+    ConfirmLink {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    /// One link to `ino` is gone; the inode goes when none is left.
+    DecLink { ino: u64 },
+    /// The directory's entry is gone: delete it (it was made dying and is empty).
+    Destroy { ino: u64 },
+    /// A directory moved: its `..` is now `parent`.
+    SetParent { ino: u64, parent: u64 },
+}
+
+/// A command a partition applies (through Raft). `now` is the leader's clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Op {
+    /// Makes the root of a volume if it does not exist.
+    EnsureRoot {
+        ino: u64,
+        volume: u32,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        now: Nanos,
+    },
+    /// Makes a file, symlink or special file and its entry in `parent` (both here). With
+    /// `exclusive` unset an existing file is returned instead of EEXIST.
+    Create {
+        parent: u64,
+        name: Vec<u8>,
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Vec<u8>,
+        exclusive: bool,
+        now: Nanos,
+    },
+    /// Step 1 of mkdir, on the new directory's partition: a pending directory inode.
+    MkdirAlloc {
+        parent: u64,
+        name: Vec<u8>,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        volume: u32,
+        now: Nanos,
+    },
+    /// Step 2 of mkdir, on the parent's partition: the entry, with the intent to confirm.
+    MkdirLink {
+        parent: u64,
+        name: Vec<u8>,
+        ino: u64,
+        now: Nanos,
+    },
+    /// Step 1 of rmdir (and of replacing a directory by rename), on the directory's
+    /// partition: refuses unless empty, then marks it dying (no new entries).
+    RmdirPrepare {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Undoes RmdirPrepare (the entry changed meanwhile).
+    RmdirAbort {
+        ino: u64,
+    },
+    /// Removes the entry `(parent, name)`: a file's link (here, or by intent) or, with `dir`,
+    /// a directory made dying by RmdirPrepare (deleted by intent).
+    Unlink {
+        parent: u64,
+        name: Vec<u8>,
+        dir: bool,
+        now: Nanos,
+    },
+    /// A hard link to `ino` named `(parent, name)`; `ino` must be in this partition.
+    Link {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Step 1 of a link across partitions, on the inode's partition: one more link, with the
+    /// intent-free promise that the entry follows (the orphan scan undoes it otherwise).
+    LinkPrepare {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Step 2: the entry in the parent's partition, with the intent to confirm the link.
+    LinkEntry {
+        ino: u64,
+        kind: Kind,
+        parent: u64,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Rename within one partition (both parents here). `victim_ready` names a directory in
+    /// another partition already made dying, that the new entry replaces.
+    Rename {
+        src_parent: u64,
+        src_name: Vec<u8>,
+        dst_parent: u64,
+        dst_name: Vec<u8>,
+        flags: u32,
+        now: Nanos,
+    },
+    /// Step 1 of a rename across partitions, on the source's: lock the source entry.
+    RenameLock {
+        src_parent: u64,
+        src_name: Vec<u8>,
+        dst_parent: u64,
+        dst_name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Step 2, on the destination's: the new entry (replacing a file, or a directory made
+    /// dying), with intents for the moved directory's `..` and the replaced inode.
+    RenameIn {
+        ino: u64,
+        kind: Kind,
+        src_parent: u64,
+        dst_parent: u64,
+        dst_name: Vec<u8>,
+        noreplace: bool,
+        now: Nanos,
+    },
+    /// Step 3, on the source's: remove the locked entry.
+    RenameFinish {
+        src_parent: u64,
+        src_name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Undoes RenameLock.
+    RenameUnlock {
+        src_parent: u64,
+        src_name: Vec<u8>,
+    },
+    /// Changes attributes; a smaller size drops the extents past it.
+    SetAttr {
+        ino: u64,
+        set: SetAttr,
+        now: Nanos,
+    },
+    /// Records written extents (already durable in kelp) and the size they reach.
+    Write {
+        ino: u64,
+        extents: Vec<Extent>,
+        now: Nanos,
+    },
+    SetXattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+        now: Nanos,
+    },
+    RemoveXattr {
+        ino: u64,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    /// Applies another partition's follow-up (idempotent by `(from, id)`).
+    Apply {
+        intent: Intent,
+    },
+    /// The follow-up of one of this partition's intents is applied: forget it.
+    ClearIntent {
+        id: u64,
+    },
+    /// Orphan scan: settles an operation whose client stopped between steps, given whether
+    /// the entry that decides it exists (pointing at the inode).
+    Settle {
+        item: Unsettled,
+        entry_exists: bool,
+        now: Nanos,
+    },
+}
+
+/// A read-only query of a partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    Lookup {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: u64,
+    },
+    ReadDir {
+        ino: u64,
+        after: u64,
+        max: u32,
+    },
+    ReadLink {
+        ino: u64,
+    },
+    Extents {
+        ino: u64,
+        offset: u64,
+        len: u64,
+    },
+    GetXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: u64,
+    },
+    /// Bytes and inodes used per volume in this partition.
+    Usage,
+    /// Intents recorded before `before`.
+    Intents {
+        before: Nanos,
+    },
+    /// Pending directories, dying directories, unconfirmed links and locked rename sources
+    /// older than `before` (for the orphan scan).
+    Unsettled {
+        before: Nanos,
+    },
+    /// The parent of a directory.
+    Parent {
+        ino: u64,
+    },
+}
+
+/// What a partition answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Attr(Attr),
+    /// The entry's inode and kind, and the intents to drive.
+    Entry {
+        ino: u64,
+        kind: Kind,
+        intents: Vec<Intent>,
+    },
+    /// Intents the caller should drive now (their follow-ups), then clear.
+    Intents(Vec<Intent>),
+    Entries(Vec<DirEntry>),
+    Target(Vec<u8>),
+    Extents(Vec<Extent>, u64),
+    Value(Vec<u8>),
+    Names(Vec<Vec<u8>>),
+    /// (volume, bytes, inodes).
+    Usage(Vec<(u32, u64, u64)>),
+    Unsettled(Vec<Unsettled>),
+    Parent(u64),
+    /// Not the leader; the leader's server id if known.
+    Redirect(Option<u64>),
+    Error(Errno),
+}
+
+/// Something the orphan scan must settle, and the entry that decides it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Unsettled {
+    /// A directory made by MkdirAlloc whose entry was not confirmed.
+    PendingDir {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    /// A directory made dying by RmdirPrepare and not destroyed.
+    DyingDir {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    /// A link counted by LinkPrepare whose entry was not confirmed.
+    Link {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    /// A rename source locked by RenameLock; the destination decides.
+    Rename {
+        src_parent: u64,
+        src_name: Vec<u8>,
+        ino: u64,
+        dst_parent: u64,
+        dst_name: Vec<u8>,
+    },
+}
+
+impl Unsettled {
+    /// The entry `(parent, name, ino)` whose existence decides it.
+    pub fn decider(&self) -> (u64, &[u8], u64) {
+        match self {
+            Unsettled::PendingDir { ino, parent, name }
+            | Unsettled::DyingDir { ino, parent, name }
+            | Unsettled::Link { ino, parent, name } => (*parent, name, *ino),
+            Unsettled::Rename {
+                ino,
+                dst_parent,
+                dst_name,
+                ..
+            } => (*dst_parent, dst_name, *ino),
+        }
+    }
+}
+
+impl Op {
+    /// Sets the time of the command (the leader's clock, set by the server that proposes it).
+    pub fn set_now(&mut self, t: Nanos) {
+        match self {
+            Op::EnsureRoot { now, .. }
+            | Op::Create { now, .. }
+            | Op::MkdirAlloc { now, .. }
+            | Op::MkdirLink { now, .. }
+            | Op::RmdirPrepare { now, .. }
+            | Op::Unlink { now, .. }
+            | Op::Link { now, .. }
+            | Op::LinkPrepare { now, .. }
+            | Op::LinkEntry { now, .. }
+            | Op::Rename { now, .. }
+            | Op::RenameLock { now, .. }
+            | Op::RenameIn { now, .. }
+            | Op::RenameFinish { now, .. }
+            | Op::SetAttr { now, .. }
+            | Op::Write { now, .. }
+            | Op::SetXattr { now, .. }
+            | Op::RemoveXattr { now, .. }
+            | Op::Settle { now, .. } => *now = t,
+            Op::RmdirAbort { .. }
+            | Op::RenameUnlock { .. }
+            | Op::Apply { .. }
+            | Op::ClearIntent { .. } => {}
+        }
+    }
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_nanos() -> Nanos {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+impl Reply {
+    /// The error of an error reply.
+    pub fn err(self) -> Result<Reply, Errno> {
+        match self {
+            Reply::Error(e) => Err(e),
+            r => Ok(r),
+        }
+    }
+}

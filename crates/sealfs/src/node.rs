@@ -1,0 +1,222 @@
+//! A running server: its disks through kelp (shard store for every blade with a shard here),
+//! holdfast of the blades whose shard 0 is here, replica of the metadata partitions the map
+//! gives it; all on one listener, the operations told apart by their range.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kelp::{LocalStore, LocalStoreConfig, ShardStore};
+use sealfs_client::blades::BladeHost;
+use sealfs_manager::MapCache;
+use sealfs_meta::{HostConfig, MetaClient, MetaHost};
+use sealfs_raft::{Peers, RaftRouter};
+use sealfs_rpc::{
+    ClusterKey, Handler, Request, Response, Server, ServerConfig, ServerHandle, Status,
+};
+use sealfs_shard::ShardService;
+
+/// What a server needs to start.
+pub struct NodeSettings {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub disks: Vec<PathBuf>,
+    pub zone: String,
+    pub key: ClusterKey,
+    pub manager: Option<String>,
+    pub host: HostConfig,
+}
+
+struct Dispatch {
+    shards: ShardService,
+    router: Arc<RaftRouter>,
+    meta: Option<Arc<MetaHost>>,
+    blades: Option<Arc<BladeHost>>,
+}
+
+#[async_trait]
+impl Handler for Dispatch {
+    async fn handle(&self, req: Request) -> Response {
+        match req.op >> 8 {
+            0x01 => self.shards.handle(req).await,
+            0x02 => self.router.handle(req).await,
+            0x04 if self.meta.is_some() => self.meta.as_ref().expect("checked").handle(req).await,
+            0x05 if self.blades.is_some() => {
+                self.blades.as_ref().expect("checked").handle(req).await
+            }
+            _ => Response::error(
+                Status::UnknownOp as u16,
+                format!("server: unknown operation {:#x}", req.op),
+            ),
+        }
+    }
+}
+
+/// A running server.
+pub struct Node {
+    handle: ServerHandle,
+    meta: Option<Arc<MetaHost>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Shard files found on the disks at start.
+    pub found: usize,
+}
+
+/// Capacity and free bytes of the file system holding `dir`.
+fn disk_space(dir: &std::path::Path) -> (u64, u64) {
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => (
+            s.f_blocks.saturating_mul(s.f_frsize),
+            s.f_bavail.saturating_mul(s.f_frsize),
+        ),
+        Err(_) => (0, 0),
+    }
+}
+
+impl Node {
+    /// Opens the disks, listens, and (with a manager) registers and takes up its work.
+    pub async fn start(s: NodeSettings) -> Result<Node, String> {
+        for d in &s.disks {
+            if !d.is_dir() {
+                return Err(format!(
+                    "disk {} is not a folder (create it or mount the drive there)",
+                    d.display()
+                ));
+            }
+        }
+        std::fs::create_dir_all(&s.data_dir).map_err(|e| {
+            format!(
+                "cannot create the data folder {}: {e}",
+                s.data_dir.display()
+            )
+        })?;
+        let store = LocalStore::open(s.listen.clone(), &s.disks, LocalStoreConfig::default())
+            .map_err(|e| e.to_string())?;
+        let report = store.scan_report();
+        for bad in &report.mismatched {
+            tracing::warn!(
+                "left out {}: its cells belong to another shard file",
+                bad.display()
+            );
+        }
+        let found = report.found;
+        let store: Arc<dyn ShardStore> = Arc::new(store);
+        let router = Arc::new(RaftRouter::default());
+        let peers = Peers::new(s.key.clone());
+        let maps = s.manager.as_ref().map(|m| MapCache::new(m, s.key.clone()));
+        let meta = maps.as_ref().map(|maps| {
+            MetaHost::new(
+                s.data_dir.join("meta"),
+                router.clone(),
+                peers.clone(),
+                MetaClient::new(maps.clone(), peers.clone()),
+                s.host.clone(),
+            )
+        });
+        let blades = maps
+            .as_ref()
+            .map(|maps| Arc::new(BladeHost::new(maps.clone(), peers.clone(), store.clone())));
+        let dispatch = Arc::new(Dispatch {
+            shards: ShardService::new(store),
+            router,
+            meta: meta.clone(),
+            blades: blades.clone(),
+        });
+        let handle = Server::bind(&s.listen, s.key.clone(), ServerConfig::default(), dispatch)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
+        let mut tasks = Vec::new();
+        if let (Some(maps), Some(meta), Some(blades)) = (maps, meta.clone(), blades) {
+            tasks.push(tokio::spawn(take_part(
+                maps,
+                meta.clone(),
+                blades.clone(),
+                handle.addr().to_string(),
+                s.zone.clone(),
+                s.disks.clone(),
+            )));
+            tasks.push(meta.run_background());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    let n = blades.repair_pass().await;
+                    if n > 0 {
+                        tracing::info!("repair rewrote {n} cells");
+                    }
+                }
+            }));
+        }
+        Ok(Node {
+            handle,
+            meta,
+            tasks,
+            found,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.handle.addr()
+    }
+
+    /// Stops it: background work, partitions, then the listener.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(m) = &self.meta {
+            m.shutdown().await;
+        }
+        self.handle.shutdown().await;
+    }
+}
+
+/// Registers with the manager and heartbeats every second (registering again when the manager
+/// no longer knows this server), and follows the map: partition replicas to start, its id for
+/// the holdfasts.
+async fn take_part(
+    maps: MapCache,
+    meta: Arc<MetaHost>,
+    blades: Arc<BladeHost>,
+    addr: String,
+    zone: String,
+    disks: Vec<PathBuf>,
+) {
+    let m = maps.manager();
+    let mut id = None;
+    loop {
+        let space: Vec<(u64, u64)> = disks.iter().map(|d| disk_space(d)).collect();
+        match id {
+            None => {
+                let ds = space
+                    .iter()
+                    .map(|&(capacity, free)| sealfs_manager::map::Disk { capacity, free })
+                    .collect();
+                match m.register(&addr, &zone, ds).await {
+                    Ok(i) => {
+                        tracing::info!("registered with the manager as server {i}");
+                        blades.set_me(i);
+                        id = Some(i);
+                    }
+                    Err(e) => tracing::warn!("cannot register with the manager: {e}"),
+                }
+            }
+            Some(i) => match m.heartbeat(i, space.iter().map(|s| s.1).collect()).await {
+                Ok(sealfs_manager::map::Outcome::UnknownServer) => id = None,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("heartbeat: {e}"),
+            },
+        }
+        if let Some(i) = id {
+            match maps.refresh().await {
+                Ok(map) => {
+                    if let Err(e) = meta.follow(&map, i).await {
+                        tracing::warn!("metadata partitions: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("map: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(if id.is_some() { 1000 } else { 300 })).await;
+    }
+}

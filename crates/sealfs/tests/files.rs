@@ -1,0 +1,697 @@
+//! Files end to end: a manager and four servers with four disks each as separate processes on
+//! loopback, files put and got through the client library (and the CLI), servers SIGKILLed in
+//! the middle of the work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sealfs_client::{Error, FileKind, Sealfs};
+use sealfs_meta::{partition_of, Op, Reply};
+
+mod common;
+use common::Cluster;
+
+/// Deterministic contents of file `i`, `len` bytes.
+fn contents(i: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut h = blake3::Hasher::new();
+    h.update(&i.to_le_bytes());
+    h.finalize_xof().fill(&mut out);
+    out
+}
+
+async fn connect(c: &Cluster) -> Sealfs {
+    Sealfs::connect(&c.manager_addr, c.key(), "default", Duration::from_secs(60))
+        .await
+        .expect("connect")
+}
+
+async fn put(fs: &Sealfs, name: &str, data: &[u8]) -> Result<u64, Error> {
+    let a = fs
+        .create(
+            fs.root(),
+            name.as_bytes(),
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+            true,
+        )
+        .await?;
+    fs.write(a.ino, 0, data).await?;
+    Ok(a.ino)
+}
+
+async fn get(fs: &Sealfs, name: &str) -> Result<Vec<u8>, Error> {
+    let (ino, _) = fs.lookup(fs.root(), name.as_bytes()).await?;
+    let size = fs.getattr(ino).await?.size;
+    fs.read(ino, 0, size).await
+}
+
+/// Shard files with data on each disk of each server.
+fn shard_files(dir: &Path, servers: usize) -> BTreeMap<(usize, usize), usize> {
+    let mut out = BTreeMap::new();
+    for s in 0..servers {
+        for d in 0..4 {
+            let mut n = 0;
+            let mut stack = vec![dir.join(format!("s{s}/disk{d}"))];
+            while let Some(p) = stack.pop() {
+                for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                    let path = e.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                        && path.extension().is_some_and(|x| x == "kelp")
+                    {
+                        n += 1;
+                    }
+                }
+            }
+            out.insert((s, d), n);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_files_round_trip_spread_over_all_disks_with_metadata_on_three_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    // Sizes from 0 bytes to 64 MiB: many small, some of several fronds, two of 64 MiB.
+    let sizes: Vec<usize> = (0..200u64)
+        .map(|i| match i {
+            0 => 0,
+            1 => 1,
+            2 => 4095,
+            3 => 4096,
+            4 => 4080 * 8 + 1,
+            5 | 6 => 64 << 20,
+            i if i % 10 == 0 => (2 << 20) + (i as usize * 7919) % (6 << 20),
+            i => (i as usize * 104_729) % (256 << 10),
+        })
+        .collect();
+    let t = Instant::now();
+    let fsr = &fs;
+    futures::future::try_join_all(sizes.iter().enumerate().map(|(i, &len)| async move {
+        put(fsr, &format!("f{i:03}"), &contents(i as u64, len)).await
+    }))
+    .await
+    .expect("put 200 files");
+    let total: usize = sizes.iter().sum();
+    eprintln!(
+        "put 200 files, {} MiB, in {:.1} s",
+        total >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    for (i, &len) in sizes.iter().enumerate() {
+        let got = get(&fs, &format!("f{i:03}")).await.expect("get");
+        assert_eq!(got.len(), len, "file {i} length");
+        assert!(got == contents(i as u64, len), "file {i} differs");
+    }
+    let names: BTreeSet<Vec<u8>> = fs
+        .readdir_all(fs.root())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names.len(), 200);
+
+    // The cells are on all 16 disks of the 4 servers.
+    let files = shard_files(dir.path(), 4);
+    assert_eq!(files.len(), 16);
+    for ((s, d), n) in &files {
+        assert!(*n > 0, "server {s} disk {d} holds no shard file: {files:?}");
+    }
+    // Every partition has a replica (its own Raft log and state file) on exactly 3 servers.
+    for p in 0..8 {
+        let holders = (0..4)
+            .filter(|s| {
+                dir.path()
+                    .join(format!("s{s}/state/meta/p{p:04}.state.redb"))
+                    .exists()
+            })
+            .count();
+        assert_eq!(holders, 3, "partition {p} replicas");
+    }
+
+    // The CLI does the same through the same library.
+    let local = dir.path().join("local");
+    std::fs::write(&local, contents(999, 3 << 20)).unwrap();
+    let (code, _, err) = c.cli(&["mkdir", "-p", "/cli/deep/er"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = c.cli(&["put", local.to_str().unwrap(), "/cli/deep/er/"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = c.cli(&["ls", "/cli/deep/er"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("3145728 local"), "{out}");
+    let back = dir.path().join("back");
+    let (code, _, err) = c.cli(&["get", "/cli/deep/er/local", back.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(&back).unwrap() == contents(999, 3 << 20));
+    let (code, _, err) = c.cli(&["mv", "/cli/deep/er/local", "/moved"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = c.cli(&["rm", "/cli/deep/er"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = c.cli(&["rm", "/cli"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not empty"), "{err}");
+    let (code, out, _) = c.cli(&["stat", "/moved"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("size 3145728"), "{out}");
+    let (code, out, _) = c.cli(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("all 8 partitions answer"), "{out}");
+    let (code, _, err) = c.cli(&["get", "/nothing/here", "-"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no such file"), "{err}");
+}
+
+/// Puts files `f{from}..` until `stop`; returns the names and contents of those acknowledged.
+async fn workload(fs: Sealfs, from: u64, count: u64) -> Vec<(String, usize)> {
+    let mut done = Vec::new();
+    for i in from..from + count {
+        let len = ((i * 7919) as usize % (3 << 20)) + 1;
+        let name = format!("w{i:04}");
+        if put(&fs, &name, &contents(i, len)).await.is_ok() {
+            done.push((name, len));
+        }
+    }
+    done
+}
+
+fn index_of(name: &str) -> u64 {
+    name[1..].parse().unwrap()
+}
+
+async fn check_all(fs: &Sealfs, files: &[(String, usize)]) {
+    for (name, len) in files {
+        let got = get(fs, name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(got == contents(index_of(name), *len), "{name} changed");
+    }
+}
+
+async fn healthy(c: &Cluster, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let (code, out, _) = c.cli(&["status"]);
+        if code == Some(0) && out.contains("(4 up)") && out.contains("partitions answer") {
+            return;
+        }
+        assert!(t.elapsed() < within, "cluster not healthy: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_workload_loses_nothing_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let before = workload(fs.clone(), 0, 20).await;
+    assert_eq!(before.len(), 20);
+    let running = tokio::spawn(workload(fs.clone(), 100, 30));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill_server(1);
+    let killed_at = Instant::now();
+    // Reads work within seconds: hedged shard reads, partitions that elect a new leader.
+    check_all(&fs, &before).await;
+    eprintln!(
+        "all {} files read back {:.1} s after the kill",
+        before.len(),
+        killed_at.elapsed().as_secs_f64()
+    );
+    let during = running.await.unwrap();
+    // Writes resume: new files go in with a server down.
+    let after = workload(fs.clone(), 200, 10).await;
+    assert_eq!(after.len(), 10, "writes resume with one server down");
+    check_all(&fs, &during).await;
+    check_all(&fs, &after).await;
+    c.start_server(1);
+    healthy(&c, Duration::from_secs(60)).await;
+    let all: Vec<(String, usize)> = before.into_iter().chain(during).chain(after).collect();
+    check_all(&fs, &all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_killed_reads_go_on_where_a_majority_is_left_and_the_rest_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let mut fs = connect(&c).await;
+    // Files in 16 directories, so that they spread over the partitions.
+    let mut files = Vec::new();
+    for d in 0..16u64 {
+        let dn = format!("d{d}");
+        let di = fs
+            .mkdir(fs.root(), dn.as_bytes(), 0o755, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        for j in 0..3u64 {
+            let i = d * 10 + j;
+            let len = ((i * 7919) as usize % (1 << 20)) + 1;
+            let a = fs
+                .create(
+                    di,
+                    format!("f{j}").as_bytes(),
+                    FileKind::File,
+                    0o644,
+                    0,
+                    0,
+                    0,
+                    b"",
+                    true,
+                )
+                .await
+                .unwrap();
+            fs.write(a.ino, 0, &contents(i, len)).await.unwrap();
+            files.push((di, d, j, a.ino, len));
+        }
+    }
+    let map = fs.map();
+    let ids: Vec<u64> = c
+        .server_addrs
+        .iter()
+        .map(|a| *map.servers.iter().find(|(_, s)| &s.addr == a).unwrap().0)
+        .collect();
+    c.kill_server(2);
+    c.kill_server(3);
+    let dead: BTreeSet<u64> = [ids[2], ids[3]].into();
+    let has_majority = |p: u32| {
+        map.partitions[p as usize]
+            .iter()
+            .filter(|s| !dead.contains(s))
+            .count()
+            >= 2
+    };
+    fs.set_deadline(Duration::from_secs(2));
+    let (mut served, mut refused) = (0, 0);
+    for (di, d, j, ino, len) in &files {
+        if !has_majority(partition_of(*di)) && *j > 0 {
+            // One refused file per directory is enough (each waits out the deadline).
+            continue;
+        }
+        let t = Instant::now();
+        let r = async {
+            let (found, _) = fs.lookup(*di, format!("f{j}").as_bytes()).await?;
+            assert_eq!(found, *ino);
+            fs.read(*ino, 0, *len as u64).await
+        }
+        .await;
+        if has_majority(partition_of(*di)) {
+            let got = r.unwrap_or_else(|e| panic!("d{d}/f{j} on a partition with a majority: {e}"));
+            assert!(got == contents(d * 10 + j, *len), "d{d}/f{j} changed");
+            served += 1;
+        } else {
+            assert_eq!(r.err(), Some(Error::UNAVAILABLE), "d{d}/f{j}");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "failed after {:?}",
+                t.elapsed()
+            );
+            refused += 1;
+        }
+    }
+    // Every partition answers or fails within its deadline.
+    let mut lost = 0;
+    for p in 0..8 {
+        let t = Instant::now();
+        let r = fs.meta().read(p, &sealfs_meta::Query::Usage).await;
+        assert_eq!(r.is_ok(), has_majority(p), "partition {p}: {r:?}");
+        if r.is_err() {
+            lost += 1;
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "partition {p} took {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    eprintln!(
+        "with 2 of 4 servers: {served} files served, {refused} refused as unavailable, {lost} of 8 partitions without a majority"
+    );
+    c.start_server(2);
+    c.start_server(3);
+    healthy(&c, Duration::from_secs(60)).await;
+    fs.set_deadline(Duration::from_secs(10));
+    for (_, d, j, ino, len) in &files {
+        let got = fs.read(*ino, 0, *len as u64).await.unwrap();
+        assert!(got == contents(d * 10 + j, *len), "d{d}/f{j} after restart");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_killed_mid_workload_every_acknowledged_file_is_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a2 = acked.clone();
+    let f2 = fs.clone();
+    let task = tokio::spawn(async move {
+        for i in 0..1000u64 {
+            let len = ((i * 7919) as usize % (3 << 20)) + 1;
+            let name = format!("k{i:04}");
+            if put(&f2, &name, &contents(i, len)).await.is_ok() {
+                a2.lock().unwrap().push((name, len));
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.kill_all();
+    task.abort();
+    let acked: Vec<(String, usize)> = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    drop(fs);
+    c.start_manager();
+    for s in 0..4 {
+        c.start_server(s);
+    }
+    healthy(&c, Duration::from_secs(60)).await;
+    let fs = connect(&c).await;
+    check_all(&fs, &acked).await;
+    eprintln!(
+        "{} acknowledged files intact after every process was killed",
+        acked.len()
+    );
+}
+
+/// A directory made on another partition than its parent, and so on: runs the steps of each
+/// two-partition operation by hand, stopping after each (as a client killed there would),
+/// and checks that the orphan scan leaves the namespace whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_partition_operations_stopped_at_every_step_are_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let root = fs.root();
+    let parts = fs.meta().partitions();
+    // Names whose directory lands on another partition than the root's.
+    let remote = |prefix: &str| -> Vec<String> {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .filter(|n| sealfs_meta::dir_partition(root, n.as_bytes(), parts) != partition_of(root))
+            .take(4)
+            .collect()
+    };
+    let w = |p: u32, op: Op| {
+        let fs = fs.clone();
+        async move { fs.meta().write(p, &op).await.and_then(Reply::err) }
+    };
+
+    // mkdir stopped after step 1 (pending inode, no entry): the scan removes the inode.
+    let names = remote("mk");
+    let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
+    let Reply::Attr(orphan) = w(
+        p,
+        Op::MkdirAlloc {
+            parent: root,
+            name: names[0].as_bytes().to_vec(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            volume: 1,
+            now: 0,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!()
+    };
+    // mkdir complete, then rmdir stopped after step 1 (dying, entry still there): the scan
+    // brings the directory back to life.
+    let kept = fs
+        .mkdir(root, names[1].as_bytes(), 0o755, 0, 0)
+        .await
+        .unwrap();
+    w(
+        partition_of(kept.ino),
+        Op::RmdirPrepare {
+            ino: kept.ino,
+            parent: root,
+            name: names[1].as_bytes().to_vec(),
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    // A file linked across partitions, stopped after step 1 (counted, no entry): the scan
+    // takes the count back.
+    let sub = fs
+        .mkdir(root, names[2].as_bytes(), 0o755, 0, 0)
+        .await
+        .unwrap();
+    let file = fs
+        .create(sub.ino, b"file", FileKind::File, 0o644, 0, 0, 0, b"", true)
+        .await
+        .unwrap();
+    assert_ne!(partition_of(file.ino), partition_of(root));
+    w(
+        partition_of(file.ino),
+        Op::LinkPrepare {
+            ino: file.ino,
+            parent: root,
+            name: b"halflink".to_vec(),
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    // A rename across partitions stopped after step 2 (locked source, destination made):
+    // the scan finishes it.
+    let moved = fs
+        .create(
+            sub.ino,
+            b"moving",
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+            true,
+        )
+        .await
+        .unwrap();
+    w(
+        partition_of(sub.ino),
+        Op::RenameLock {
+            src_parent: sub.ino,
+            src_name: b"moving".to_vec(),
+            dst_parent: root,
+            dst_name: b"moved".to_vec(),
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    // The coordinator's partition leader is killed between the steps.
+    let map = fs.map();
+    let leader = fs.meta().leader(partition_of(root)).unwrap();
+    let victim = c
+        .server_addrs
+        .iter()
+        .position(|a| map.servers[&leader].addr == *a)
+        .unwrap();
+    c.kill_server(victim);
+    w(
+        partition_of(root),
+        Op::RenameIn {
+            ino: moved.ino,
+            kind: FileKind::File,
+            src_parent: sub.ino,
+            dst_parent: root,
+            dst_name: b"moved".to_vec(),
+            noreplace: false,
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    // And a rename locked whose destination never came: the scan unlocks it.
+    fs.create(
+        sub.ino,
+        b"staying",
+        FileKind::File,
+        0o644,
+        0,
+        0,
+        0,
+        b"",
+        true,
+    )
+    .await
+    .unwrap();
+    w(
+        partition_of(sub.ino),
+        Op::RenameLock {
+            src_parent: sub.ino,
+            src_name: b"staying".to_vec(),
+            dst_parent: root,
+            dst_name: b"never".to_vec(),
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    c.start_server(victim);
+
+    // The scan (2 s grace in these servers) settles everything.
+    let t = Instant::now();
+    loop {
+        let settled = async {
+            let gone = matches!(fs.getattr(orphan.ino).await, Err(Error::NOENT));
+            let alive = fs.getattr(kept.ino).await.ok()?;
+            let f = fs.getattr(file.ino).await.ok()?;
+            let moved_now = fs.lookup(root, b"moved").await.ok()?;
+            let src_gone = matches!(fs.lookup(sub.ino, b"moving").await, Err(Error::NOENT));
+            // Once unlocked, the entry can be removed.
+            let unlocked = match fs.unlink(sub.ino, b"staying").await {
+                Ok(()) | Err(Error::NOENT) => true,
+                Err(Error::BUSY) => false,
+                Err(e) => panic!("unlink: {e}"),
+            };
+            Some(
+                gone && alive.kind == FileKind::Dir
+                    && f.nlink == 1
+                    && moved_now.0 == moved.ino
+                    && src_gone
+                    && unlocked,
+            )
+        }
+        .await;
+        if settled == Some(true) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not settled after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The revived directory takes entries again; the unlocked file can be removed.
+    fs.create(
+        kept.ino,
+        b"inside",
+        FileKind::File,
+        0o644,
+        0,
+        0,
+        0,
+        b"",
+        true,
+    )
+    .await
+    .unwrap();
+    // No entry lost or duplicated; link counts right.
+    let root_names: BTreeSet<Vec<u8>> = fs
+        .readdir_all(root)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(root_names.contains(b"moved".as_slice()));
+    assert!(!root_names.contains(names[0].as_bytes()));
+    assert!(!root_names.contains(b"halflink".as_slice()));
+    let sub_names: Vec<Vec<u8>> = fs
+        .readdir_all(sub.ino)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(sub_names, vec![b"file".to_vec()]);
+    // The full operations, across partitions, keep the counts.
+    let d = fs
+        .mkdir(root, names[3].as_bytes(), 0o755, 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(fs.getattr(root).await.unwrap().nlink, 2 + 3);
+    fs.rename(root, names[3].as_bytes(), sub.ino, b"d", 0)
+        .await
+        .unwrap();
+    assert_eq!(fs.getattr(sub.ino).await.unwrap().nlink, 3);
+    fs.link(file.ino, root, b"hard").await.unwrap();
+    assert_eq!(fs.getattr(file.ino).await.unwrap().nlink, 2);
+    fs.unlink(sub.ino, b"file").await.unwrap();
+    assert_eq!(fs.getattr(file.ino).await.unwrap().nlink, 1);
+    fs.rmdir(sub.ino, b"d").await.unwrap();
+    assert!(matches!(fs.getattr(d.ino).await, Err(Error::NOENT)));
+    assert_eq!(fs.getattr(sub.ino).await.unwrap().nlink, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let root = fs.root();
+    let long = vec![b'a'; 256];
+    for (name, want) in [
+        (&b"a/b"[..], Error::INVAL),
+        (b"a\0b", Error::INVAL),
+        (b"", Error::INVAL),
+        (b".", Error::INVAL),
+        (b"..", Error::INVAL),
+        (&long[..], Error::NAMETOOLONG),
+    ] {
+        let r = fs
+            .create(root, name, FileKind::File, 0o644, 0, 0, 0, b"", true)
+            .await;
+        assert_eq!(r.err(), Some(want), "create {name:?}");
+        assert_eq!(fs.mkdir(root, name, 0o755, 0, 0).await.err(), Some(want));
+        // Straight to the partition, past the client's checks: refused there too.
+        let op = Op::Create {
+            parent: root,
+            name: name.to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: vec![],
+            exclusive: true,
+            now: 0,
+        };
+        let r = fs.meta().write(partition_of(root), &op).await.unwrap();
+        assert_eq!(r, Reply::Error(want));
+    }
+    let ok = vec![b'a'; 255];
+    fs.create(root, &ok, FileKind::File, 0o644, 0, 0, 0, b"", true)
+        .await
+        .expect("255 bytes is allowed");
+    let path = "/x".repeat(2049);
+    assert_eq!(fs.resolve(&path).await.err(), Some(Error::NAMETOOLONG));
+    let (code, _, err) = c.cli(&["mkdir", &path]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("too long"), "{err}");
+    let (code, _, err) = c.cli(&["ls", "/../etc"]);
+    assert_eq!(code, Some(2), "{err}");
+    // Only the one good name is there.
+    let names = fs.readdir_all(root).await.unwrap();
+    assert_eq!(names.len(), 1);
+    // A malformed request to the metadata service is refused; the server goes on.
+    let client = sealfs_rpc::Client::new(c.server_addrs[0].clone(), c.key(), Default::default());
+    let r = client
+        .call(
+            sealfs_rpc::Request {
+                op: sealfs_meta::OP_META_WRITE,
+                epoch: 1,
+                meta: bytes::Bytes::from_static(&[0xff; 7]),
+                data: bytes::Bytes::new(),
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, sealfs_rpc::Status::BadRequest as u16);
+    assert_eq!(fs.readdir_all(root).await.unwrap().len(), 1);
+}
