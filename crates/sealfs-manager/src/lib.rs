@@ -269,7 +269,8 @@ impl Manager {
         let group = Group::start(
             MANAGER_GROUP,
             1,
-            &data_dir.join("manager.redb"),
+            &sealfs_raft::LogDb::open(&data_dir.join("manager.redb"))
+                .map_err(|e| format!("{}: {e}", data_dir.join("manager.redb").display()))?,
             Box::new(MapMachine::default()),
             router,
             Peers::new(key),

@@ -48,6 +48,7 @@ pub struct MetaHost {
     peers: Peers,
     client: MetaClient,
     groups: RwLock<HashMap<u32, Group>>,
+    log: std::sync::Mutex<Option<sealfs_raft::LogDb>>,
     starting: tokio::sync::Mutex<()>,
     cfg: HostConfig,
 }
@@ -84,6 +85,7 @@ impl MetaHost {
             peers,
             client,
             groups: RwLock::default(),
+            log: std::sync::Mutex::new(None),
             starting: tokio::sync::Mutex::new(()),
             cfg,
         })
@@ -114,10 +116,23 @@ impl MetaHost {
             std::fs::create_dir_all(&self.dir)
                 .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
             let machine = PartitionMachine::open(p, &self.dir.join(format!("p{p:04}.state.redb")))?;
+            let log = {
+                let mut l = self.log.lock().expect("log");
+                match &*l {
+                    Some(log) => log.clone(),
+                    None => {
+                        let path = self.dir.join("raft.redb");
+                        let log = sealfs_raft::LogDb::open(&path)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        *l = Some(log.clone());
+                        log
+                    }
+                }
+            };
             let g = Group::start(
                 group_of(p),
                 me,
-                &self.dir.join(format!("p{p:04}.raft.redb")),
+                &log,
                 Box::new(machine),
                 self.router.clone(),
                 self.peers.clone(),
@@ -309,5 +324,6 @@ impl MetaHost {
         for g in groups {
             g.shutdown().await;
         }
+        self.log.lock().expect("log").take();
     }
 }

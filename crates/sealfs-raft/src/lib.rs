@@ -9,7 +9,6 @@ pub mod store;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,8 @@ use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
 pub use network::{Peers, RaftRouter};
-use store::{open_db, LogStore, StateMachineStore};
+pub use store::LogDb;
+use store::{LogStore, StateMachineStore};
 
 /// A server's id within a group.
 pub type NodeId = u64;
@@ -117,24 +117,30 @@ fn config() -> Arc<openraft::Config> {
 }
 
 impl Group {
-    /// Starts replica `node` of group `id` with its state in `path` (a redb file), reachable
-    /// through `router` on this server's RPC listener and reaching others through `peers`.
+    /// Starts replica `node` of group `id` with its log in `log` (the server's Raft file),
+    /// reachable through `router` on this server's RPC listener and reaching others through
+    /// `peers`.
     pub async fn start(
         id: u64,
         node: NodeId,
-        path: &Path,
+        log: &LogDb,
         machine: Box<dyn Machine>,
         router: Arc<RaftRouter>,
         peers: Peers,
     ) -> Result<Group, GroupError> {
         let unavailable = |e: String| GroupError::Unavailable(format!("group {id}: {e}"));
-        let db = open_db(path).map_err(|e| unavailable(format!("open {}: {e}", path.display())))?;
-        let sm =
-            StateMachineStore::open(db.clone(), machine).map_err(|e| unavailable(e.to_string()))?;
-        let net = network::NetFactory { group: id, peers };
-        let raft = Raft::new(node, config(), net, LogStore::new(db), sm.clone())
-            .await
+        let sm = StateMachineStore::open(log.clone(), id, machine)
             .map_err(|e| unavailable(e.to_string()))?;
+        let net = network::NetFactory { group: id, peers };
+        let raft = Raft::new(
+            node,
+            config(),
+            net,
+            LogStore::new(log.clone(), id),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
         router.add(id, raft.clone());
         Ok(Group {
             id,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealfs_raft::{Group, GroupError, Machine, Peers, RaftRouter};
+use sealfs_raft::{Group, GroupError, LogDb, Machine, Peers, RaftRouter};
 use sealfs_rpc::{ClusterKey, Server, ServerConfig, ServerHandle};
 
 /// A log of the strings written, in order.
@@ -53,7 +53,7 @@ impl Replica {
         let group = Group::start(
             7,
             node,
-            &dir.join(format!("node{node}.redb")),
+            &LogDb::open(&dir.join(format!("node{node}.redb"))).unwrap(),
             Box::new(Journal::default()),
             router,
             Peers::new(key()),

@@ -1,0 +1,169 @@
+//! Metadata through the client library on a local 4-server cluster (separate processes on
+//! loopback, 4 disks each under a temporary folder): creates, stats and unlinks of empty files
+//! per second with 1, 4 and 16 concurrent callers, each caller in its own directory.
+//!
+//! `cargo build --release -p sealfs && cargo run --release -p sealfs --example meta_bench -- [FILES_PER_LEVEL] [PARTITIONS]`
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sealfs_client::{FileKind, Sealfs};
+use sealfs_rpc::ClusterKey;
+
+const SECRET: &str = "metadata benchmark secret";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+fn spawn(bin: &std::path::Path, args: &[String]) -> Kill {
+    let mut c = Command::new(bin)
+        .args(args)
+        .env("SEALFS_SECRET", SECRET)
+        .env("SEALFS_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sealfs");
+    let mut line = String::new();
+    let _ = BufReader::new(c.stdout.take().expect("stdout")).read_line(&mut line);
+    assert!(line.contains("listening"), "sealfs {args:?}: {line}");
+    Kill(c)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let per_level: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(4000);
+    let partitions: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let exe = std::env::current_exe().expect("exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("sealfs"))
+        .expect("target folder");
+    assert!(
+        bin.exists(),
+        "build the binary first: cargo build --release -p sealfs"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let maddr = free_addr();
+    let s = |v: &str| v.to_string();
+    let _m = spawn(
+        &bin,
+        &[
+            s("manager"),
+            s("--listen"),
+            maddr.clone(),
+            s("--data-dir"),
+            dir.path().join("m").display().to_string(),
+            s("--partitions"),
+            partitions.to_string(),
+        ],
+    );
+    let mut servers = Vec::new();
+    for i in 0..4 {
+        let mut a = vec![
+            s("--manager"),
+            maddr.clone(),
+            s("server"),
+            s("--listen"),
+            free_addr(),
+            s("--data-dir"),
+            dir.path().join(format!("s{i}/state")).display().to_string(),
+        ];
+        for d in 0..4 {
+            let p = dir.path().join(format!("s{i}/d{d}"));
+            std::fs::create_dir_all(&p).expect("disk");
+            a.extend([s("--disk"), p.display().to_string()]);
+        }
+        servers.push(spawn(&bin, &a));
+    }
+    let fs = Sealfs::connect(
+        &maddr,
+        ClusterKey::from_secret(SECRET.as_bytes()),
+        "default",
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("connect");
+    println!(
+        "metadata: 4 servers x 4 disks, {partitions} partitions x 3 replicas, {per_level} files per level"
+    );
+    println!("| callers | creates/s | stats/s | unlinks/s |");
+    println!("|---:|---:|---:|---:|");
+    for callers in [1usize, 4, 16] {
+        let each = per_level / callers;
+        let mut dirs = Vec::new();
+        for c in 0..callers {
+            let name = format!("l{callers}c{c}");
+            dirs.push(
+                fs.mkdir(fs.root(), name.as_bytes(), 0o755, 0, 0)
+                    .await
+                    .expect("mkdir")
+                    .ino,
+            );
+        }
+        let phase = |what: u8| {
+            let fs = fs.clone();
+            let dirs = dirs.clone();
+            async move {
+                let t = Instant::now();
+                let tasks: Vec<_> = dirs
+                    .iter()
+                    .map(|&d| {
+                        let fs = fs.clone();
+                        tokio::spawn(async move {
+                            for i in 0..each {
+                                let name = format!("f{i}");
+                                match what {
+                                    0 => {
+                                        fs.create(
+                                            d,
+                                            name.as_bytes(),
+                                            FileKind::File,
+                                            0o644,
+                                            0,
+                                            0,
+                                            0,
+                                            b"",
+                                            true,
+                                        )
+                                        .await
+                                        .expect("create");
+                                    }
+                                    1 => {
+                                        let (ino, _) =
+                                            fs.lookup(d, name.as_bytes()).await.expect("lookup");
+                                        fs.getattr(ino).await.expect("stat");
+                                    }
+                                    _ => fs.unlink(d, name.as_bytes()).await.expect("unlink"),
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.expect("caller");
+                }
+                (each * dirs.len()) as f64 / t.elapsed().as_secs_f64()
+            }
+        };
+        let c = phase(0).await;
+        let st = phase(1).await;
+        let u = phase(2).await;
+        println!("| {callers} | {c:.0} | {st:.0} | {u:.0} |");
+    }
+    drop(servers);
+}
