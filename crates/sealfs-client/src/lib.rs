@@ -987,6 +987,11 @@ impl Sealfs {
             };
             last = Some(attr(self.meta.write(partition_of(ino), &op).await?)?);
         }
+        // Count this write in the cached usage until it is read again (an overwrite is
+        // counted too: the quota errs on the safe side for at most a second).
+        if let Some(u) = self.usage.lock().expect("usage").as_mut() {
+            u.1 = u.1.saturating_add(data.len() as u64);
+        }
         last.ok_or(Errno::IO)
     }
 

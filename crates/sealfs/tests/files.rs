@@ -695,3 +695,77 @@ async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
     assert_eq!(r.status, sealfs_rpc::Status::BadRequest as u16);
     assert_eq!(fs.readdir_all(root).await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_have_their_own_root_quota_and_statfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 8);
+    let default = connect(&c).await;
+    let (code, out, err) = c.cli(&["volume", "create", "small", "--quota", "1M", "--ec", "4+2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("volume small created"), "{out}");
+    let (code, _, err) = c.cli(&["volume", "create", "small"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, err) = c.cli(&["volume", "create", "bad/name"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = c.cli(&["volume", "create", "x", "--ec", "0+3"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, _) = c.cli(&["volume", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("small") && out.contains("default"), "{out}");
+
+    let small = Sealfs::connect(&c.manager_addr, c.key(), "small", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_ne!(small.root(), default.root());
+    put(&small, "a", &contents(1, 600 << 10)).await.unwrap();
+    assert!(get(&small, "a").await.unwrap() == contents(1, 600 << 10));
+    // Its own namespace: the default volume does not see it.
+    assert_eq!(
+        default.lookup(default.root(), b"a").await.err(),
+        Some(Error::NOENT)
+    );
+    // Past the quota: EDQUOT, and nothing recorded.
+    let b = small
+        .create(
+            small.root(),
+            b"b",
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            0,
+            b"",
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        small.write(b.ino, 0, &contents(2, 600 << 10)).await.err(),
+        Some(Error::DQUOT)
+    );
+    assert_eq!(small.getattr(b.ino).await.unwrap().size, 0);
+    let st = small.statfs().await.unwrap();
+    assert_eq!(st.capacity, 1 << 20);
+    assert_eq!(st.used, 600 << 10);
+    assert_eq!(st.free, (1 << 20) - (600 << 10));
+    // Freed space can be used again.
+    small.unlink(small.root(), b"a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    small
+        .write(b.ino, 0, &contents(2, 600 << 10))
+        .await
+        .unwrap();
+    // The CLI reaches a volume by name.
+    let (code, out, err) = c.cli(&["ls", "--volume", "small", "/"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(" b\n") && !out.contains(" a\n"), "{out}");
+    let (code, _, err) = c.cli(&["ls", "--volume", "nope", "/"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no volume"), "{err}");
+    let (code, _, err) = c.cli(&["volume", "delete", "small"]);
+    assert_eq!(code, Some(0), "{err}");
+    let st = default.statfs().await.unwrap();
+    assert!(st.capacity > 0 && st.free <= st.capacity);
+}
