@@ -257,19 +257,56 @@ fn namespace_operations_on_one_partition() {
     );
     // Refused commands leave nothing behind.
     let before = m.names(ROOT);
-    for bad in [Op::Create {
-        parent: f.ino,
-        name: b"under-a-file".to_vec(),
-        kind: Kind::File,
-        perm: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: vec![],
-        exclusive: true,
-        now: 7,
-    }] {
-        assert_eq!(m.op(bad), Reply::Error(Errno::NOTDIR));
+    let bad = [
+        (
+            Op::Create {
+                parent: f.ino,
+                name: b"under-a-file".to_vec(),
+                kind: Kind::File,
+                perm: 0,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                target: vec![],
+                exclusive: true,
+                now: 7,
+            },
+            Errno::NOTDIR,
+        ),
+        (
+            Op::Link {
+                ino: d,
+                parent: ROOT,
+                name: b"dirlink".to_vec(),
+                now: 7,
+            },
+            Errno::PERM,
+        ),
+        (
+            Op::Rename {
+                src_parent: ROOT,
+                src_name: b"missing".to_vec(),
+                dst_parent: ROOT,
+                dst_name: b"z".to_vec(),
+                flags: 0,
+                now: 7,
+            },
+            Errno::NOENT,
+        ),
+        (
+            Op::Rename {
+                src_parent: ROOT,
+                src_name: b"a".to_vec(),
+                dst_parent: ROOT,
+                dst_name: b"z".to_vec(),
+                flags: RENAME_EXCHANGE | RENAME_NOREPLACE,
+                now: 7,
+            },
+            Errno::INVAL,
+        ),
+    ];
+    for (op, want) in bad {
+        assert_eq!(m.op(op), Reply::Error(want));
     }
     assert_eq!(m.names(ROOT), before);
     // Malformed commands are refused, not applied.
