@@ -19,6 +19,19 @@ pub const OP_APPEND: u16 = 0x0501;
 /// Make a blade's acknowledged appends durable on k + w shards: meta [`BladeReq`].
 pub const OP_BLADE_SYNC: u16 = 0x0502;
 
+/// Replace a frond in place with data of the same length (two-phase update): meta
+/// [`UpdateReq`], data the encoded frond; reply [`Appended`] with the new sequence.
+pub const OP_UPDATE: u16 = 0x0503;
+
+/// An in-place update of the frond at `address`.
+#[derive(Serialize, Deserialize)]
+pub struct UpdateReq {
+    pub blade: u32,
+    pub address: u64,
+    pub len: u32,
+    pub seq: u32,
+}
+
 /// Deadline of one shard call.
 pub const SHARD_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -89,6 +102,18 @@ pub struct BladeHost {
 
 fn err(status: Status, m: impl Into<String>) -> Response {
     Response::error(status as u16, m)
+}
+
+fn appended(r: kelp::Reference) -> Response {
+    let a = Appended {
+        address: r.address.0,
+        len: r.len,
+        seq: r.seq,
+    };
+    match postcard::to_stdvec(&a) {
+        Ok(m) => Response::ok(Bytes::from(m), Bytes::new()),
+        Err(e) => err(Status::Internal, e.to_string()),
+    }
 }
 
 impl BladeHost {
@@ -168,22 +193,32 @@ impl BladeHost {
         };
         match req.op {
             OP_APPEND => match h.append(req.data).await {
-                Ok(r) => {
-                    let a = Appended {
-                        address: r.address.0,
-                        len: r.len,
-                        seq: r.seq,
-                    };
-                    match postcard::to_stdvec(&a) {
-                        Ok(m) => Response::ok(Bytes::from(m), Bytes::new()),
-                        Err(e) => err(Status::Internal, e.to_string()),
-                    }
-                }
+                Ok(r) => appended(r),
                 Err(e @ KelpError::Invalid(_)) | Err(e @ KelpError::Frond { .. }) => {
                     err(Status::BadRequest, e.to_string())
                 }
                 Err(e) => err(Status::Unavailable, e.to_string()),
             },
+            OP_UPDATE => {
+                let Ok(u) = postcard::from_bytes::<UpdateReq>(&req.meta) else {
+                    return err(Status::BadRequest, "malformed update request");
+                };
+                let r = kelp::Reference {
+                    address: kelp::Address(u.address),
+                    len: u.len,
+                    seq: u.seq,
+                };
+                if r.address.blade() != u.blade {
+                    return err(Status::BadRequest, "the address is not in this blade");
+                }
+                match h.update(r, req.data).await {
+                    Ok(r) => appended(r),
+                    Err(e @ KelpError::Invalid(_)) | Err(e @ KelpError::Frond { .. }) => {
+                        err(Status::BadRequest, e.to_string())
+                    }
+                    Err(e) => err(Status::Unavailable, e.to_string()),
+                }
+            }
             OP_BLADE_SYNC => match h.sync().await {
                 Ok(()) => Response::ok(Bytes::new(), Bytes::new()),
                 Err(e) => err(Status::Unavailable, e.to_string()),

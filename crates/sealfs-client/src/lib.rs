@@ -25,7 +25,7 @@ use sealfs_rpc::{ClusterKey, Request};
 
 pub use sealfs_meta::{Errno as Error, Kind as FileKind};
 
-use blades::{AppendReq, Appended, BladeReq, OP_APPEND, OP_BLADE_SYNC};
+use blades::{AppendReq, Appended, BladeReq, UpdateReq, OP_APPEND, OP_BLADE_SYNC, OP_UPDATE};
 
 /// Data bytes per frond the client writes (the last frond of a write may be shorter).
 pub const FROND_BYTES: usize = 2 << 20;
@@ -995,6 +995,73 @@ impl Sealfs {
         last.ok_or(Errno::IO)
     }
 
+    // ----- blobs (the kelp blob API) -----
+
+    /// Stores `data` (up to 64 MiB) as one frond, synced on k + w shards; returns where it is.
+    pub async fn blob_put(&self, data: &[u8]) -> Result<Reference, Errno> {
+        if data.len() > kelp::frond::FROND_DATA_BYTES_MAX {
+            return Err(Errno::FBIG);
+        }
+        let r = self.append(data).await?;
+        self.sync_blades(&[r.address.blade()].into()).await?;
+        Ok(r)
+    }
+
+    /// Reads the blob at `r` (its BLAKE3 checked).
+    pub async fn blob_get(&self, r: Reference) -> Result<Bytes, Errno> {
+        self.reader(r.address.blade())?
+            .read_frond(r)
+            .await
+            .map_err(|e| match e {
+                kelp::KelpError::Invalid(_) | kelp::KelpError::Frond { .. } => Errno::INVAL,
+                e => io("blob read")(e),
+            })
+    }
+
+    /// Replaces the blob at `r` in place with `data` of the same length; returns the new
+    /// reference (a new sequence), synced.
+    pub async fn blob_update(&self, r: Reference, data: &[u8]) -> Result<Reference, Errno> {
+        if data.len() != r.len as usize {
+            return Err(Errno::INVAL);
+        }
+        let blade = r.address.blade();
+        let addr = self.holdfast_addr(blade).ok_or(Errno::INVAL)?;
+        let encoded = kelp::frond::encode(data).map_err(io("encode"))?;
+        let u = UpdateReq {
+            blade,
+            address: r.address.0,
+            len: r.len,
+            seq: r.seq,
+        };
+        let req = Request {
+            op: OP_UPDATE,
+            epoch: self.maps.get().epoch,
+            meta: Bytes::from(postcard::to_stdvec(&u).map_err(io("encode"))?),
+            data: encoded,
+        };
+        let resp = self
+            .peers
+            .client(&addr)
+            .call(req, Duration::from_secs(30))
+            .await
+            .map_err(io("update"))?;
+        if resp.status == sealfs_rpc::Status::BadRequest as u16 {
+            tracing::warn!(
+                "blob update refused: {}",
+                String::from_utf8_lossy(&resp.meta)
+            );
+            return Err(Errno::INVAL);
+        }
+        let resp = resp.into_result().map_err(io("update"))?;
+        let a: Appended = postcard::from_bytes(&resp.meta).map_err(io("update reply"))?;
+        self.sync_blades(&[blade].into()).await?;
+        Ok(Reference {
+            address: Address(a.address),
+            len: a.len,
+            seq: a.seq,
+        })
+    }
+
     fn reader(&self, blade: u32) -> Result<Arc<BladeReader>, Errno> {
         if let Some(r) = self.readers.lock().expect("readers").get(&blade) {
             return Ok(r.clone());
@@ -1082,6 +1149,26 @@ impl Sealfs {
         }
         Ok(out)
     }
+}
+
+/// A blob reference as text: `ADDRESS:LEN:SEQ` in hex (the address holds the blade).
+pub fn format_ref(r: Reference) -> String {
+    format!("{:016x}:{:x}:{:x}", r.address.0, r.len, r.seq)
+}
+
+/// Parses [`format_ref`]'s text.
+pub fn parse_ref(s: &str) -> Result<Reference, String> {
+    let bad =
+        || format!("blob reference {s:?}: expected ADDRESS:LEN:SEQ in hex, as blob put prints");
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    let [a, l, q] = parts.as_slice() else {
+        return Err(bad());
+    };
+    Ok(Reference {
+        address: Address(u64::from_str_radix(a, 16).map_err(|_| bad())?),
+        len: u32::from_str_radix(l, 16).map_err(|_| bad())?,
+        seq: u32::from_str_radix(q, 16).map_err(|_| bad())?,
+    })
 }
 
 /// The names of an absolute path within a volume; `.` parts dropped, `..` refused.

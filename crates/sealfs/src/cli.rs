@@ -84,6 +84,107 @@ pub struct MvArgs {
 }
 
 #[derive(Subcommand)]
+pub enum BlobCmd {
+    /// Store a local file (or - for standard input, up to 64 MiB) as a blob; prints its reference.
+    Put {
+        local: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Write the blob at REF to a local file (or - for standard output).
+    Get {
+        reference: String,
+        #[arg(default_value = "-")]
+        local: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Replace the blob at REF in place with a local file of the same length; prints the new
+    /// reference.
+    Update {
+        reference: String,
+        local: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn read_local(p: &PathBuf) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let max = kelp::frond::FROND_DATA_BYTES_MAX as u64;
+    let r: Box<dyn Read> = if p.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+    };
+    r.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("reading {}: {e}", p.display()))?;
+    if buf.len() as u64 > max {
+        return Err(format!("{}: a blob holds at most 64 MiB", p.display()));
+    }
+    Ok(buf)
+}
+
+pub async fn blob(manager: Option<String>, b: BlobCmd) -> Result<(), String> {
+    match b {
+        BlobCmd::Put { local, common } => {
+            let fs = connect(manager, &common).await?;
+            let data = read_local(&local)?;
+            let r = fs
+                .blob_put(&data)
+                .await
+                .map_err(|e| format!("blob put: {e}"))?;
+            println!("{}", sealfs_client::format_ref(r));
+        }
+        BlobCmd::Get {
+            reference,
+            local,
+            common,
+        } => {
+            let r = sealfs_client::parse_ref(&reference)?;
+            let fs = connect(manager, &common).await?;
+            let data = fs
+                .blob_get(r)
+                .await
+                .map_err(|e| format!("blob {reference}: {e}"))?;
+            if local.as_os_str() == "-" {
+                std::io::stdout()
+                    .lock()
+                    .write_all(&data)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                std::fs::write(&local, &data)
+                    .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
+            }
+        }
+        BlobCmd::Update {
+            reference,
+            local,
+            common,
+        } => {
+            let r = sealfs_client::parse_ref(&reference)?;
+            let data = read_local(&local)?;
+            if data.len() != r.len as usize {
+                return Err(format!(
+                    "blob {reference} holds {} bytes; {} has {} (an update keeps the length)",
+                    r.len,
+                    local.display(),
+                    data.len()
+                ));
+            }
+            let fs = connect(manager, &common).await?;
+            let n = fs
+                .blob_update(r, &data)
+                .await
+                .map_err(|e| format!("blob {reference}: {e}"))?;
+            println!("{}", sealfs_client::format_ref(n));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum VolumeCmd {
     /// Create a volume: `sealfs volume create NAME --quota 100G --ec 8+8`.
     Create {

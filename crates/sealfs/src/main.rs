@@ -48,6 +48,9 @@ enum Cmd {
     /// Create, list or delete volumes.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// Store, read and update blobs: bytes at an address, without a file name.
+    #[command(subcommand)]
+    Blob(cli::BlobCmd),
 }
 
 #[derive(Args, Clone)]
@@ -360,6 +363,7 @@ fn main() -> ExitCode {
             Cmd::Mkdir(a) => cli::mkdir(cli.manager, a).await,
             Cmd::Mv(a) => cli::mv(cli.manager, a).await,
             Cmd::Volume(v) => cli::volume(cli.manager, v).await,
+            Cmd::Blob(b) => cli::blob(cli.manager, b).await,
         }
     });
     match result {

@@ -769,3 +769,41 @@ async fn volumes_have_their_own_root_quota_and_statfs() {
     let st = default.statfs().await.unwrap();
     assert!(st.capacity > 0 && st.free <= st.capacity);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_stored_read_and_updated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 8);
+    let local = dir.path().join("blob");
+    std::fs::write(&local, contents(7, 100_000)).unwrap();
+    let (code, out, err) = c.cli(&["blob", "put", local.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let r = out.trim().to_string();
+    let back = dir.path().join("back");
+    let (code, _, err) = c.cli(&["blob", "get", &r, back.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(&back).unwrap() == contents(7, 100_000));
+    // In place: same address, a new sequence.
+    std::fs::write(&local, contents(8, 100_000)).unwrap();
+    let (code, out, err) = c.cli(&["blob", "update", &r, local.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let r2 = out.trim().to_string();
+    assert_eq!(r2.split(':').next(), r.split(':').next(), "same address");
+    assert_ne!(r2, r);
+    let (code, _, err) = c.cli(&["blob", "get", &r2, back.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(&back).unwrap() == contents(8, 100_000));
+    // The older reference names the same blob: it reads the current bytes (cells must be at
+    // least as new as the reference, never older).
+    let (code, _, _) = c.cli(&["blob", "get", &r, back.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(std::fs::read(&back).unwrap() == contents(8, 100_000));
+    // Bad input: a wrong length, a malformed reference.
+    std::fs::write(&local, b"short").unwrap();
+    let (code, _, err) = c.cli(&["blob", "update", &r2, local.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("keeps the length"), "{err}");
+    let (code, _, err) = c.cli(&["blob", "get", "not-a-reference", "-"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("ADDRESS:LEN:SEQ"), "{err}");
+}
