@@ -23,6 +23,19 @@ pub const OP_BLADE_SYNC: u16 = 0x0502;
 /// [`UpdateReq`], data the encoded frond; reply [`Appended`] with the new sequence.
 pub const OP_UPDATE: u16 = 0x0503;
 
+/// The blades this server holds open: [`BladeReport`]s (meta empty).
+pub const OP_BLADE_REPORT: u16 = 0x0504;
+
+/// One open blade of a server.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BladeReport {
+    pub blade: u32,
+    /// Payload bytes appended.
+    pub append_pointer: u64,
+    /// Stipes known to miss cells (repair runs every few seconds).
+    pub degraded: u64,
+}
+
 /// An in-place update of the frond at `address`.
 #[derive(Serialize, Deserialize)]
 pub struct UpdateReq {
@@ -184,6 +197,22 @@ impl BladeHost {
 
     /// Answers a data operation.
     pub async fn handle(&self, req: Request) -> Response {
+        if req.op == OP_BLADE_REPORT {
+            let list: Vec<BladeReport> = self
+                .open_blades()
+                .await
+                .into_iter()
+                .map(|(blade, append_pointer, degraded)| BladeReport {
+                    blade,
+                    append_pointer,
+                    degraded: degraded as u64,
+                })
+                .collect();
+            return match postcard::to_stdvec(&list) {
+                Ok(m) => Response::ok(Bytes::from(m), Bytes::new()),
+                Err(e) => err(Status::Internal, e.to_string()),
+            };
+        }
         let Ok(b) = postcard::from_bytes::<BladeReq>(&req.meta) else {
             return err(Status::BadRequest, "malformed blade request");
         };

@@ -208,6 +208,7 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     let manager =
         manager.ok_or("status needs the manager: pass --manager ADDR or set SEALFS_MANAGER")?;
     let key = ClusterKey::from_secret(&secret(&s.secret_file, &s.secret)?);
+    let key_of_status = key.clone();
     let map = sealfs_manager::ManagerClient::new(&manager, key.clone())
         .map()
         .await
@@ -275,6 +276,28 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
         } else {
             println!("  UNAVAILABLE: {}", down.join(", "));
         }
+    }
+    // The holdfasts' view: open blades and stipes waiting for repair.
+    let (mut open, mut degraded, mut silent) = (0usize, 0u64, Vec::new());
+    for (id, s) in map.servers.iter().filter(|(_, s)| s.state == ServerState::Up) {
+        let c = sealfs_rpc::Client::new(s.addr.clone(), key_of_status.clone(), Default::default());
+        let req = sealfs_rpc::Request {
+            op: sealfs_client::blades::OP_BLADE_REPORT,
+            ..Default::default()
+        };
+        match c.call(req, std::time::Duration::from_secs(3)).await.and_then(|r| r.into_result()) {
+            Ok(r) => {
+                let list: Vec<sealfs_client::blades::BladeReport> =
+                    postcard::from_bytes(&r.meta).unwrap_or_default();
+                open += list.len();
+                degraded += list.iter().map(|b| b.degraded).sum::<u64>();
+            }
+            Err(_) => silent.push(*id),
+        }
+    }
+    println!("open blades: {open}, degraded stipes: {degraded}");
+    if !silent.is_empty() {
+        println!("  servers that did not answer: {silent:?}");
     }
     println!("blades: {}", map.blades.len());
     for (id, b) in &map.blades {

@@ -202,7 +202,12 @@ async fn healthy(c: &Cluster, within: Duration) {
     let t = Instant::now();
     loop {
         let (code, out, _) = c.cli(&["status"]);
-        if code == Some(0) && out.contains("(4 up)") && out.contains("partitions answer") {
+        if code == Some(0)
+            && out.contains("(4 up)")
+            && out.contains("partitions answer")
+            && out.contains("degraded stipes: 0")
+            && !out.contains("did not answer")
+        {
             return;
         }
         assert!(t.elapsed() < within, "cluster not healthy: {out}");
@@ -234,8 +239,19 @@ async fn a_server_killed_mid_workload_loses_nothing_and_catches_up() {
     assert_eq!(after.len(), 10, "writes resume with one server down");
     check_all(&fs, &during).await;
     check_all(&fs, &after).await;
+    // The stipes written while it was down miss its cells: the holdfasts know them.
+    let (_, out, _) = c.cli(&["status"]);
+    let degraded: u64 = out
+        .split("degraded stipes: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(degraded > 0, "no stipe waits for the killed server: {out}");
     c.start_server(1);
+    // It catches up: repair rewrites its cells, its partitions replay their logs.
     healthy(&c, Duration::from_secs(60)).await;
+    eprintln!("{degraded} degraded stipes repaired after the restart");
     let all: Vec<(String, usize)> = before.into_iter().chain(during).chain(after).collect();
     check_all(&fs, &all).await;
 }
