@@ -243,13 +243,30 @@ pub struct Manager {
 impl Manager {
     /// Starts a one-replica manager listening on `listen`, with its Raft state under `data_dir`;
     /// servers silent for `down_after` are declared down.
+    ///
+    /// With `peers` (the listening addresses of all manager replicas, this one's among them)
+    /// the map is a group of those replicas; the first one makes the group. Empty: one replica.
     pub async fn start(
         listen: &str,
         data_dir: &Path,
         key: ClusterKey,
         down_after: Duration,
         layout: Layout,
+        peers: &[String],
     ) -> Result<Manager, String> {
+        let me = if peers.is_empty() {
+            1
+        } else {
+            match peers.iter().position(|p| p == listen) {
+                Some(i) => i as u64 + 1,
+                None => {
+                    return Err(format!(
+                        "--listen {listen} must be one of the --peers ({})",
+                        peers.join(",")
+                    ))
+                }
+            }
+        };
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let router = Arc::new(RaftRouter::default());
@@ -268,7 +285,7 @@ impl Manager {
         let addr = server.addr().to_string();
         let group = Group::start(
             MANAGER_GROUP,
-            1,
+            me,
             &sealfs_raft::LogDb::open(&data_dir.join("manager.redb"))
                 .map_err(|e| format!("{}: {e}", data_dir.join("manager.redb").display()))?,
             Box::new(MapMachine::default()),
@@ -277,10 +294,18 @@ impl Manager {
         )
         .await
         .map_err(|e| e.to_string())?;
-        group
-            .initialize([(1, addr)].into_iter().collect())
-            .await
-            .map_err(|e| e.to_string())?;
+        let members: std::collections::BTreeMap<u64, String> = if peers.is_empty() {
+            [(1, addr)].into_iter().collect()
+        } else {
+            peers
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i as u64 + 1, a.clone()))
+                .collect()
+        };
+        if me == 1 {
+            group.initialize(members).await.map_err(|e| e.to_string())?;
+        }
         let _ = service.group.set(group.clone());
         let g = group.clone();
         let detector = tokio::spawn(async move {
@@ -343,18 +368,27 @@ impl std::fmt::Display for ManagerError {
 
 impl std::error::Error for ManagerError {}
 
-/// What servers and clients use to talk to the manager.
+/// What servers and clients use to talk to the manager: one or several replicas (a comma
+/// separated list), tried in turn until one answers as the leader.
 pub struct ManagerClient {
-    client: Client,
+    clients: Vec<Client>,
+    good: std::sync::atomic::AtomicUsize,
     deadline: Duration,
 }
 
 impl ManagerClient {
-    /// A client of the manager at `addr`.
-    pub fn new(addr: &str, key: ClusterKey) -> Self {
+    /// A client of the manager at `addrs` (`host:port[,host:port...]`).
+    pub fn new(addrs: &str, key: ClusterKey) -> Self {
+        let clients = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Client::new(a.to_string(), key.clone(), ClientConfig::default()))
+            .collect();
         ManagerClient {
-            client: Client::new(addr.to_string(), key, ClientConfig::default()),
-            deadline: Duration::from_secs(5),
+            clients,
+            good: std::sync::atomic::AtomicUsize::new(0),
+            deadline: Duration::from_secs(10),
         }
     }
 
@@ -364,19 +398,49 @@ impl ManagerClient {
         meta: Vec<u8>,
         epoch: u64,
     ) -> Result<sealfs_rpc::Response, ManagerError> {
-        let req = Request {
-            op,
-            epoch,
-            meta: Bytes::from(meta),
-            data: Bytes::new(),
-        };
-        let r = self
-            .client
-            .call(req, self.deadline)
-            .await
-            .map_err(|e| ManagerError(format!("manager {}: {e}", self.client.peer())))?;
-        r.into_result()
-            .map_err(|e| ManagerError(format!("manager {}: {e}", self.client.peer())))
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.clients.is_empty() {
+            return Err(ManagerError("no manager address given".into()));
+        }
+        let start = std::time::Instant::now();
+        let meta = Bytes::from(meta);
+        let n = self.clients.len();
+        let mut last = String::new();
+        loop {
+            let first = self.good.load(Relaxed);
+            for k in 0..n {
+                let i = (first + k) % n;
+                let c = &self.clients[i];
+                let req = Request {
+                    op,
+                    epoch,
+                    meta: meta.clone(),
+                    data: Bytes::new(),
+                };
+                let left = self.deadline.saturating_sub(start.elapsed());
+                match c.call(req, left.min(Duration::from_secs(5))).await {
+                    Ok(r) if r.status == Status::Ok as u16 => {
+                        self.good.store(i, Relaxed);
+                        return Ok(r);
+                    }
+                    // Not the leader, no quorum yet, or down: the next replica.
+                    Ok(r) if r.status == Status::Unavailable as u16 => {
+                        last =
+                            format!("manager {}: {}", c.peer(), String::from_utf8_lossy(&r.meta));
+                    }
+                    Ok(r) => {
+                        return r
+                            .into_result()
+                            .map_err(|e| ManagerError(format!("manager {}: {e}", c.peer())))
+                    }
+                    Err(e) => last = format!("manager {}: {e}", c.peer()),
+                }
+            }
+            if start.elapsed() >= self.deadline {
+                return Err(ManagerError(last));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn outcome(&self, op: u16, meta: Vec<u8>) -> Result<Outcome, ManagerError> {

@@ -16,7 +16,7 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, global = true, default_value = "info", env = "SEALFS_LOG")]
     log: tracing::Level,
-    /// The manager's address.
+    /// The manager's address (or the addresses of its replicas, comma separated).
     #[arg(long, global = true, env = "SEALFS_MANAGER")]
     manager: Option<String>,
     #[command(subcommand)]
@@ -80,6 +80,10 @@ struct ManagerArgs {
     /// Replicas of each partition; the partitions are laid out once this many servers are up.
     #[arg(long, default_value_t = 3)]
     replicas: u8,
+    /// The listening addresses of all manager replicas (this one's among them), comma
+    /// separated, the same list and order on each; without it the manager is one replica.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -195,7 +199,8 @@ async fn manager(a: ManagerArgs) -> Result<(), String> {
         partitions: a.partitions,
         replicas: a.replicas,
     };
-    let m = sealfs_manager::Manager::start(&a.listen, &a.data_dir, key, down, layout).await?;
+    let m =
+        sealfs_manager::Manager::start(&a.listen, &a.data_dir, key, down, layout, &a.peers).await?;
     println!("sealfs manager listening on {}", m.addr());
     wait_for_signal().await?;
     tracing::info!("stopping");
@@ -279,13 +284,21 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     }
     // The holdfasts' view: open blades and stipes waiting for repair.
     let (mut open, mut degraded, mut silent) = (0usize, 0u64, Vec::new());
-    for (id, s) in map.servers.iter().filter(|(_, s)| s.state == ServerState::Up) {
+    for (id, s) in map
+        .servers
+        .iter()
+        .filter(|(_, s)| s.state == ServerState::Up)
+    {
         let c = sealfs_rpc::Client::new(s.addr.clone(), key_of_status.clone(), Default::default());
         let req = sealfs_rpc::Request {
             op: sealfs_client::blades::OP_BLADE_REPORT,
             ..Default::default()
         };
-        match c.call(req, std::time::Duration::from_secs(3)).await.and_then(|r| r.into_result()) {
+        match c
+            .call(req, std::time::Duration::from_secs(3))
+            .await
+            .and_then(|r| r.into_result())
+        {
             Ok(r) => {
                 let list: Vec<sealfs_client::blades::BladeReport> =
                     postcard::from_bytes(&r.meta).unwrap_or_default();
