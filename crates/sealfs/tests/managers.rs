@@ -83,9 +83,10 @@ async fn three_managers_survive_the_loss_of_any_one() {
         }
     };
     write("before").await.unwrap();
+    #[allow(clippy::needless_range_loop)] // each is killed, then started again in its slot
     // Each of the three in turn is killed (the leader among them) and brought back.
-    for victim in 0..3 {
-        managers[victim] = None;
+    for victim in 0..managers.len() {
+        managers[victim].take();
         let m = sealfs_manager::ManagerClient::new(&all, key.clone());
         let t = Instant::now();
         let map = m.map().await.expect("the map from the two left");
