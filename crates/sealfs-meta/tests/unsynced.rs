@@ -8,6 +8,9 @@
 //! applied is lost), and the Raft files keep only what they synced (appends and votes are
 //! synced before they are acknowledged; the committed index is not, and is found again). The
 //! replicas restart from those files: every acknowledged create is there, on every replica.
+//!
+//! It found a real bug: a leader restarted in its own term served a linearizable read before
+//! it had re-applied the entries it acknowledged before the crash (see `Group::read`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -186,6 +189,15 @@ async fn acknowledged_creates_survive_lost_unsynced_writes() {
         rs.push(start(i as u64 + 1, a, dir.path()).await);
     }
     let l = leader(&rs).await;
+    for name in &acked {
+                    let r: Reply = postcard::from_bytes(&r.group.read_local(|m| m.query(&lookup(name))).await).unwrap();
+                    if !matches!(r, Reply::Entry { .. }) { v.push(name); }
+                }
+                v
+            };
+            eprintln!("replica {} leader {} applied {:?} missing {:?}", i + 1, i == l, r.group.applied_index(), missing);
+        }
+    }
     for name in &acked {
         let r: Reply =
             postcard::from_bytes(&rs[l].group.query(&lookup(name)).await.unwrap()).unwrap();

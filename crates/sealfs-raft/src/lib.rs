@@ -183,6 +183,18 @@ impl Group {
                 None => GroupError::Unavailable(e.to_string()),
             });
         }
+        // A leader restarted in its own term does not know its last entries were committed
+        // (the committed index is not synced), and openraft then reads at that index: wait
+        // until everything in the leader's log is applied, so that nothing acknowledged before
+        // the restart is missed.
+        let last = self.raft.metrics().borrow().last_log_index;
+        if let Some(last) = last {
+            self.raft
+                .wait(Some(Duration::from_secs(5)))
+                .applied_index_at_least(Some(last), "the leader's log applied")
+                .await
+                .map_err(|e| GroupError::Unavailable(e.to_string()))?;
+        }
         let st = self.sm.state.read().await;
         Ok(f(st.machine.as_ref()))
     }

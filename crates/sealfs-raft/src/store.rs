@@ -333,20 +333,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 postcard::to_stdvec(&e).map_err(werr)?,
             ));
         }
-        // Reported flushed only once the commit that carries it is synced.
-        self.log.submit(
-            true,
-            Box::new(move |tx| {
+        // openraft reads the entries back as soon as this returns, so it returns once the
+        // commit that carries them is done (synced): appends of one group go one commit at a
+        // time, while the committer still shares each sync among all the groups of the server.
+        let r = self
+            .log
+            .write(true, move |tx| {
                 let mut t = tx.open_table(LOGS).map_err(|e| e.to_string())?;
                 for (k, b) in rows {
                     t.insert(k, b.as_slice()).map_err(|e| e.to_string())?;
                 }
                 Ok(())
-            }),
-            Box::new(move |r| {
-                callback.log_io_completed(r.map_err(std::io::Error::other));
-            }),
-        )
+            })
+            .await;
+        match r {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
