@@ -203,6 +203,11 @@ impl Sealfs {
 
     // ----- namespace -----
 
+    /// Applies `op` on partition `p`; an error reply is an error.
+    async fn cmd(&self, p: u32, op: &Op) -> Result<Reply, Errno> {
+        self.meta.write(p, op).await?.err()
+    }
+
     /// The entry `name` in `parent`.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Kind), Errno> {
         check_name(name)?;
@@ -322,12 +327,7 @@ impl Sealfs {
             ino: a.ino,
             now: 0,
         };
-        match self
-            .meta
-            .write(partition_of(parent), &link)
-            .await
-            .and_then(Reply::err)
-        {
+        match self.cmd(partition_of(parent), &link).await {
             Ok(_) => {}
             Err(e) => {
                 if e != Errno::UNAVAILABLE {
@@ -379,11 +379,7 @@ impl Sealfs {
             dir: true,
             now: 0,
         };
-        let r = self
-            .meta
-            .write(partition_of(parent), &op)
-            .await
-            .and_then(Reply::err);
+        let r = self.cmd(partition_of(parent), &op).await;
         if let Err(e) = r {
             if remote && e != Errno::UNAVAILABLE {
                 let _ = self
@@ -433,12 +429,7 @@ impl Sealfs {
             name: name.to_vec(),
             now: 0,
         };
-        if let Err(e) = self
-            .meta
-            .write(partition_of(parent), &add)
-            .await
-            .and_then(Reply::err)
-        {
+        if let Err(e) = self.cmd(partition_of(parent), &add).await {
             if e != Errno::UNAVAILABLE {
                 let undo = Op::Settle {
                     item: Unsettled::Link {
@@ -515,12 +506,7 @@ impl Sealfs {
                 flags,
                 now: 0,
             };
-            return match self
-                .meta
-                .write(partition_of(sp), &op)
-                .await
-                .and_then(Reply::err)
-            {
+            return match self.cmd(partition_of(sp), &op).await {
                 Ok(_) => Ok(()),
                 Err(e) => abort(e).await,
             };
@@ -550,12 +536,7 @@ impl Sealfs {
             noreplace: flags & RENAME_NOREPLACE != 0,
             now: 0,
         };
-        if let Err(e) = self
-            .meta
-            .write(partition_of(dp), &put)
-            .await
-            .and_then(Reply::err)
-        {
+        if let Err(e) = self.cmd(partition_of(dp), &put).await {
             if e != Errno::UNAVAILABLE {
                 let unlock = Op::RenameUnlock {
                     src_parent: sp,

@@ -629,6 +629,19 @@ impl W<'_> {
         Ok(())
     }
 
+    /// An inode here that may take one more link named `name`.
+    fn linkable(&self, ino: u64, name: &[u8]) -> R<Inode> {
+        check_name(name)?;
+        let i = self.inode(ino)?;
+        if i.attr.kind == Kind::Dir {
+            return Err(Errno::PERM.into());
+        }
+        if i.attr.nlink >= 65_000 {
+            return Err(Errno::MLINK.into());
+        }
+        Ok(i)
+    }
+
     fn dir_is_empty(&self, ino: u64) -> R<bool> {
         let t = self.tx.open_table(ENTRIES)?;
         let from = k_ino(ino);
@@ -658,6 +671,11 @@ impl W<'_> {
             out.push(self.intent(partition_of(ino), op, now)?);
             Ok(())
         }
+    }
+
+    /// A moved directory's `..` is now `parent` (here, or by intent).
+    fn reparent(&self, ino: u64, parent: u64, now: Nanos, out: &mut Vec<Intent>) -> R<()> {
+        self.here_or_intent(ino, FollowUp::SetParent { ino, parent }, now, out)
     }
 
     fn drop_extents_from(&self, ino: u64, size: u64) -> R<()> {
@@ -1016,14 +1034,7 @@ impl W<'_> {
                 name,
                 now,
             } => {
-                check_name(&name)?;
-                let mut i = self.inode(ino)?;
-                if i.attr.kind == Kind::Dir {
-                    return Err(Errno::PERM.into());
-                }
-                if i.attr.nlink >= 65_000 {
-                    return Err(Errno::MLINK.into());
-                }
+                let mut i = self.linkable(ino, &name)?;
                 let mut p = self.live_dir(parent)?;
                 if self.entry(parent, &name)?.is_some() {
                     return Err(Errno::EXIST.into());
@@ -1041,14 +1052,7 @@ impl W<'_> {
                 name,
                 now,
             } => {
-                check_name(&name)?;
-                let mut i = self.inode(ino)?;
-                if i.attr.kind == Kind::Dir {
-                    return Err(Errno::PERM.into());
-                }
-                if i.attr.nlink >= 65_000 {
-                    return Err(Errno::MLINK.into());
-                }
+                let mut i = self.linkable(ino, &name)?;
                 i.attr.nlink += 1;
                 i.attr.ctime = now;
                 self.save(&i)?;
@@ -1147,15 +1151,7 @@ impl W<'_> {
                 }
                 self.save(&p)?;
                 if kind == Kind::Dir && src_parent != dst_parent {
-                    self.here_or_intent(
-                        ino,
-                        FollowUp::SetParent {
-                            ino,
-                            parent: dst_parent,
-                        },
-                        now,
-                        &mut intents,
-                    )?;
+                    self.reparent(ino, dst_parent, now, &mut intents)?;
                 }
                 Ok(Reply::Entry { ino, kind, intents })
             }
@@ -1258,21 +1254,16 @@ impl W<'_> {
 
     fn settle(&mut self, item: Unsettled, exists: bool, now: Nanos) -> R<Reply> {
         match item {
-            Unsettled::PendingDir { ino, .. } => {
+            Unsettled::PendingDir { ino, .. } | Unsettled::DyingDir { ino, .. } => {
+                let dying = matches!(item, Unsettled::DyingDir { .. });
                 if let Ok(mut i) = self.inode(ino) {
-                    if matches!(i.state, DirState::Pending { .. }) {
-                        if exists {
-                            i.state = DirState::Normal;
-                            self.save(&i)?;
-                        } else {
-                            self.destroy_dir(&i)?;
-                        }
-                    }
-                }
-            }
-            Unsettled::DyingDir { ino, .. } => {
-                if let Ok(mut i) = self.inode(ino) {
-                    if matches!(i.state, DirState::Dying { .. }) {
+                    let still = match i.state {
+                        DirState::Pending { .. } => !dying,
+                        DirState::Dying { .. } => dying,
+                        DirState::Normal => false,
+                    };
+                    if still {
+                        // Its entry decides: there, it lives on; gone, so does it.
                         if exists {
                             i.state = DirState::Normal;
                             self.save(&i)?;
@@ -1367,26 +1358,10 @@ impl W<'_> {
             self.put(ENTRIES, &k_entry(dp, &dn), &enc(&b)?)?;
             if !same_dir {
                 if s.kind == Kind::Dir {
-                    self.here_or_intent(
-                        s.ino,
-                        FollowUp::SetParent {
-                            ino: s.ino,
-                            parent: dp,
-                        },
-                        now,
-                        &mut intents,
-                    )?;
+                    self.reparent(s.ino, dp, now, &mut intents)?;
                 }
                 if v.kind == Kind::Dir {
-                    self.here_or_intent(
-                        v.ino,
-                        FollowUp::SetParent {
-                            ino: v.ino,
-                            parent: sp,
-                        },
-                        now,
-                        &mut intents,
-                    )?;
+                    self.reparent(v.ino, sp, now, &mut intents)?;
                 }
                 let d = (s.kind == Kind::Dir) as i64 - (v.kind == Kind::Dir) as i64;
                 src_dir.attr.nlink = (src_dir.attr.nlink as i64 - d) as u32;
@@ -1435,15 +1410,7 @@ impl W<'_> {
                 if !replaced_dir {
                     dst_dir.attr.nlink += 1;
                 }
-                self.here_or_intent(
-                    s.ino,
-                    FollowUp::SetParent {
-                        ino: s.ino,
-                        parent: dp,
-                    },
-                    now,
-                    &mut intents,
-                )?;
+                self.reparent(s.ino, dp, now, &mut intents)?;
             }
             self.save(&src_dir)?;
             self.save(&dst_dir)?;
