@@ -33,6 +33,9 @@ pub const FROND_BYTES: usize = 2 << 20;
 const FRONDS_IN_FLIGHT: usize = 4;
 /// Writable blades the client keeps per profile before it asks for more.
 const BLADES_WANTED: usize = 4;
+/// Fronds a client keeps after reading them (an in-place blob update gives a frond new
+/// bytes: blob reads skip this cache).
+const FROND_CACHE: usize = 8;
 /// A blade whose holdfast failed is avoided this long.
 const AVOID: Duration = Duration::from_secs(10);
 
@@ -71,6 +74,7 @@ pub struct Sealfs {
     writer: Arc<Mutex<WriterState>>,
     allocating: Arc<tokio::sync::Mutex<()>>,
     usage: Arc<Mutex<Option<(Instant, u64, u64)>>>,
+    fronds: Arc<Mutex<std::collections::VecDeque<(u64, Bytes)>>>,
     _watch: Arc<WatchGuard>,
 }
 
@@ -152,6 +156,7 @@ impl Sealfs {
             writer: Arc::default(),
             allocating: Arc::default(),
             usage: Arc::default(),
+            fronds: Arc::default(),
             _watch: Arc::new(WatchGuard(watch)),
         };
         let op = Op::EnsureRoot {
@@ -1065,26 +1070,38 @@ impl Sealfs {
                 self.reader(e.blade)?
             }
         };
-        let skip = e.skip as u64 + (from - e.offset);
+        let skip = (e.skip as u64 + (from - e.offset)) as usize;
         let len = (to - from) as usize;
-        if len as u64 * 2 >= e.frond_len as u64 {
-            // Most of the frond: read it whole and check its BLAKE3.
-            let r = Reference {
-                address: Address(e.address),
-                len: e.frond_len,
-                seq: e.seq,
-            };
-            let data = reader.read_frond(r).await.map_err(io("read"))?;
-            Ok(data.slice(skip as usize..skip as usize + len))
-        } else {
-            // A small part: only its cells (each checked by its CRC-32C).
-            let start =
-                Address(e.address).byte_offset() + kelp::frond::FROND_HEADER_BYTES as u64 + skip;
-            reader
-                .read_range(start, len, e.seq)
-                .await
-                .map_err(io("read"))
+        // Whole fronds are read and their BLAKE3 checked; the last few are kept, so that a
+        // file read in small pieces (as the kernel does) reads each frond once.
+        let cached = self
+            .fronds
+            .lock()
+            .expect("frond cache")
+            .iter()
+            .find(|(a, _)| *a == e.address)
+            .map(|(_, b)| b.clone());
+        let data = match cached {
+            Some(d) => d,
+            None => {
+                let r = Reference {
+                    address: Address(e.address),
+                    len: e.frond_len,
+                    seq: e.seq,
+                };
+                let d = reader.read_frond(r).await.map_err(io("read"))?;
+                let mut c = self.fronds.lock().expect("frond cache");
+                if c.len() >= FROND_CACHE {
+                    c.pop_front();
+                }
+                c.push_back((e.address, d.clone()));
+                d
+            }
+        };
+        if skip + len > data.len() {
+            return Err(Errno::IO);
         }
+        Ok(data.slice(skip..skip + len))
     }
 
     /// Reads up to `len` bytes of file `ino` at `offset` (fewer at the end of the file; holes

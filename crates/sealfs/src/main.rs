@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cli;
+mod mount;
 mod node;
 
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,13 @@ enum Cmd {
     /// Create, list or delete volumes.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// Mount a volume with FUSE until Ctrl-C or SIGTERM (then it unmounts).
+    Mount(MountArgs),
+    /// Unmount a sealfs mount point (also one left stale by a killed client).
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
     /// Store, read and update blobs: bytes at an address, without a file name.
     #[command(subcommand)]
     Blob(cli::BlobCmd),
@@ -61,6 +69,17 @@ pub(crate) struct SecretArgs {
     /// The cluster secret itself (prefer --secret-file; command lines are visible to all users).
     #[arg(long, env = "SEALFS_SECRET", hide_env_values = true)]
     secret: Option<String>,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// The volume.
+    #[arg(long, default_value = "default", env = "SEALFS_VOLUME")]
+    volume: String,
+    /// Where to mount it (an existing folder).
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    secret: SecretArgs,
 }
 
 #[derive(Args)]
@@ -366,6 +385,62 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmounts `mountpoint` (lazily, so that a mount left by a killed client goes too).
+fn umount(mountpoint: &std::path::Path) -> Result<(), String> {
+    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+        .map_err(|e| format!("cannot unmount {}: {e}", mountpoint.display()))
+}
+
+async fn mount_cmd(manager: Option<String>, a: MountArgs) -> Result<(), String> {
+    let manager =
+        manager.ok_or("mount needs the manager: pass --manager ADDR or set SEALFS_MANAGER")?;
+    let key = ClusterKey::from_secret(&secret(&a.secret.secret_file, &a.secret.secret)?);
+    // A mount point left by a killed client answers ENOTCONN: unmount it first.
+    if let Err(e) = std::fs::metadata(&a.mountpoint) {
+        if e.raw_os_error() == Some(107) {
+            tracing::warn!(
+                "{} was left mounted by a stopped client; unmounting it",
+                a.mountpoint.display()
+            );
+            umount(&a.mountpoint)?;
+        } else {
+            return Err(format!("mount point {}: {e}", a.mountpoint.display()));
+        }
+    }
+    if !a.mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a folder",
+            a.mountpoint.display()
+        ));
+    }
+    let fs = sealfs_client::Sealfs::connect(
+        &manager,
+        key,
+        &a.volume,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
+    let session =
+        mount::mount(fs, tokio::runtime::Handle::current(), &a.mountpoint).map_err(|e| {
+            format!(
+                "cannot mount at {}: {e} (is fuse3 installed?)",
+                a.mountpoint.display()
+            )
+        })?;
+    println!(
+        "sealfs volume {} mounted at {}",
+        a.volume,
+        a.mountpoint.display()
+    );
+    wait_for_signal().await?;
+    tracing::info!("unmounting");
+    tokio::task::spawn_blocking(move || session.umount_and_join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("unmount: {e}"))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     {
@@ -400,6 +475,8 @@ fn main() -> ExitCode {
             Cmd::Mv(a) => cli::mv(cli.manager, a).await,
             Cmd::Volume(v) => cli::volume(cli.manager, v).await,
             Cmd::Blob(b) => cli::blob(cli.manager, b).await,
+            Cmd::Mount(a) => mount_cmd(cli.manager, a).await,
+            Cmd::Umount { mountpoint } => umount(&mountpoint),
         }
     });
     match result {

@@ -1,0 +1,811 @@
+//! The FUSE mount over the client library (first part of the mount issue): the namespace
+//! operations, reads, and writes buffered per open file into fronds of about 2 MiB, made
+//! durable on fsync, flush (close) and release.
+//!
+//! Each request runs on the tokio runtime and answers when it is done, so that slow
+//! operations do not hold up the others.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno as FErr, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use sealfs_client::{Error, FileKind, Sealfs};
+use sealfs_meta::{Attr, SetAttr};
+
+/// How long the kernel may cache attributes and entries.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Bytes buffered per open file before they are written as a frond.
+const BUFFER: usize = sealfs_client::FROND_BYTES;
+
+struct Pending {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+struct Open {
+    ino: u64,
+    pending: Option<Pending>,
+}
+
+/// The file system as the kernel sees it.
+pub struct SealFuse {
+    fs: Sealfs,
+    rt: tokio::runtime::Handle,
+    open: Arc<Mutex<HashMap<u64, Open>>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: Error) -> FErr {
+    if e.0 > 0 {
+        FErr::from_i32(e.0)
+    } else {
+        // Not the leader, no quorum: the caller sees an I/O error.
+        FErr::from_i32(5)
+    }
+}
+
+fn time(n: i64) -> SystemTime {
+    if n >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(n as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+    }
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+impl SealFuse {
+    /// The mount of `fs`, its requests run on `rt`.
+    pub fn new(fs: Sealfs, rt: tokio::runtime::Handle) -> Self {
+        SealFuse {
+            fs,
+            rt,
+            open: Arc::default(),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The cluster's inode for the kernel's (the kernel calls the root 1).
+    fn ino(&self, i: INodeNo) -> u64 {
+        if i.0 == 1 {
+            self.fs.root()
+        } else {
+            i.0
+        }
+    }
+
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+}
+
+/// Writes out what an open file has buffered.
+async fn flush_pending(
+    fs: &Sealfs,
+    open: &Mutex<HashMap<u64, Open>>,
+    fh: u64,
+) -> Result<(), Error> {
+    let (ino, p) = {
+        let mut o = open.lock().expect("open files");
+        match o.get_mut(&fh) {
+            Some(f) => (f.ino, f.pending.take()),
+            None => return Ok(()),
+        }
+    };
+    if let Some(p) = p {
+        fs.write(ino, p.offset, &p.data).await?;
+    }
+    Ok(())
+}
+
+/// Writes out every open file of `ino` (before its size or data is looked at).
+async fn flush_ino(fs: &Sealfs, open: &Mutex<HashMap<u64, Open>>, ino: u64) -> Result<(), Error> {
+    let fhs: Vec<u64> = open
+        .lock()
+        .expect("open files")
+        .iter()
+        .filter(|(_, f)| f.ino == ino && f.pending.is_some())
+        .map(|(fh, _)| *fh)
+        .collect();
+    for fh in fhs {
+        flush_pending(fs, open, fh).await?;
+    }
+    Ok(())
+}
+
+impl Filesystem for SealFuse {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let me = self.clone_view();
+        self.spawn(async move {
+            let r = async {
+                let (ino, _) = fs.lookup(parent, &name).await?;
+                flush_ino(&fs, &me.open, ino).await?;
+                fs.getattr(ino).await
+            }
+            .await;
+            match r {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let me = self.clone_view();
+        self.spawn(async move {
+            let r = async {
+                flush_ino(&fs, &me.open, ino).await?;
+                fs.getattr(ino).await
+            }
+            .await;
+            match r {
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let me = self.clone_view();
+        let t = |x: TimeOrNow| match x {
+            TimeOrNow::SpecificTime(s) => nanos(s),
+            TimeOrNow::Now => sealfs_meta::now_nanos(),
+        };
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: atime.map(t),
+            mtime: mtime.map(t),
+            flags: None,
+        };
+        self.spawn(async move {
+            let r = async {
+                flush_ino(&fs, &me.open, ino).await?;
+                fs.setattr(ino, set).await
+            }
+            .await;
+            match r {
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        self.spawn(async move {
+            match fs.readlink(ino).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let k = match mode & 0o170000 {
+            0o100000 | 0 => FileKind::File,
+            0o010000 => FileKind::Fifo,
+            0o140000 => FileKind::Socket,
+            0o020000 => FileKind::CharDev,
+            0o060000 => FileKind::BlockDev,
+            _ => return reply.error(FErr::from_i32(22)),
+        };
+        self.make(req, parent, name, k, mode & !umask, rdev, b"", reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let (uid, gid) = (req.uid(), req.gid());
+        let me = self.clone_view();
+        let perm = ((mode & !umask) & 0o7777) as u16;
+        self.spawn(async move {
+            match fs.mkdir(parent, &name, perm, uid, gid).await {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        self.spawn(async move {
+            match fs.unlink(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        self.spawn(async move {
+            match fs.rmdir(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let t = target.as_os_str().as_bytes().to_vec();
+        self.make(
+            req,
+            parent,
+            link_name,
+            FileKind::Symlink,
+            0o777,
+            0,
+            &t,
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        let (sp, dp) = (self.ino(parent), self.ino(newparent));
+        let (sn, dn) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let flags = flags.bits();
+        self.spawn(async move {
+            match fs.rename(sp, &sn, dp, &dn, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (fs, ino, parent) = (self.fs.clone(), self.ino(ino), self.ino(newparent));
+        let name = newname.as_bytes().to_vec();
+        let me = self.clone_view();
+        self.spawn(async move {
+            match fs.link(ino, parent, &name).await {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone_view();
+        let trunc = flags.0 & 0o1000 != 0;
+        self.spawn(async move {
+            // Close-to-open: the attributes are read again at open.
+            let r = async {
+                let a = fs.getattr(ino).await?;
+                if trunc && a.size > 0 && a.kind == FileKind::File {
+                    fs.setattr(
+                        ino,
+                        SetAttr {
+                            size: Some(0),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                Ok::<(), Error>(())
+            }
+            .await;
+            match r {
+                Ok(()) => {
+                    me.open
+                        .lock()
+                        .expect("open files")
+                        .insert(fh, Open { ino, pending: None });
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let me = self.clone_view();
+        self.spawn(async move {
+            let r = async {
+                flush_pending(&fs, &me.open, fh.0).await?;
+                fs.read(ino, offset, size as u64).await
+            }
+            .await;
+            match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let ino = self.ino(ino);
+        let n = data.len() as u32;
+        // Contiguous with what is buffered: add to it; a full buffer, or a write elsewhere,
+        // sends the buffer first.
+        let out = {
+            let mut o = self.open.lock().expect("open files");
+            let f = o.entry(fh.0).or_insert(Open { ino, pending: None });
+            match &mut f.pending {
+                Some(p) if p.offset + p.data.len() as u64 == offset && p.data.len() < BUFFER => {
+                    p.data.extend_from_slice(data);
+                    if p.data.len() >= BUFFER {
+                        f.pending.take()
+                    } else {
+                        None
+                    }
+                }
+                _ => f.pending.replace(Pending {
+                    offset,
+                    data: data.to_vec(),
+                }),
+            }
+        };
+        let Some(p) = out else {
+            return reply.written(n);
+        };
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.write(ino, p.offset, &p.data).await {
+                Ok(_) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        let me = self.clone_view();
+        self.spawn(async move {
+            match flush_pending(&fs, &me.open, fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        let me = self.clone_view();
+        self.spawn(async move {
+            let r = flush_pending(&fs, &me.open, fh.0).await;
+            me.open.lock().expect("open files").remove(&fh.0);
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Every write the client makes is synced before it returns: flushing is syncing.
+        self.flush(_req, _ino, fh, LockOwner(0), reply);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (fs, dir) = (self.fs.clone(), self.ino(ino));
+        let root = self.fs.root();
+        self.spawn(async move {
+            // Offsets 1 and 2 are `.` and `..`; entries continue from their cookies + 2.
+            if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            let after = offset.saturating_sub(2);
+            match fs.readdir(dir, after, 256).await {
+                Ok(list) => {
+                    for e in list {
+                        let i = if e.ino == root { 1 } else { e.ino };
+                        if reply.add(
+                            INodeNo(i),
+                            e.cookie + 2,
+                            kind(e.kind),
+                            OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.statfs().await {
+                Ok(s) => {
+                    let b = 4096u64;
+                    reply.statfs(
+                        s.capacity / b,
+                        s.free / b,
+                        s.free / b,
+                        s.inodes + (1 << 32),
+                        1 << 32,
+                        b as u32,
+                        255,
+                        b as u32,
+                    )
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(async move {
+            match fs.setxattr(ino, &name, &value, flags as u32).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (fs, ino, name) = (self.fs.clone(), self.ino(ino), name.as_bytes().to_vec());
+        self.spawn(async move {
+            match fs.getxattr(ino, &name).await {
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(FErr::from_i32(34)),
+                Ok(v) => reply.data(&v),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        self.spawn(async move {
+            match fs.listxattr(ino).await {
+                Ok(names) => {
+                    let mut v = Vec::new();
+                    for n in names {
+                        v.extend_from_slice(&n);
+                        v.push(0);
+                    }
+                    if size == 0 {
+                        reply.size(v.len() as u32)
+                    } else if v.len() > size as usize {
+                        reply.error(FErr::from_i32(34))
+                    } else {
+                        reply.data(&v)
+                    }
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, ino, name) = (self.fs.clone(), self.ino(ino), name.as_bytes().to_vec());
+        self.spawn(async move {
+            match fs.removexattr(ino, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let (uid, gid) = (req.uid(), req.gid());
+        let perm = ((mode & !umask) & 0o7777) as u16;
+        let exclusive = flags & 0o200 != 0;
+        let trunc = flags & 0o1000 != 0;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone_view();
+        self.spawn(async move {
+            let r = async {
+                let mut a = fs
+                    .create(
+                        parent,
+                        &name,
+                        FileKind::File,
+                        perm,
+                        uid,
+                        gid,
+                        0,
+                        b"",
+                        exclusive,
+                    )
+                    .await?;
+                if trunc && a.size > 0 {
+                    a = fs
+                        .setattr(
+                            a.ino,
+                            SetAttr {
+                                size: Some(0),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                }
+                Ok::<Attr, Error>(a)
+            }
+            .await;
+            match r {
+                Ok(a) => {
+                    me.open.lock().expect("open files").insert(
+                        fh,
+                        Open {
+                            ino: a.ino,
+                            pending: None,
+                        },
+                    );
+                    reply.created(
+                        &TTL,
+                        &me.attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}
+
+impl SealFuse {
+    /// A handle on the same state for a request's task.
+    fn clone_view(&self) -> View {
+        View {
+            root: self.fs.root(),
+            open: self.open.clone(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        k: FileKind,
+        mode: u32,
+        rdev: u32,
+        target: &[u8],
+        reply: ReplyEntry,
+    ) {
+        let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let (uid, gid) = (req.uid(), req.gid());
+        let target = target.to_vec();
+        let me = self.clone_view();
+        self.spawn(async move {
+            match fs
+                .create(
+                    parent,
+                    &name,
+                    k,
+                    (mode & 0o7777) as u16,
+                    uid,
+                    gid,
+                    rdev,
+                    &target,
+                    true,
+                )
+                .await
+            {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}
+
+/// What a request's task needs of the mount.
+struct View {
+    root: u64,
+    open: Arc<Mutex<HashMap<u64, Open>>>,
+}
+
+impl View {
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let ino = if a.ino == self.root { 1 } else { a.ino };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: time(a.atime),
+            mtime: time(a.mtime),
+            ctime: time(a.ctime),
+            crtime: time(a.crtime),
+            kind: kind(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: 1 << 20,
+            flags: a.flags,
+        }
+    }
+}
+
+/// Mounts volume `fs` at `mountpoint` until it is unmounted or the returned session dropped.
+pub fn mount(
+    fs: Sealfs,
+    rt: tokio::runtime::Handle,
+    mountpoint: &Path,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName("sealfs".into()),
+        fuser::MountOption::Subtype("sealfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(4);
+    fuser::spawn_mount(SealFuse::new(fs, rt), mountpoint, &cfg)
+}

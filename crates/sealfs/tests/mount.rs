@@ -1,0 +1,194 @@
+//! The FUSE mount as a program uses it: a manager, four servers and `sealfs mount` as separate
+//! processes, files made, written, read, renamed, linked and removed through the kernel; a
+//! second mount sees what the first closed; SIGTERM unmounts cleanly; a mount left stale by a
+//! SIGKILLed client is recovered by the next `sealfs mount`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::Cluster;
+
+fn contents(i: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut h = blake3::Hasher::new();
+    h.update(&i.to_le_bytes());
+    h.finalize_xof().fill(&mut out);
+    out
+}
+
+fn mount(c: &Cluster, at: &Path) -> Child {
+    // A stale mount point (ENOTCONN) exists but cannot be looked at: sealfs mount deals with it.
+    let _ = std::fs::create_dir_all(at);
+    let args = ["--manager", &c.manager_addr, "mount", at.to_str().unwrap()];
+    match common::start(&args, &[("SEALFS_SECRET", c.secret.as_str())]) {
+        common::Started::Running(child, line) => {
+            assert!(line.contains("mounted at"), "{line}");
+            child
+        }
+        common::Started::Exited(code, err) => panic!("sealfs mount exited ({code:?}): {err}"),
+    }
+}
+
+fn mounted(at: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(at.to_str().unwrap()))
+}
+
+fn stop(mut child: Child, at: &Path) {
+    // SIGTERM: it unmounts and exits.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "sealfs mount exited with {status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "sealfs mount did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!mounted(at), "still mounted after SIGTERM");
+}
+
+/// Unmounts (lazily) whatever a failed test leaves mounted.
+struct Unmount(Vec<std::path::PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if mounted(p) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(p)
+                    .status();
+            }
+        }
+    }
+}
+
+#[test]
+fn files_through_the_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 8);
+    let m = dir.path().join("mnt");
+    let _unmount = Unmount(vec![m.clone(), dir.path().join("mnt2")]);
+    let child = mount(&c, &m);
+    assert!(mounted(&m));
+
+    // Files of many sizes, written and read back.
+    for (i, len) in [0usize, 1, 4095, 4096, 100_000, 3 << 20, (5 << 20) + 7]
+        .into_iter()
+        .enumerate()
+    {
+        let p = m.join(format!("f{i}"));
+        std::fs::write(&p, contents(i as u64, len)).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), len as u64);
+        assert!(
+            std::fs::read(&p).unwrap() == contents(i as u64, len),
+            "f{i}"
+        );
+    }
+    // Overwrite in the middle, extend, truncate.
+    let p = m.join("f5");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(1000)).unwrap();
+    f.write_all(b"middle").unwrap();
+    f.seek(SeekFrom::Start((3 << 20) + 10)).unwrap();
+    f.write_all(b"past the end").unwrap();
+    drop(f);
+    let mut want = contents(5, 3 << 20);
+    want[1000..1006].copy_from_slice(b"middle");
+    want.resize((3 << 20) + 10, 0);
+    want.extend_from_slice(b"past the end");
+    assert!(std::fs::read(&p).unwrap() == want);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(2000)
+        .unwrap();
+    assert!(std::fs::read(&p).unwrap() == want[..2000]);
+    // Small reads at odd offsets.
+    let mut f = std::fs::File::open(m.join("f6")).unwrap();
+    f.seek(SeekFrom::Start(4_000_001)).unwrap();
+    let mut buf = vec![0u8; 10_000];
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf == contents(6, (5 << 20) + 7)[4_000_001..4_010_001]);
+
+    // Directories, renames, links.
+    std::fs::create_dir_all(m.join("a/b/c")).unwrap();
+    std::fs::rename(m.join("f4"), m.join("a/b/c/moved")).unwrap();
+    assert!(std::fs::read(m.join("a/b/c/moved")).unwrap() == contents(4, 100_000));
+    assert!(!m.join("f4").exists());
+    std::fs::rename(m.join("a/b"), m.join("b2")).unwrap();
+    assert!(m.join("b2/c/moved").exists());
+    std::fs::hard_link(m.join("f3"), m.join("b2/hard")).unwrap();
+    assert_eq!(std::fs::metadata(m.join("f3")).unwrap().nlink(), 2);
+    std::os::unix::fs::symlink("f3", m.join("sym")).unwrap();
+    assert_eq!(
+        std::fs::read_link(m.join("sym")).unwrap().to_str(),
+        Some("f3")
+    );
+    assert!(std::fs::read(m.join("sym")).unwrap() == contents(3, 4096));
+    let mut names: Vec<String> = std::fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a", "b2", "f0", "f1", "f2", "f3", "f5", "f6", "sym"]
+    );
+    assert!(std::fs::remove_dir(m.join("b2")).is_err(), "not empty");
+    std::fs::remove_file(m.join("b2/hard")).unwrap();
+    assert_eq!(std::fs::metadata(m.join("f3")).unwrap().nlink(), 1);
+    std::fs::remove_dir_all(m.join("b2")).unwrap();
+    assert!(!m.join("b2").exists());
+    // Permissions and errors as the kernel reports them.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(m.join("f1"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        std::fs::metadata(m.join("f1")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read(m.join("nothing")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert!(std::fs::create_dir(m.join("a")).is_err());
+    assert!(std::fs::write(m.join("x".repeat(256)), b"").is_err());
+
+    // A second mount sees what the first wrote and closed, and its renames.
+    let m2 = dir.path().join("mnt2");
+    let child2 = mount(&c, &m2);
+    assert!(std::fs::read(m2.join("f6")).unwrap() == contents(6, (5 << 20) + 7));
+    std::fs::write(m2.join("from2"), b"written on the second").unwrap();
+    std::fs::rename(m.join("f2"), m.join("f2-renamed")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // past the kernel's 1 s caches
+    assert_eq!(
+        std::fs::read(m.join("from2")).unwrap(),
+        b"written on the second"
+    );
+    assert!(m2.join("f2-renamed").exists() && !m2.join("f2").exists());
+    stop(child2, &m2);
+
+    // SIGKILL leaves the mount point stale; the next mount recovers it.
+    let mut child = child;
+    common::kill(&mut child);
+    std::thread::sleep(Duration::from_millis(1200)); // past the cached attributes of the root
+    let err = std::fs::read_dir(&m).map(|_| ()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(107), "ENOTCONN: {err}");
+    let child = mount(&c, &m);
+    assert!(std::fs::read(m.join("f6")).unwrap() == contents(6, (5 << 20) + 7));
+    stop(child, &m);
+}
