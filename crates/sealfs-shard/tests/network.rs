@@ -144,7 +144,7 @@ async fn servers_stop_and_return_without_losing_anything() {
     }
     // Repair rewrote the cells it missed, or found them already written: the writes left to
     // finish in the background may reach it once it is back. Either way nothing is left, and
-    // the reads from exactly its shards and 4 others below show its cells are current.
+    // the reads below from its 4 shards and server 0's 4 (exactly k) show its cells are current.
     assert!(
         report.cells_failed == 0 && report.unrecoverable.is_empty(),
         "{report:?}"
