@@ -154,6 +154,19 @@ impl Group {
     /// Makes the group of `members` (node id -> address). Run on one replica of a new group;
     /// running it again, or on a group that exists, does nothing.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), GroupError> {
+        if self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .next()
+            .is_some()
+        {
+            // Made before (a restart): nothing to do.
+            return Ok(());
+        }
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .into_iter()
             .map(|(k, a)| (k, BasicNode::new(a)))

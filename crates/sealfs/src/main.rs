@@ -49,6 +49,10 @@ enum Cmd {
     /// Create, list or delete volumes.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// A whole local cluster in one process, mounted: a manager, servers with disks under the
+    /// data folder, the volume "default" at MOUNTPOINT. Ctrl-C unmounts and stops it; run
+    /// again, it finds its data.
+    Up(UpArgs),
     /// Mount a volume with FUSE until Ctrl-C or SIGTERM (then it unmounts).
     Mount(MountArgs),
     /// Unmount a sealfs mount point (also one left stale by a killed client).
@@ -69,6 +73,25 @@ pub(crate) struct SecretArgs {
     /// The cluster secret itself (prefer --secret-file; command lines are visible to all users).
     #[arg(long, env = "SEALFS_SECRET", hide_env_values = true)]
     secret: Option<String>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where to mount the file system (made if missing).
+    #[arg(default_value = "./sealfs")]
+    mountpoint: PathBuf,
+    /// Where the cluster keeps everything (disks, metadata, its secret).
+    #[arg(long, default_value = "./sealfs-data")]
+    data_dir: PathBuf,
+    /// Servers to run.
+    #[arg(long, default_value_t = 4)]
+    servers: usize,
+    /// Disks (folders) per server.
+    #[arg(long, default_value_t = 4)]
+    disks: usize,
+    /// Metadata partitions.
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
 }
 
 #[derive(Args)]
@@ -385,6 +408,142 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
+/// The addresses `sealfs up` listens on: chosen free the first time, kept in the data folder
+/// so that servers come back on theirs (the manager knows them by address).
+fn up_addresses(dir: &std::path::Path, n: usize) -> Result<Vec<String>, String> {
+    let file = dir.join("addresses");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let v: Vec<String> = text.lines().map(str::to_string).collect();
+        if v.len() == n {
+            return Ok(v);
+        }
+        return Err(format!(
+            "{} lists {} addresses; this data folder was made with --servers {}",
+            file.display(),
+            v.len(),
+            v.len().saturating_sub(1)
+        ));
+    }
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        v.push(l.local_addr().map_err(|e| e.to_string())?.to_string());
+    }
+    std::fs::write(&file, v.join("\n")).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(v)
+}
+
+async fn up(a: UpArgs) -> Result<(), String> {
+    if a.servers == 0 || a.disks == 0 || a.servers * a.disks < 16 {
+        return Err(format!(
+            "--servers {} x --disks {} is {} disks; the default 8+8 code needs 16",
+            a.servers,
+            a.disks,
+            a.servers * a.disks
+        ));
+    }
+    let data = &a.data_dir;
+    std::fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+    let data = data
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", data.display()))?;
+    let secret_file = data.join("secret");
+    if !secret_file.exists() {
+        let mut s = [0u8; 24];
+        getrandom_fill(&mut s)?;
+        let hex: String = s.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret_file, hex).map_err(|e| e.to_string())?;
+    }
+    let key = ClusterKey::from_secret(&secret(&Some(secret_file.clone()), &None)?);
+    let addrs = up_addresses(&data, a.servers + 1)?;
+    let manager = sealfs_manager::Manager::start(
+        &addrs[0],
+        &data.join("manager"),
+        key.clone(),
+        std::time::Duration::from_secs(10),
+        sealfs_manager::Layout {
+            partitions: a.partitions,
+            replicas: 3.min(a.servers as u8),
+        },
+        &[],
+    )
+    .await?;
+    let mut nodes = Vec::new();
+    for s in 0..a.servers {
+        let disks: Vec<PathBuf> = (0..a.disks)
+            .map(|d| data.join(format!("s{s}/disk{d}")))
+            .collect();
+        for d in &disks {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        nodes.push(
+            node::Node::start(node::NodeSettings {
+                listen: addrs[s + 1].clone(),
+                data_dir: data.join(format!("s{s}/state")),
+                disks,
+                zone: String::new(),
+                key: key.clone(),
+                manager: Some(addrs[0].clone()),
+                host: Default::default(),
+            })
+            .await?,
+        );
+    }
+    let fs = sealfs_client::Sealfs::connect(
+        &addrs[0],
+        key,
+        "default",
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    let mp = &a.mountpoint;
+    if let Err(e) = std::fs::metadata(mp) {
+        if e.raw_os_error() == Some(107) {
+            umount(mp)?;
+        }
+    }
+    std::fs::create_dir_all(mp).map_err(|e| format!("cannot create {}: {e}", mp.display()))?;
+    let session = mount::mount(fs, tokio::runtime::Handle::current(), mp).map_err(|e| {
+        format!(
+            "cannot mount at {}: {e} (is fuse3 installed?)",
+            mp.display()
+        )
+    })?;
+    // Tests and scripts read this first line.
+    println!("sealfs up: mounted at {}", mp.display());
+    println!(
+        "  data: {} ({} servers x {} disks)",
+        data.display(),
+        a.servers,
+        a.disks
+    );
+    println!(
+        "  manager: {} (for other shells: SEALFS_MANAGER={} SEALFS_SECRET_FILE={})",
+        addrs[0],
+        addrs[0],
+        secret_file.display()
+    );
+    println!("  Ctrl-C unmounts and stops");
+    wait_for_signal().await?;
+    tracing::info!("unmounting and stopping");
+    tokio::task::spawn_blocking(move || session.umount_and_join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("unmount: {e}"))?;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    manager.shutdown().await;
+    Ok(())
+}
+
+fn getrandom_fill(b: &mut [u8]) -> Result<(), String> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(b))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))
+}
+
 /// Unmounts `mountpoint` (lazily, so that a mount left by a killed client goes too).
 fn umount(mountpoint: &std::path::Path) -> Result<(), String> {
     rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
@@ -446,9 +605,17 @@ fn main() -> ExitCode {
     {
         use tracing_subscriber::prelude::*;
         // openraft reports every election at info; keep its warnings only.
+        // openraft reports every election at info and every unreachable peer (a server
+        // starting or stopping) at error; sealfs reports what matters of those itself. Its
+        // own messages show from --log debug on.
+        let raft = if cli.log >= tracing::Level::DEBUG {
+            tracing::level_filters::LevelFilter::from_level(tracing::Level::WARN)
+        } else {
+            tracing::level_filters::LevelFilter::OFF
+        };
         let filter = tracing_subscriber::filter::Targets::new()
             .with_default(cli.log)
-            .with_target("openraft", tracing::Level::WARN.min(cli.log));
+            .with_target("openraft", raft);
         tracing_subscriber::registry()
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
             .with(filter)
@@ -476,6 +643,7 @@ fn main() -> ExitCode {
             Cmd::Volume(v) => cli::volume(cli.manager, v).await,
             Cmd::Blob(b) => cli::blob(cli.manager, b).await,
             Cmd::Mount(a) => mount_cmd(cli.manager, a).await,
+            Cmd::Up(a) => up(a).await,
             Cmd::Umount { mountpoint } => umount(&mountpoint),
         }
     });
