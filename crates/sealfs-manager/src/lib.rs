@@ -310,9 +310,18 @@ impl Manager {
         let g = group.clone();
         let detector = tokio::spawn(async move {
             let tick = (down_after / 4).max(Duration::from_millis(50));
+            // A replica that just became leader (a failover, a restart) has not heard the
+            // heartbeats sent meanwhile: it declares nobody down before a full timeout of
+            // its own has passed.
+            let mut leading_since: Option<std::time::Instant> = None;
             loop {
                 tokio::time::sleep(tick).await;
-                if g.is_leader() {
+                if !g.is_leader() {
+                    leading_since = None;
+                    continue;
+                }
+                let since = *leading_since.get_or_insert_with(std::time::Instant::now);
+                {
                     let unlaid = g
                         .read_local(|m| {
                             postcard::from_bytes::<ClusterMap>(&m.snapshot())
@@ -329,9 +338,11 @@ impl Manager {
                             let _ = g.write(cmd).await;
                         }
                     }
-                    let before_ms = now_ms().saturating_sub(down_after.as_millis() as u64);
-                    if let Ok(cmd) = postcard::to_stdvec(&Command::MarkDown { before_ms }) {
-                        let _ = g.write(cmd).await;
+                    if since.elapsed() >= down_after {
+                        let before_ms = now_ms().saturating_sub(down_after.as_millis() as u64);
+                        if let Ok(cmd) = postcard::to_stdvec(&Command::MarkDown { before_ms }) {
+                            let _ = g.write(cmd).await;
+                        }
                     }
                 }
             }
