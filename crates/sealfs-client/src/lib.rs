@@ -367,6 +367,20 @@ impl Sealfs {
         Ok(())
     }
 
+    /// Keeps `ino` past its last link while a mount has it open (see [`Op::Keep`]).
+    pub async fn keep(&self, ino: u64) -> Result<(), Errno> {
+        let op = Op::Keep { ino, now: 0 };
+        self.meta.write(partition_of(ino), &op).await?.err()?;
+        Ok(())
+    }
+
+    /// The mount closed `ino`: it goes if it has no link left.
+    pub async fn unkeep(&self, ino: u64) -> Result<(), Errno> {
+        let op = Op::Unkeep { ino };
+        self.meta.write(partition_of(ino), &op).await?.err()?;
+        Ok(())
+    }
+
     /// Removes an empty directory.
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
         check_name(name)?;
@@ -935,35 +949,48 @@ impl Sealfs {
     /// flight), synced on k + w shards, then recorded in the file's metadata (synced by a
     /// majority). When it returns, the bytes survive the loss of power of every machine.
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Attr, Errno> {
-        if data.is_empty() {
+        self.write_ranges(ino, &[(offset, data)]).await
+    }
+
+    /// Writes several ranges of file `ino` at once, later ranges over earlier ones where they
+    /// overlap. Small ranges share fronds (each extent names its place in its frond), so a
+    /// burst of scattered small writes costs one append, one sync per blade and one metadata
+    /// command, not one of each per range. Durable when it returns, as [`Sealfs::write`].
+    pub async fn write_ranges(&self, ino: u64, ranges: &[(u64, &[u8])]) -> Result<Attr, Errno> {
+        let total: usize = ranges.iter().map(|r| r.1.len()).sum();
+        if total == 0 {
             return self.getattr(ino).await;
         }
-        offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
-        self.check_quota(data.len() as u64).await?;
-        let n = data.len().div_ceil(FROND_BYTES);
-        let extents: Vec<Extent> = stream::iter(0..n)
-            .map(|i| {
-                let c = &data[i * FROND_BYTES..((i + 1) * FROND_BYTES).min(data.len())];
-                let off = offset + (i * FROND_BYTES) as u64;
-                async move {
-                    let r = self.append(c).await?;
-                    Ok::<Extent, Errno>(Extent {
-                        offset: off,
-                        len: c.len() as u64,
-                        blade: r.address.blade(),
-                        address: r.address.0,
-                        frond_len: r.len,
-                        seq: r.seq,
-                        skip: 0,
-                    })
-                }
+        for (offset, data) in ranges {
+            offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
+        }
+        self.check_quota(total as u64).await?;
+        let fronds = pack(ranges);
+        let extents: Vec<Vec<Extent>> = stream::iter(fronds)
+            .map(|(bytes, pieces)| async move {
+                let r = self.append(&bytes).await?;
+                Ok::<Vec<Extent>, Errno>(
+                    pieces
+                        .into_iter()
+                        .map(|(offset, skip, len)| Extent {
+                            offset,
+                            len: len as u64,
+                            blade: r.address.blade(),
+                            address: r.address.0,
+                            frond_len: r.len,
+                            seq: r.seq,
+                            skip,
+                        })
+                        .collect(),
+                )
             })
             .buffered(FRONDS_IN_FLIGHT)
             .try_collect()
             .await?;
+        let extents: Vec<Extent> = extents.into_iter().flatten().collect();
         let blades: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
         self.sync_blades(&blades).await?;
-        // One command per 512 extents (1 GiB), to keep commands small.
+        // One command per 512 extents (1 GiB of whole fronds), to keep commands small.
         let mut last = None;
         for batch in extents.chunks(512) {
             let op = Op::Write {
@@ -976,7 +1003,7 @@ impl Sealfs {
         // Count this write in the cached usage until it is read again (an overwrite is
         // counted too: the quota errs on the safe side for at most a second).
         if let Some(u) = self.usage.lock().expect("usage").as_mut() {
-            u.1 = u.1.saturating_add(data.len() as u64);
+            u.1 = u.1.saturating_add(total as u64);
         }
         last.ok_or(Errno::IO)
     }
@@ -1107,12 +1134,22 @@ impl Sealfs {
     /// Reads up to `len` bytes of file `ino` at `offset` (fewer at the end of the file; holes
     /// read as zeros).
     pub async fn read(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
+        Ok(self.read_sized(ino, offset, len).await?.0)
+    }
+
+    /// As [`Sealfs::read`], with the file's size as the read saw it.
+    pub async fn read_sized(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<u8>, u64), Errno> {
         let q = Query::Extents { ino, offset, len };
         let (extents, size) = match self.meta.read(partition_of(ino), &q).await?.err()? {
             Reply::Extents(e, s) => (e, s),
             _ => return Err(Errno::IO),
         };
-        self.read_extents(&extents, size, offset, len).await
+        Ok((self.read_extents(&extents, size, offset, len).await?, size))
     }
 
     /// Reads `[offset, offset + len)` given the extents covering it and the file's size.
@@ -1147,6 +1184,29 @@ impl Sealfs {
         }
         Ok(out)
     }
+}
+
+/// A frond's bytes and the pieces in it: (file offset, offset in the frond, length).
+type Packed = (Vec<u8>, Vec<(u64, u32, usize)>);
+
+/// Lays `ranges` out as fronds of at most [`FROND_BYTES`]: a range longer than that is cut,
+/// shorter ones share a frond, in order (so that a later range still lands after an earlier
+/// one it overlaps, in the order of the extents).
+fn pack(ranges: &[(u64, &[u8])]) -> Vec<Packed> {
+    let mut out: Vec<Packed> = Vec::new();
+    for (offset, data) in ranges {
+        for (i, piece) in data.chunks(FROND_BYTES).enumerate() {
+            let at = offset + (i * FROND_BYTES) as u64;
+            match out.last_mut() {
+                Some((bytes, pieces)) if bytes.len() + piece.len() <= FROND_BYTES => {
+                    pieces.push((at, bytes.len() as u32, piece.len()));
+                    bytes.extend_from_slice(piece);
+                }
+                _ => out.push((piece.to_vec(), vec![(at, 0, piece.len())])),
+            }
+        }
+    }
+    out
 }
 
 /// A blob reference as text: `ADDRESS:LEN:SEQ` in hex (the address holds the blade).

@@ -259,6 +259,8 @@ pub enum FollowUp {
     Destroy { ino: u64 },
     /// A directory moved: its `..` is now `parent`.
     SetParent { ino: u64, parent: u64 },
+    /// An inode was renamed where its entry lives: its ctime changes.
+    Touch { ino: u64 },
 }
 
 /// A command a partition applies (through Raft). `now` is the leader's clock.
@@ -426,7 +428,22 @@ pub enum Op {
         entry_exists: bool,
         now: Nanos,
     },
+    /// A mount has `ino` open: when its last link goes, keep the inode (nlink 0) until
+    /// [`Op::Unkeep`], so that the open file can still be read and written. Also forgets
+    /// inodes kept longer than [`KEEP_MAX_NS`] (their mount is gone).
+    Keep {
+        ino: u64,
+        now: Nanos,
+    },
+    /// The mount closed `ino`: an inode with no link left goes now.
+    Unkeep {
+        ino: u64,
+    },
 }
+
+/// How long an unlinked inode stays for a mount that has it open and never says it closed
+/// it (a mount that was killed): a day.
+pub const KEEP_MAX_NS: Nanos = 24 * 3600 * 1_000_000_000;
 
 /// A read-only query of a partition.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -571,11 +588,13 @@ impl Op {
             | Op::Write { now, .. }
             | Op::SetXattr { now, .. }
             | Op::RemoveXattr { now, .. }
-            | Op::Settle { now, .. } => *now = t,
+            | Op::Settle { now, .. }
+            | Op::Keep { now, .. } => *now = t,
             Op::RmdirAbort { .. }
             | Op::RenameUnlock { .. }
             | Op::Apply { .. }
-            | Op::ClearIntent { .. } => {}
+            | Op::ClearIntent { .. }
+            | Op::Unkeep { .. } => {}
         }
     }
 }

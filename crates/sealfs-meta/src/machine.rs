@@ -37,6 +37,8 @@ const DONE: Table = TableDefinition::new("done");
 const USAGE: Table = TableDefinition::new("usage");
 /// name -> value: counters and the applied position.
 const META: Table = TableDefinition::new("meta");
+/// ino -> when a mount asked to keep it past its last link (open files that were unlinked).
+const KEPT: Table = TableDefinition::new("kept");
 
 const TABLES: [Table; 9] = [
     INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META,
@@ -719,11 +721,37 @@ impl W<'_> {
         };
         i.attr.nlink = i.attr.nlink.saturating_sub(1);
         i.attr.ctime = now;
-        if i.attr.nlink == 0 {
+        if i.attr.nlink == 0 && self.get(KEPT, &k_ino(ino))?.is_none() {
             self.delete_inode(&i)
         } else {
             self.save(&i)
         }
+    }
+
+    /// No mount keeps `ino` any more: it goes if no link is left.
+    fn unkeep(&self, ino: u64) -> R<()> {
+        self.del(KEPT, &k_ino(ino))?;
+        match self.inode(ino) {
+            Ok(i) if i.attr.nlink == 0 => self.delete_inode(&i),
+            _ => Ok(()),
+        }
+    }
+
+    /// Inodes kept since before `before`: their mount never closed them (it was killed).
+    fn forget_kept(&self, before: Nanos) -> R<()> {
+        let mut old = Vec::new();
+        for item in self.tx.open_table(KEPT)?.iter()? {
+            let (k, v) = item?;
+            let since: Nanos = dec(v.value())?;
+            if since < before {
+                old.push(k.value().to_vec());
+            }
+        }
+        for k in old {
+            let ino = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| Errno::IO)?);
+            self.unkeep(ino)?;
+        }
+        Ok(())
     }
 
     /// A directory here whose entry is gone: delete it with anything left in it.
@@ -763,6 +791,12 @@ impl W<'_> {
             FollowUp::SetParent { ino, parent } => {
                 if let Ok(mut i) = self.inode(ino) {
                     i.parent = parent;
+                    i.attr.ctime = now;
+                    self.save(&i)?;
+                }
+            }
+            FollowUp::Touch { ino } => {
+                if let Ok(mut i) = self.inode(ino) {
                     i.attr.ctime = now;
                     self.save(&i)?;
                 }
@@ -1244,6 +1278,16 @@ impl W<'_> {
                 self.del(INTENTS, &k_ino(id))?;
                 Ok(Reply::Done)
             }
+            Op::Keep { ino, now } => {
+                self.forget_kept(now - crate::KEEP_MAX_NS)?;
+                self.inode(ino)?;
+                self.put(KEPT, &k_ino(ino), &enc(&now)?)?;
+                Ok(Reply::Done)
+            }
+            Op::Unkeep { ino } => {
+                self.unkeep(ino)?;
+                Ok(Reply::Done)
+            }
             Op::Settle {
                 item,
                 entry_exists,
@@ -1415,11 +1459,10 @@ impl W<'_> {
             self.save(&src_dir)?;
             self.save(&dst_dir)?;
         }
-        if partition_of(s.ino) == self.partition {
-            if let Ok(mut i) = self.inode(s.ino) {
-                i.attr.ctime = now;
-                self.save(&i)?;
-            }
+        // The renamed inode's ctime changes; a directory moved to another parent had it
+        // changed with its `..`.
+        if same_dir || s.kind != Kind::Dir {
+            self.here_or_intent(s.ino, FollowUp::Touch { ino: s.ino }, now, &mut intents)?;
         }
         Ok(Reply::Intents(intents))
     }

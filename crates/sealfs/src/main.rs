@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cli;
+mod dirty;
 mod mount;
 mod node;
+mod open;
 
 use clap::{Args, Parser, Subcommand};
 use sealfs_rpc::ClusterKey;

@@ -1,16 +1,13 @@
-//! The FUSE mount over the client library (first part of the mount issue): the namespace
-//! operations, reads, and writes buffered per open file into fronds of about 2 MiB, made
-//! durable on fsync, flush (close) and release.
+//! The FUSE mount over the client library: the namespace operations, reads, and writes held
+//! per file (`open.rs`) and sent as fronds, made durable on fsync, flush (close) and release.
 //!
 //! Each request runs on the tokio runtime and answers when it is done, so that slow
 //! operations do not hold up the others.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -22,27 +19,16 @@ use fuser::{
 use sealfs_client::{Error, FileKind, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
 
+use crate::open::{Held, OpenFiles};
+
 /// How long the kernel may cache attributes and entries.
 const TTL: Duration = Duration::from_secs(1);
-
-/// Bytes buffered per open file before they are written as a frond.
-const BUFFER: usize = sealfs_client::FROND_BYTES;
-
-struct Pending {
-    offset: u64,
-    data: Vec<u8>,
-}
-
-struct Open {
-    ino: u64,
-    pending: Option<Pending>,
-}
 
 /// The file system as the kernel sees it.
 pub struct SealFuse {
     fs: Sealfs,
     rt: tokio::runtime::Handle,
-    open: Arc<Mutex<HashMap<u64, Open>>>,
+    open: OpenFiles,
     next_fh: AtomicU64,
 }
 
@@ -86,9 +72,9 @@ impl SealFuse {
     /// The mount of `fs`, its requests run on `rt`.
     pub fn new(fs: Sealfs, rt: tokio::runtime::Handle) -> Self {
         SealFuse {
+            open: OpenFiles::new(fs.clone()),
             fs,
             rt,
-            open: Arc::default(),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -110,40 +96,6 @@ impl SealFuse {
     }
 }
 
-/// Writes out what an open file has buffered.
-async fn flush_pending(
-    fs: &Sealfs,
-    open: &Mutex<HashMap<u64, Open>>,
-    fh: u64,
-) -> Result<(), Error> {
-    let (ino, p) = {
-        let mut o = open.lock().expect("open files");
-        match o.get_mut(&fh) {
-            Some(f) => (f.ino, f.pending.take()),
-            None => return Ok(()),
-        }
-    };
-    if let Some(p) = p {
-        fs.write(ino, p.offset, &p.data).await?;
-    }
-    Ok(())
-}
-
-/// Writes out every open file of `ino` (before its size or data is looked at).
-async fn flush_ino(fs: &Sealfs, open: &Mutex<HashMap<u64, Open>>, ino: u64) -> Result<(), Error> {
-    let fhs: Vec<u64> = open
-        .lock()
-        .expect("open files")
-        .iter()
-        .filter(|(_, f)| f.ino == ino && f.pending.is_some())
-        .map(|(fh, _)| *fh)
-        .collect();
-    for fh in fhs {
-        flush_pending(fs, open, fh).await?;
-    }
-    Ok(())
-}
-
 impl Filesystem for SealFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
@@ -151,12 +103,11 @@ impl Filesystem for SealFuse {
         self.spawn(async move {
             let r = async {
                 let (ino, _) = fs.lookup(parent, &name).await?;
-                flush_ino(&fs, &me.open, ino).await?;
                 fs.getattr(ino).await
             }
             .await;
             match r {
-                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&TTL, &me.attr(&me.open.attr(a)), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -166,13 +117,8 @@ impl Filesystem for SealFuse {
         let (fs, ino) = (self.fs.clone(), self.ino(ino));
         let me = self.clone_view();
         self.spawn(async move {
-            let r = async {
-                flush_ino(&fs, &me.open, ino).await?;
-                fs.getattr(ino).await
-            }
-            .await;
-            match r {
-                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+            match fs.getattr(ino).await {
+                Ok(a) => reply.attr(&TTL, &me.attr(&me.open.attr(a))),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -212,13 +158,17 @@ impl Filesystem for SealFuse {
             flags: None,
         };
         self.spawn(async move {
-            let r = async {
-                flush_ino(&fs, &me.open, ino).await?;
+            // A new size cuts what is held (what is held below it is sent later). A new mtime
+            // alone comes after the bytes written before it: they are sent first.
+            let r = if let Some(size) = set.size {
+                me.open.truncate_then(ino, size, fs.setattr(ino, set)).await
+            } else if set.mtime.is_some() {
+                me.open.flush_then(ino, fs.setattr(ino, set)).await
+            } else {
                 fs.setattr(ino, set).await
-            }
-            .await;
+            };
             match r {
-                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Ok(a) => reply.attr(&TTL, &me.attr(&me.open.attr(a))),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -278,8 +228,13 @@ impl Filesystem for SealFuse {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let me = self.clone_view();
         self.spawn(async move {
-            match fs.unlink(parent, &name).await {
+            let r = async {
+                me.keep_if_open(&fs, parent, &name).await?;
+                fs.unlink(parent, &name).await
+            };
+            match r.await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -331,8 +286,16 @@ impl Filesystem for SealFuse {
         let (sp, dp) = (self.ino(parent), self.ino(newparent));
         let (sn, dn) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let flags = flags.bits();
+        let me = self.clone_view();
         self.spawn(async move {
-            match fs.rename(sp, &sn, dp, &dn, flags).await {
+            let r = async {
+                // A file replaced by the rename may be open here.
+                if flags & sealfs_meta::RENAME_EXCHANGE == 0 {
+                    me.keep_if_open(&fs, dp, &dn).await?;
+                }
+                fs.rename(sp, &sn, dp, &dn, flags).await
+            };
+            match r.await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -366,26 +329,20 @@ impl Filesystem for SealFuse {
         self.spawn(async move {
             // Close-to-open: the attributes are read again at open.
             let r = async {
-                let a = fs.getattr(ino).await?;
+                let a = me.open.attr(fs.getattr(ino).await?);
                 if trunc && a.size > 0 && a.kind == FileKind::File {
-                    fs.setattr(
-                        ino,
-                        SetAttr {
-                            size: Some(0),
-                            ..Default::default()
-                        },
-                    )
-                    .await?;
+                    let zero = SetAttr {
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    me.open.truncate_then(ino, 0, fs.setattr(ino, zero)).await?;
                 }
                 Ok::<(), Error>(())
             }
             .await;
             match r {
                 Ok(()) => {
-                    me.open
-                        .lock()
-                        .expect("open files")
-                        .insert(fh, Open { ino, pending: None });
+                    me.open.opened(ino);
                     reply.opened(FileHandle(fh), FopenFlags::empty())
                 }
                 Err(e) => reply.error(errno(e)),
@@ -397,22 +354,17 @@ impl Filesystem for SealFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let ino = self.ino(ino);
         let me = self.clone_view();
         self.spawn(async move {
-            let r = async {
-                flush_pending(&fs, &me.open, fh.0).await?;
-                fs.read(ino, offset, size as u64).await
-            }
-            .await;
-            match r {
+            match me.open.read(ino, offset, size as u64).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
             }
@@ -423,7 +375,7 @@ impl Filesystem for SealFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -433,50 +385,37 @@ impl Filesystem for SealFuse {
     ) {
         let ino = self.ino(ino);
         let n = data.len() as u32;
-        // Contiguous with what is buffered: add to it; a full buffer, or a write elsewhere,
-        // sends the buffer first.
-        let out = {
-            let mut o = self.open.lock().expect("open files");
-            let f = o.entry(fh.0).or_insert(Open { ino, pending: None });
-            match &mut f.pending {
-                Some(p) if p.offset + p.data.len() as u64 == offset && p.data.len() < BUFFER => {
-                    p.data.extend_from_slice(data);
-                    if p.data.len() >= BUFFER {
-                        f.pending.take()
-                    } else {
-                        None
+        match self.open.write(ino, offset, data) {
+            Err(e) => reply.error(errno(e)),
+            Ok(Held::Done) => reply.written(n),
+            Ok(Held::Background) => {
+                let open = self.open.clone();
+                self.spawn(async move { open.background(ino).await });
+                reply.written(n)
+            }
+            Ok(Held::Wait) => {
+                let open = self.open.clone();
+                self.spawn(async move {
+                    match open.flush(ino).await {
+                        Ok(()) => reply.written(n),
+                        Err(e) => reply.error(errno(e)),
                     }
-                }
-                _ => f.pending.replace(Pending {
-                    offset,
-                    data: data.to_vec(),
-                }),
+                });
             }
-        };
-        let Some(p) = out else {
-            return reply.written(n);
-        };
-        let fs = self.fs.clone();
-        self.spawn(async move {
-            match fs.write(ino, p.offset, &p.data).await {
-                Ok(_) => reply.written(n),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        }
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        let me = self.clone_view();
+        let (ino, open) = (self.ino(ino), self.open.clone());
         self.spawn(async move {
-            match flush_pending(&fs, &me.open, fh.0).await {
+            match open.flush(ino).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -486,35 +425,100 @@ impl Filesystem for SealFuse {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        let me = self.clone_view();
+        let (ino, open) = (self.ino(ino), self.open.clone());
         self.spawn(async move {
-            let r = flush_pending(&fs, &me.open, fh.0).await;
-            me.open.lock().expect("open files").remove(&fh.0);
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
+            let r = open.flush(ino).await;
+            if let Err(e) = r {
+                // close() already reported it (flush comes first); what is held cannot go.
+                tracing::warn!("inode {ino:#x}: bytes written and never sent: {e:?}");
+                open.discard(ino);
             }
+            open.released(ino).await;
+            reply.ok()
         });
     }
 
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Every write the client makes is synced before it returns: flushing is syncing.
-        self.flush(_req, _ino, fh, LockOwner(0), reply);
+        // Every send syncs its fronds and metadata before it returns: flushing is syncing.
+        self.flush(req, ino, fh, LockOwner(0), reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const KEEP_SIZE: i32 = 0x01;
+        const PUNCH_HOLE: i32 = 0x02;
+        const ZERO_RANGE: i32 = 0x10;
+        let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        let me = self.clone_view();
+        let Some(end) = offset.checked_add(length) else {
+            return reply.error(FErr::from_i32(27));
+        };
+        if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0
+            || (mode & PUNCH_HOLE != 0 && mode & KEEP_SIZE == 0)
+        {
+            // Collapse and insert range, unshare: not offered.
+            return reply.error(FErr::from_i32(95));
+        }
+        self.spawn(async move {
+            let r = async {
+                let size = me.open.attr(fs.getattr(ino).await?).size;
+                if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
+                    // Zeros over the range (within the file for a punched hole).
+                    let stop = if mode & KEEP_SIZE != 0 {
+                        end.min(size)
+                    } else {
+                        end
+                    };
+                    let mut at = offset;
+                    while at < stop {
+                        let n = (stop - at).min(sealfs_client::FROND_BYTES as u64);
+                        let zeros = vec![0u8; n as usize];
+                        if let Held::Wait = me.open.write(ino, at, &zeros)? {
+                            me.open.flush(ino).await?;
+                        }
+                        at += n;
+                    }
+                } else if mode & KEEP_SIZE == 0 && end > size {
+                    // Space is not reserved ahead (fronds are appended when written): the
+                    // file grows, and reads of the new part give zeros.
+                    let grow = SetAttr {
+                        size: Some(end),
+                        ..Default::default()
+                    };
+                    me.open
+                        .truncate_then(ino, end, fs.setattr(ino, grow))
+                        .await?;
+                }
+                Ok::<(), Error>(())
+            }
+            .await;
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn readdir(
@@ -680,15 +684,14 @@ impl Filesystem for SealFuse {
                         exclusive,
                     )
                     .await?;
-                if trunc && a.size > 0 {
-                    a = fs
-                        .setattr(
-                            a.ino,
-                            SetAttr {
-                                size: Some(0),
-                                ..Default::default()
-                            },
-                        )
+                if trunc && me.open.attr(a.clone()).size > 0 {
+                    let zero = SetAttr {
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    a = me
+                        .open
+                        .truncate_then(a.ino, 0, fs.setattr(a.ino, zero))
                         .await?;
                 }
                 Ok::<Attr, Error>(a)
@@ -696,13 +699,7 @@ impl Filesystem for SealFuse {
             .await;
             match r {
                 Ok(a) => {
-                    me.open.lock().expect("open files").insert(
-                        fh,
-                        Open {
-                            ino: a.ino,
-                            pending: None,
-                        },
-                    );
+                    me.open.opened(a.ino);
                     reply.created(
                         &TTL,
                         &me.attr(&a),
@@ -767,10 +764,23 @@ impl SealFuse {
 /// What a request's task needs of the mount.
 struct View {
     root: u64,
-    open: Arc<Mutex<HashMap<u64, Open>>>,
+    open: OpenFiles,
 }
 
 impl View {
+    /// Asks the cluster to keep the file `name` in `parent` past its last link if this mount
+    /// has it open (POSIX: an unlinked file lives on until it is closed).
+    async fn keep_if_open(&self, fs: &Sealfs, parent: u64, name: &[u8]) -> Result<(), Error> {
+        if !self.open.any_open() {
+            return Ok(());
+        }
+        match fs.lookup(parent, name).await {
+            Ok((ino, FileKind::File)) if self.open.is_open(ino) => self.open.keep(ino).await,
+            Ok(_) | Err(Error::NOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn attr(&self, a: &Attr) -> FileAttr {
         let ino = if a.ino == self.root { 1 } else { a.ino };
         FileAttr {

@@ -197,3 +197,93 @@ impl Cluster {
         )
     }
 }
+
+/// True if `at` is a mount point of this process's namespace.
+pub fn mounted(at: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == at.to_str())
+}
+
+/// A `sealfs up` process (a manager, 4 servers and the mount, in one process) on a folder of
+/// its own; SIGKILLed and unmounted when dropped.
+pub struct Up {
+    pub child: Child,
+    pub mnt: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Up {
+    /// Starts `sealfs up` with 8 partitions and waits until it has mounted.
+    pub fn start() -> Up {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let mnt = dir.path().join("mnt");
+        let data = dir.path().join("data");
+        let args = [
+            "up",
+            mnt.to_str().expect("path"),
+            "--data-dir",
+            data.to_str().expect("path"),
+            "--partitions",
+            "8",
+        ];
+        match start(&args, &[]) {
+            Started::Running(child, line) => {
+                assert!(line.contains("mounted at"), "{line}");
+                Up { child, mnt, dir }
+            }
+            Started::Exited(code, err) => panic!("sealfs up exited ({code:?}): {err}"),
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        if mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// Runs `cmd` with `args` in `cwd`, at most `secs` seconds (coreutils `timeout`); returns its
+/// output, or panics with what it printed if it failed or is not installed.
+pub fn run(cwd: &std::path::Path, secs: u32, cmd: &str, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg(secs.to_string())
+        .arg(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (scripts/test installs what the tests need)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} in {} failed ({}): {}",
+        cwd.display(),
+        out.status,
+        tail(&text, 4000)
+    );
+    text
+}
+
+/// The last `n` bytes of `s` (at a character boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut at = s.len().saturating_sub(n);
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    &s[at..]
+}
+
+/// Empties the kernel's page, dentry and inode caches (as root), so that reads go to the
+/// file system.
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (needs root)");
+}

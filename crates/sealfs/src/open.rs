@@ -1,0 +1,317 @@
+//! The mount's open files: what has been written to each and not yet sent, the one send in
+//! flight per file, and the error a background send left for the next write, flush or fsync
+//! to report (as a kernel reports a writeback error).
+//!
+//! `write()` returns once the bytes are held here (DESIGN 5.5: it may return before they are
+//! durable). They are sent as one burst of fronds, synced on k + w disks and recorded by a
+//! Raft majority, when the file is closed or fsynced, when its size or times are set, and in
+//! the background once [`SEND_BYTES`] are held. Reads through the mount see them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sealfs_client::{Error, Sealfs};
+use sealfs_meta::Attr;
+
+use crate::dirty::Ranges;
+
+/// Held bytes of one file that start a send in the background.
+pub const SEND_BYTES: usize = sealfs_client::FROND_BYTES;
+/// Held bytes of one file past which a write waits for the send (bounds the memory a
+/// writer faster than the cluster can take).
+pub const HELD_BYTES_MAX: usize = 8 * sealfs_client::FROND_BYTES;
+/// Separate ranges of one file past which a write waits for a send (bounds the work of a
+/// send and of the reads that look through them).
+pub const RANGES_MAX: usize = 4096;
+
+#[derive(Default)]
+struct File {
+    /// Written and not yet sent.
+    dirty: Ranges,
+    /// Taken by the send in flight and not yet recorded: reads still see these.
+    sending: Option<Arc<Ranges>>,
+    /// A background send is running or about to.
+    background: bool,
+    /// What the last background send failed with.
+    error: Option<Error>,
+    /// The time of the last write held here, in ns (what the file's mtime will become).
+    mtime: Option<i64>,
+    /// Open handles.
+    opens: u32,
+    /// Unlinked while open: the cluster keeps the inode until the last handle goes.
+    kept: bool,
+    /// Held by whoever sends this file's bytes or changes its size or times, one at a time
+    /// so that newer bytes are never recorded before older ones.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl File {
+    fn idle(&self) -> bool {
+        self.opens == 0 && self.dirty.is_empty() && self.sending.is_none() && !self.background
+    }
+}
+
+/// What a write asks of its caller after the bytes are held.
+pub enum Held {
+    /// Nothing: answer the write.
+    Done,
+    /// Start a background send, then answer.
+    Background,
+    /// Send now and answer when it is done (too much is held).
+    Wait,
+}
+
+/// The open files of one mount.
+#[derive(Clone)]
+pub struct OpenFiles {
+    fs: Sealfs,
+    files: Arc<Mutex<HashMap<u64, File>>>,
+}
+
+impl OpenFiles {
+    /// No file open yet.
+    pub fn new(fs: Sealfs) -> Self {
+        OpenFiles {
+            fs,
+            files: Arc::default(),
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<u64, File>> {
+        // A panic elsewhere while holding this lock leaves plain data behind: go on with it.
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle of `ino` was opened.
+    pub fn opened(&self, ino: u64) {
+        self.files().entry(ino).or_default().opens += 1;
+    }
+
+    /// True if this mount has any file open.
+    pub fn any_open(&self) -> bool {
+        self.files().values().any(|f| f.opens > 0)
+    }
+
+    /// True if this mount has `ino` open.
+    pub fn is_open(&self, ino: u64) -> bool {
+        self.files().get(&ino).is_some_and(|f| f.opens > 0)
+    }
+
+    /// `ino` is open and about to lose a link: the cluster is asked to keep it (nlink 0)
+    /// until its last handle here is released.
+    pub async fn keep(&self, ino: u64) -> Result<(), Error> {
+        if self.files().get(&ino).is_some_and(|f| f.kept) {
+            return Ok(());
+        }
+        self.fs.keep(ino).await?;
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.kept = true;
+        }
+        Ok(())
+    }
+
+    /// A handle of `ino` was released (after its bytes were sent). The last handle of a
+    /// kept inode lets the cluster delete it if it has no link left.
+    pub async fn released(&self, ino: u64) {
+        let unkeep = {
+            let mut files = self.files();
+            let Some(f) = files.get_mut(&ino) else {
+                return;
+            };
+            f.opens = f.opens.saturating_sub(1);
+            let unkeep = f.opens == 0 && std::mem::take(&mut f.kept);
+            if f.idle() {
+                files.remove(&ino);
+            }
+            unkeep
+        };
+        if unkeep {
+            if let Err(e) = self.fs.unkeep(ino).await {
+                // The partition forgets it after KEEP_MAX_NS at the latest.
+                tracing::warn!("inode {ino:#x}: closed after unlink, not yet deleted: {e:?}");
+            }
+        }
+    }
+
+    /// Holds `data` written at `offset` of `ino`.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<Held, Error> {
+        if offset.checked_add(data.len() as u64).is_none() {
+            return Err(Error::FBIG);
+        }
+        let mut files = self.files();
+        let f = files.entry(ino).or_default();
+        if let Some(e) = f.error.take() {
+            return Err(e);
+        }
+        f.dirty.insert(offset, data);
+        f.mtime = Some(sealfs_meta::now_nanos());
+        if f.dirty.bytes() >= HELD_BYTES_MAX || f.dirty.count() >= RANGES_MAX {
+            return Ok(Held::Wait);
+        }
+        if f.dirty.bytes() >= SEND_BYTES && !f.background {
+            f.background = true;
+            return Ok(Held::Background);
+        }
+        Ok(Held::Done)
+    }
+
+    /// `a` as it is with what this mount holds for the file: its size and mtime.
+    pub fn attr(&self, mut a: Attr) -> Attr {
+        if let Some(f) = self.files().get(&a.ino) {
+            let end = f.dirty.end().max(f.sending.as_ref().map_or(0, |s| s.end()));
+            a.size = a.size.max(end);
+            if let Some(t) = f.mtime {
+                a.mtime = a.mtime.max(t);
+            }
+        }
+        a
+    }
+
+    /// Reads `[offset, offset + len)` of `ino`: the cluster's bytes under what is held here.
+    pub async fn read(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        // What is held is looked at before the cluster is read: a send that lands in between
+        // is then in both, and nothing is missed.
+        let (end, mut pieces, covered) = {
+            let files = self.files();
+            match files.get(&ino) {
+                None => (0, Vec::new(), false),
+                Some(f) => {
+                    let mut pieces = Vec::new();
+                    let mut end = f.dirty.end();
+                    if let Some(s) = &f.sending {
+                        end = end.max(s.end());
+                        pieces.extend(s.pieces(offset, len));
+                    }
+                    pieces.extend(f.dirty.pieces(offset, len));
+                    (end, pieces, f.dirty.covers(offset, len))
+                }
+            }
+        };
+        if covered {
+            return Ok(pieces.pop().map(|p| p.1).unwrap_or_default());
+        }
+        let (mut out, size) = self.fs.read_sized(ino, offset, len).await?;
+        let want = size.max(end).saturating_sub(offset).min(len) as usize;
+        out.resize(want, 0);
+        for (at, bytes) in pieces {
+            let from = (at - offset) as usize;
+            out[from..from + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+
+    /// Sends what is held for `ino` and reports any error a background send left: what
+    /// close and fsync wait for.
+    pub async fn flush(&self, ino: u64) -> Result<(), Error> {
+        let Some(turn) = self.files().get(&ino).map(|f| f.turn.clone()) else {
+            return Ok(());
+        };
+        let _turn = turn.lock().await;
+        self.send(ino, 0).await?;
+        match self.files().get_mut(&ino).and_then(|f| f.error.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends what is held for `ino`, then runs `then` before any later send can start (a
+    /// change of size or times that must come after the bytes written before it).
+    pub async fn flush_then<T, F>(&self, ino: u64, then: F) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
+        let turn = self.files().get(&ino).map(|f| f.turn.clone());
+        let _turn = match &turn {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
+        if turn.is_some() {
+            self.send(ino, 0).await?;
+        }
+        then.await
+    }
+
+    /// Cuts what is held for `ino` at `size`, then runs `then` (the new size, recorded)
+    /// before any later send can start. Bytes held below `size` stay held.
+    pub async fn truncate_then<T, F>(&self, ino: u64, size: u64, then: F) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
+        let turn = self.files().get(&ino).map(|f| f.turn.clone());
+        let _turn = match &turn {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.dirty.truncate(size);
+        }
+        then.await
+    }
+
+    /// The background send of `ino`: sends while at least [`SEND_BYTES`] are held.
+    pub async fn background(&self, ino: u64) {
+        let Some(turn) = self.files().get(&ino).map(|f| f.turn.clone()) else {
+            return;
+        };
+        let turn = turn.lock().await;
+        let r = self.send(ino, SEND_BYTES).await;
+        drop(turn);
+        let mut files = self.files();
+        if let Some(f) = files.get_mut(&ino) {
+            f.background = false;
+            if let Err(e) = r {
+                f.error = Some(e);
+            }
+            if f.idle() {
+                files.remove(&ino);
+            }
+        }
+    }
+
+    /// Sends what is held for `ino` while at least `min` bytes are (the caller holds the
+    /// file's turn). Bytes that fail to go are held again, under any written since.
+    async fn send(&self, ino: u64, min: usize) -> Result<(), Error> {
+        loop {
+            let taken = {
+                let mut files = self.files();
+                let Some(f) = files.get_mut(&ino) else {
+                    return Ok(());
+                };
+                if f.dirty.is_empty() || f.dirty.bytes() < min {
+                    return Ok(());
+                }
+                let taken = Arc::new(std::mem::take(&mut f.dirty));
+                f.sending = Some(taken.clone());
+                taken
+            };
+            let ranges: Vec<(u64, &[u8])> = taken.iter().collect();
+            let r = self.fs.write_ranges(ino, &ranges).await;
+            let mut files = self.files();
+            let Some(f) = files.get_mut(&ino) else {
+                return r.map(|_| ());
+            };
+            f.sending = None;
+            match r {
+                Ok(_) => {
+                    if f.dirty.is_empty() {
+                        f.mtime = None;
+                    }
+                }
+                Err(e) => {
+                    for (at, bytes) in taken.iter() {
+                        f.dirty.insert_under(at, bytes);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Drops what is held for `ino` (after its last handle failed to send it).
+    pub fn discard(&self, ino: u64) {
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.dirty = Ranges::default();
+            f.mtime = None;
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The mount under real suites and programs, each on a `sealfs up` of its own:
+//! - pjdfstest on the mount beside the machine's own disk, in the same run;
+//! - fsx, 100,000 operations; fio --verify=crc32c of 1 GiB sequential and of 4 KiB random
+//!   writes, read back after the caches are dropped;
+//! - git (a 2,000-file commit and fsck), tar and diff -r of a real source tree, sqlite3 with
+//!   10,000 inserts and its integrity check, a C build, and flock and fcntl locks.
+//!
+//! The tools come from scripts/test (Debian packages and `cargo install`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+mod common;
+use common::{drop_caches, run, Up};
+
+/// pjdfstest's verdict per test name ("ok", "FAILED", "skipped") and its summary line.
+fn pjdfstest(dir: &Path, config: &Path) -> (BTreeMap<String, String>, String) {
+    // pjdfstest exits non-zero when a test fails: read its report either way.
+    let out = std::process::Command::new("timeout")
+        .args(["900", "pjdfstest", "-c"])
+        .arg(config)
+        .arg("-p")
+        .arg(dir)
+        .current_dir(dir)
+        .output()
+        .expect("pjdfstest (scripts/test installs it: cargo install --locked pjdfstest)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut verdicts = BTreeMap::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        if let (Some(name), Some(v), None) = (w.next(), w.next(), w.next()) {
+            if name.contains("::") && ["ok", "FAILED", "skipped"].contains(&v) {
+                verdicts.insert(name.to_string(), v.to_string());
+            }
+        }
+    }
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or_else(|| panic!("no summary from pjdfstest: {}", common::tail(&text, 3000)))
+        .to_string();
+    (verdicts, summary)
+}
+
+#[test]
+fn pjdfstest_passes_what_the_local_disk_passes() {
+    let up = Up::start();
+    let config = up.dir.path().join("pjdfstest.toml");
+    std::fs::write(
+        &config,
+        r#"[features]
+posix_fallocate = {}
+utimensat = {}
+utime_now = {}
+rename_ctime = {}
+[settings]
+naptime = 0.01
+allow_remount = false
+[dummy_auth]
+entries = [["nobody", "nogroup"], ["daemon", "daemon"]]
+"#,
+    )
+    .unwrap();
+    // The machine's own disk: a folder beside the test's data (not tmpfs).
+    let local = up.dir.path().join("local");
+    std::fs::create_dir(&local).unwrap();
+    let (on_disk, disk_summary) = pjdfstest(&local, &config);
+    let ours = up.mnt.join("pjdfstest");
+    std::fs::create_dir(&ours).unwrap();
+    let (on_sealfs, sealfs_summary) = pjdfstest(&ours, &config);
+    println!("local disk: {disk_summary}\nsealfs:     {sealfs_summary}");
+    assert!(on_disk.len() > 300, "{disk_summary}");
+
+    // Every test that passes on the local disk passes on the mount, but one that pjdfstest
+    // itself skips there: glibc cannot tell LINK_MAX for a FUSE file system (pathconf says
+    // 127, "unknown"), so link::link_count_max does not run (docs/mount.md).
+    let not_run_on_fuse = ["link::link_count_max"];
+    let mut missing = Vec::new();
+    for (name, v) in &on_disk {
+        let ours = on_sealfs.get(name).map(String::as_str).unwrap_or("absent");
+        if v == "ok" && ours != "ok" && !(ours == "skipped" && not_run_on_fuse.contains(&&**name)) {
+            missing.push(format!("{name}: {ours}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "pass on the local disk, not on sealfs: {missing:?}"
+    );
+    let failed: Vec<&String> = on_sealfs
+        .iter()
+        .filter(|(_, v)| *v == "FAILED")
+        .map(|(n, _)| n)
+        .collect();
+    assert!(failed.is_empty(), "failed on sealfs: {failed:?}");
+}
+
+#[test]
+fn fsx_and_fio_verify_find_no_miscompare() {
+    let up = Up::start();
+    let work = up.mnt.join("fsx");
+    std::fs::create_dir(&work).unwrap();
+    let artifacts = up.dir.path().join("fsx-artifacts");
+    std::fs::create_dir(&artifacts).unwrap();
+    let out = run(
+        &work,
+        1500,
+        "fsx",
+        &[
+            "-N",
+            "100000",
+            "-S",
+            "20261202",
+            "-P",
+            artifacts.to_str().unwrap(),
+            work.join("file").to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("All operations completed A-OK"), "{out}");
+
+    // fio writes with a CRC-32C in every block, the caches are dropped, and a second run
+    // of the same job reads every block back and checks it.
+    let fio = up.mnt.join("fio");
+    std::fs::create_dir(&fio).unwrap();
+    for (name, rw, bs, size) in [
+        ("sequential", "write", "1M", "1G"),
+        ("random", "randwrite", "4k", "64M"),
+    ] {
+        let file = fio.join(name);
+        let job = [
+            format!("--name={name}"),
+            format!("--filename={}", file.display()),
+            format!("--rw={rw}"),
+            format!("--bs={bs}"),
+            format!("--size={size}"),
+            "--ioengine=psync".into(),
+            "--verify=crc32c".into(),
+            "--end_fsync=1".into(),
+        ];
+        let mut args: Vec<&str> = job.iter().map(String::as_str).collect();
+        args.push("--do_verify=0");
+        let out = run(&fio, 600, "fio", &args);
+        assert!(out.contains("err= 0"), "{out}");
+        drop_caches();
+        args.pop();
+        args.push("--verify_only");
+        let out = run(&fio, 600, "fio", &args);
+        assert!(out.contains("err= 0"), "{out}");
+        assert!(!out.contains("verify:"), "{out}");
+    }
+}
+
+/// A real source tree to copy: a crate's sources from cargo's registry, else this repository.
+fn source_tree() -> std::path::PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+    let registry = home.join("registry/src");
+    let found = std::fs::read_dir(&registry).ok().and_then(|d| {
+        d.flatten().find_map(|index| {
+            let mut v: Vec<_> = std::fs::read_dir(index.path())
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("tokio-1."))
+                })
+                .collect();
+            v.sort();
+            v.pop()
+        })
+    });
+    found.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+#[test]
+fn programs_run_on_the_mount() {
+    let up = Up::start();
+    let m = &up.mnt;
+
+    // git: a 2,000-file tree, committed and checked.
+    let repo = m.join("repo");
+    for d in 0..40 {
+        let dir = repo.join(format!("dir{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..50 {
+            let body = format!("file {d}/{f}\n").repeat(1 + (d * 50 + f) % 37);
+            std::fs::write(dir.join(format!("f{f:02}.txt")), body).unwrap();
+        }
+    }
+    run(&repo, 300, "git", &["init", "-q"]);
+    run(&repo, 600, "git", &["add", "-A"]);
+    let id = ["-c", "user.name=sealfs", "-c", "user.email=tests@sealfs"];
+    let commit: Vec<&str> = id
+        .iter()
+        .copied()
+        .chain(["commit", "-q", "-m", "tree"])
+        .collect();
+    run(&repo, 600, "git", &commit);
+    run(&repo, 600, "git", &["fsck", "--full", "--strict"]);
+    let files = run(&repo, 300, "git", &["ls-files"]);
+    assert_eq!(files.lines().count(), 2000);
+    let status = run(&repo, 300, "git", &["status", "--porcelain"]);
+    assert!(status.trim().is_empty(), "{status}");
+
+    // tar: a real source tree extracted on the mount is the same as the original.
+    let src = source_tree();
+    let tarball = up.dir.path().join("src.tar");
+    let parent = src.parent().unwrap();
+    let name = src.file_name().unwrap().to_str().unwrap();
+    run(
+        parent,
+        300,
+        "tar",
+        &[
+            "--exclude=target",
+            "--exclude=.git",
+            "-cf",
+            tarball.to_str().unwrap(),
+            name,
+        ],
+    );
+    let x = m.join("extract");
+    std::fs::create_dir(&x).unwrap();
+    run(&x, 600, "tar", &["-xf", tarball.to_str().unwrap()]);
+    let original = up.dir.path().join("original");
+    std::fs::create_dir(&original).unwrap();
+    run(&original, 300, "tar", &["-xf", tarball.to_str().unwrap()]);
+    drop_caches();
+    run(
+        m,
+        600,
+        "diff",
+        &["-r", original.to_str().unwrap(), x.to_str().unwrap()],
+    );
+
+    // sqlite3: 10,000 inserts in 100 transactions, then its integrity check.
+    let db = m.join("db.sqlite");
+    let script = format!(
+        r#"
+import sqlite3
+c = sqlite3.connect({db:?})
+c.execute("create table t (k integer primary key, v text)")
+for t in range(100):
+    with c:
+        for i in range(100):
+            k = t * 100 + i
+            c.execute("insert into t values (?, ?)", (k, "value %d" % (k * 7)))
+c.close()
+c = sqlite3.connect({db:?})
+print(c.execute("pragma integrity_check").fetchone()[0])
+print(c.execute("select count(*), sum(k) from t").fetchone())
+"#,
+        db = db.to_str().unwrap()
+    );
+    drop_caches();
+    let out = run(m, 600, "python3", &["-c", &script]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["ok", "(10000, 49995000)"],
+        "{out}"
+    );
+
+    // A C program built with make from the mount, and run.
+    let c = m.join("cbuild");
+    std::fs::create_dir(&c).unwrap();
+    std::fs::write(c.join("add.h"), "int add(int a, int b);\n").unwrap();
+    std::fs::write(
+        c.join("add.c"),
+        "#include \"add.h\"\nint add(int a, int b) { return a + b; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        c.join("main.c"),
+        "#include <stdio.h>\n#include \"add.h\"\nint main(void) { printf(\"%d\\n\", add(40, 2)); return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        c.join("Makefile"),
+        "hello: main.o add.o\n\tcc -o $@ main.o add.o\n%.o: %.c add.h\n\tcc -O2 -c -o $@ $<\n",
+    )
+    .unwrap();
+    run(&c, 300, "make", &[]);
+    assert_eq!(
+        run(&c, 60, c.join("hello").to_str().unwrap(), &[]).trim(),
+        "42"
+    );
+
+    // Locks between two processes on the mount: flock and fcntl.
+    let lockfile = m.join("lockfile");
+    std::fs::write(&lockfile, b"x").unwrap();
+    let script = format!(
+        r#"
+import fcntl, os, time
+path = {path:?}
+for kind in ("flock", "fcntl"):
+    lock = (lambda f, op: fcntl.flock(f, op)) if kind == "flock" else (lambda f, op: fcntl.lockf(f, op))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        f = open(path, "r+")
+        lock(f, fcntl.LOCK_EX)
+        os.write(w, b"1")
+        time.sleep(1.0)
+        os._exit(0)
+    os.read(r, 1)
+    f = open(path, "r+")
+    try:
+        lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print(kind, "not exclusive")
+    except OSError:
+        print(kind, "held")
+    os.waitpid(pid, 0)
+    lock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print(kind, "taken")
+    f.close()
+"#,
+        path = lockfile.to_str().unwrap()
+    );
+    let out = run(m, 60, "python3", &["-c", &script]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["flock held", "flock taken", "fcntl held", "fcntl taken"],
+        "{out}"
+    );
+}
+
+#[test]
+fn an_unlinked_open_file_lives_until_closed() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let up = Up::start();
+    let p = up.mnt.join("doomed");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all(b"before").unwrap();
+    f.sync_all().unwrap();
+    std::fs::remove_file(&p).unwrap();
+    assert!(!p.exists());
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    f.write_all(b" and after").unwrap();
+    f.sync_all().unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "before and after");
+    // A new file of the same name is another file.
+    std::fs::write(&p, b"new").unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"new");
+    drop(f);
+    assert_eq!(std::fs::read(&p).unwrap(), b"new");
+}
