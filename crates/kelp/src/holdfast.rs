@@ -88,6 +88,8 @@ pub struct RepairReport {
     pub rolled_back: u64,
     /// Cells that could not be rewritten (their store failed); still to repair.
     pub cells_failed: u64,
+    /// The stipes of those cells: they stay on the holdfast's list of degraded stipes.
+    pub stipes_failed: Vec<u32>,
     /// Stipes with fewer than k valid cells of any version: data lost beyond the code's reach.
     pub unrecoverable: Vec<u32>,
 }
@@ -99,6 +101,7 @@ impl RepairReport {
         self.cells_rewritten += o.cells_rewritten;
         self.rolled_back += o.rolled_back;
         self.cells_failed += o.cells_failed;
+        self.stipes_failed.extend(o.stipes_failed);
         self.unrecoverable.extend(o.unrecoverable);
     }
 }
@@ -138,6 +141,9 @@ struct State {
     seqs: BTreeMap<u32, u32>,
     index: FrondIndex,
     degraded: BTreeSet<u32>,
+    /// Degraded stipes a repair pass has taken and not yet finished (still degraded to a
+    /// reader of [`Holdfast::degraded`]).
+    repairing: BTreeSet<u32>,
     degraded_overflow: bool,
     syncs_started: u64,
     recovery: RepairReport,
@@ -198,6 +204,7 @@ impl Holdfast {
                 seqs: BTreeMap::new(),
                 index: FrondIndex::default(),
                 degraded: BTreeSet::new(),
+                repairing: BTreeSet::new(),
                 degraded_overflow: false,
                 syncs_started: 0,
                 recovery: RepairReport::default(),
@@ -280,20 +287,28 @@ impl Holdfast {
         Ok(())
     }
 
-    /// Checks the stipes remembered as degraded and rebuilds their bad cells.
+    /// Checks the stipes remembered as degraded and rebuilds their bad cells. A stipe whose
+    /// cells cannot all be written (a shard server is down) stays degraded for the next pass.
     pub async fn repair(&self) -> Result<RepairReport> {
         let (overflow, stipes) = {
             let mut st = self.sh.state.lock().expect("state");
-            let list: Vec<u32> = std::mem::take(&mut st.degraded).into_iter().collect();
+            let list = std::mem::take(&mut st.degraded);
+            st.repairing.extend(list.iter().copied());
             (st.degraded_overflow, list)
         };
         if overflow {
+            self.sh.state.lock().expect("state").repairing.clear();
             return self.scrub(None).await;
         }
         let mut report = RepairReport::default();
         for s in stipes {
-            let _guard = self.sh.locks.lock(s, s).await;
-            report.add(self.sh.resolve(s, 1, &HashMap::new()).await);
+            let r = {
+                let _guard = self.sh.locks.lock(s, s).await;
+                self.sh.resolve(s, 1, &HashMap::new()).await
+            };
+            self.sh.state.lock().expect("state").repairing.remove(&s);
+            self.sh.mark_failed(&r);
+            report.add(r);
         }
         Ok(report)
     }
@@ -317,10 +332,12 @@ impl Holdfast {
         let mut first = 0;
         while first < end {
             let count = RUN.min(end - first);
-            {
+            let r = {
                 let _guard = sh.locks.lock(first, first + count - 1).await;
-                report.add(sh.resolve(first, count, &scratch).await);
-            }
+                sh.resolve(first, count, &scratch).await
+            };
+            sh.mark_failed(&r);
+            report.add(r);
             bytes += count as u64 * sh.layout.profile.n() as u64 * CELL_BYTES as u64;
             if let Some(pace) = pace_bytes_per_s.filter(|&p| p > 0) {
                 let due = Duration::from_secs_f64(bytes as f64 / pace as f64);
@@ -358,14 +375,8 @@ impl Holdfast {
 
     /// Stipes waiting for repair.
     pub fn degraded(&self) -> Vec<u32> {
-        self.sh
-            .state
-            .lock()
-            .expect("state")
-            .degraded
-            .iter()
-            .copied()
-            .collect()
+        let st = self.sh.state.lock().expect("state");
+        st.degraded.union(&st.repairing).copied().collect()
     }
 
     /// The sequence of stipe `s` as the holdfast's cache knows it (1 if not cached; the cells hold
@@ -600,6 +611,13 @@ impl Shared {
                     .filter_map(|(j, r)| r.as_ref().err().map(|e| (*j, e.to_string()))),
             ),
         })
+    }
+
+    /// Keeps the stipes a repair could not finish on the list of degraded stipes.
+    fn mark_failed(&self, r: &RepairReport) {
+        for &s in &r.stipes_failed {
+            self.mark_degraded(s, 1);
+        }
     }
 
     fn mark_degraded(&self, first: u32, count: u32) {
@@ -1230,13 +1248,20 @@ impl Shared {
                         .write_cells(key, pl.disk, start, run, WriteMode::Force),
                 )
                 .await;
-                match r {
-                    Ok(Ok(())) => report.cells_rewritten += c,
+                let failed = match r {
+                    Ok(Ok(())) => {
+                        report.cells_rewritten += c;
+                        false
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!("repair of {key} stipes {start}..{}: {e}", start as u64 + c);
-                        report.cells_failed += c;
+                        true
                     }
-                    Err(_) => report.cells_failed += c,
+                    Err(_) => true,
+                };
+                if failed {
+                    report.cells_failed += c;
+                    report.stipes_failed.extend(start..start + c as u32);
                 }
             }
         }

@@ -146,10 +146,16 @@ async fn writes_need_k_plus_w_shards_and_repair_completes_the_rest() {
     fronds.extend(fill(&h, &mut rng, 5, 100_000).await);
     h.sync().await.unwrap();
     h.quiesce().await;
+    let degraded = h.degraded();
     assert!(
-        !h.degraded().is_empty(),
+        !degraded.is_empty(),
         "stipes written without 4 shards are marked for repair"
     );
+    // A repair pass while those shards are still down cannot finish them: they stay listed,
+    // so that the pass after the shards come back rebuilds them.
+    let report = h.repair().await.unwrap();
+    assert!(report.cells_failed > 0, "{report:?}");
+    assert_eq!(h.degraded(), degraded, "{report:?}");
     // A fifth shard down: 11 < 12, appends fail with a clear error and nothing is acknowledged.
     plans[14].set_down(true);
     let err = h.append_data(&rng.bytes(5000)).await.unwrap_err();

@@ -184,6 +184,7 @@ async fn take_part(
 ) {
     let m = maps.manager();
     let mut id = None;
+    let mut following: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let space: Vec<(u64, u64)> = disks.iter().map(|d| disk_space(d)).collect();
         match id {
@@ -208,13 +209,20 @@ async fn take_part(
             },
         }
         if let Some(i) = id {
-            match maps.refresh().await {
-                Ok(map) => {
-                    if let Err(e) = meta.follow(&map, i).await {
-                        tracing::warn!("metadata partitions: {e}");
+            // Following the map (starting partition replicas) may take a while: it runs
+            // beside the heartbeats, never in their way, one pass at a time.
+            if following.as_ref().is_none_or(|t| t.is_finished()) {
+                let (maps, meta) = (maps.clone(), meta.clone());
+                following = Some(tokio::spawn(async move {
+                    match maps.refresh().await {
+                        Ok(map) => {
+                            if let Err(e) = meta.follow(&map, i).await {
+                                tracing::warn!("metadata partitions: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!("map: {e}"),
                     }
-                }
-                Err(e) => tracing::debug!("map: {e}"),
+                }));
             }
         }
         tokio::time::sleep(Duration::from_millis(if id.is_some() { 1000 } else { 300 })).await;

@@ -19,7 +19,10 @@ pub fn start(args: &[&str], env: &[(&str, &str)]) -> Started {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealfs"));
     cmd.args(args)
         .env_remove("SEALFS_SECRET")
-        .env("SEALFS_LOG", "warn")
+        .env(
+            "SEALFS_LOG",
+            std::env::var("SEALFS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in env {
@@ -41,9 +44,17 @@ pub fn start(args: &[&str], env: &[(&str, &str)]) -> Started {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         );
     }
-    // Keep draining stderr so that a chatty process never blocks on a full pipe.
+    // Keep draining stderr so that a chatty process never blocks on a full pipe; into
+    // SEALFS_TEST_LOGS/PID.log when that folder is given (to look into a failure).
     if let Some(mut err) = child.stderr.take() {
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let to = std::env::var_os("SEALFS_TEST_LOGS").and_then(|d| {
+            let path = std::path::Path::new(&d).join(format!("{}.log", child.id()));
+            std::fs::File::create(path).ok()
+        });
+        std::thread::spawn(move || match to {
+            Some(mut f) => std::io::copy(&mut err, &mut f),
+            None => std::io::copy(&mut err, &mut std::io::sink()),
+        });
     }
     Started::Running(child, line)
 }
