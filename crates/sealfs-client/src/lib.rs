@@ -36,6 +36,8 @@ const BLADES_WANTED: usize = 4;
 /// Fronds a client keeps after reading them (an in-place blob update gives a frond new
 /// bytes: blob reads skip this cache).
 const FROND_CACHE: usize = 8;
+/// Fronds at least this long are read in part when a read wants a small piece of them.
+const PARTIAL_READ_FROND_MIN: usize = 64 << 10;
 /// A blade whose holdfast failed is avoided this long.
 const AVOID: Duration = Duration::from_secs(10);
 
@@ -1108,14 +1110,24 @@ impl Sealfs {
             .iter()
             .find(|(a, _)| *a == e.address)
             .map(|(_, b)| b.clone());
+        let r = Reference {
+            address: Address(e.address),
+            len: e.frond_len,
+            seq: e.seq,
+        };
+        let frond_len = e.frond_len as usize;
+        if cached.is_none()
+            && skip > 0
+            && frond_len >= PARTIAL_READ_FROND_MIN
+            && len * 4 < frond_len
+        {
+            // A small piece from the middle of a large frond (random reads): just its cells,
+            // each checked by its CRC (DESIGN 3.4), rather than the whole frond.
+            return self.read_piece(&reader, r, skip, len).await;
+        }
         let data = match cached {
             Some(d) => d,
             None => {
-                let r = Reference {
-                    address: Address(e.address),
-                    len: e.frond_len,
-                    seq: e.seq,
-                };
                 let d = reader.read_frond(r).await.map_err(io("read"))?;
                 let mut c = self.fronds.lock().expect("frond cache");
                 if c.len() >= FROND_CACHE {
@@ -1129,6 +1141,31 @@ impl Sealfs {
             return Err(Errno::IO);
         }
         Ok(data.slice(skip..skip + len))
+    }
+
+    /// Reads `len` bytes of frond `r`'s data from byte `skip` on, without the rest of the frond.
+    async fn read_piece(
+        &self,
+        reader: &BladeReader,
+        r: Reference,
+        skip: usize,
+        len: usize,
+    ) -> Result<Bytes, Errno> {
+        if skip + len > r.len as usize {
+            return Err(Errno::IO);
+        }
+        let p = reader.layout().profile;
+        let stipe_bytes = p.stipe_payload_bytes() as u64;
+        let frond_start = r.address.byte_offset();
+        let start = frond_start + kelp::frond::FROND_HEADER_BYTES as u64 + skip as u64;
+        // The reference's sequence is that of the frond's first stipe; later stipes were
+        // written whole by the frond's own append.
+        let seq = if start / stipe_bytes == frond_start / stipe_bytes {
+            r.seq
+        } else {
+            1
+        };
+        reader.read_range(start, len, seq).await.map_err(io("read"))
     }
 
     /// Reads up to `len` bytes of file `ino` at `offset` (fewer at the end of the file; holes
@@ -1150,6 +1187,19 @@ impl Sealfs {
             _ => return Err(Errno::IO),
         };
         Ok((self.read_extents(&extents, size, offset, len).await?, size))
+    }
+
+    /// Every extent of file `ino` and its size (what a mount keeps while a file is open).
+    pub async fn extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
+        let q = Query::Extents {
+            ino,
+            offset: 0,
+            len: u64::MAX,
+        };
+        match self.meta.read(partition_of(ino), &q).await?.err()? {
+            Reply::Extents(e, s) => Ok((e, s)),
+            _ => Err(Errno::IO),
+        }
     }
 
     /// Reads `[offset, offset + len)` given the extents covering it and the file's size.

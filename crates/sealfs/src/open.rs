@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sealfs_client::{Error, Sealfs};
-use sealfs_meta::Attr;
+use sealfs_meta::{Attr, Extent};
 
 use crate::dirty::Ranges;
 
@@ -20,6 +20,8 @@ pub const SEND_BYTES: usize = sealfs_client::FROND_BYTES;
 /// Held bytes of one file past which a write waits for the send (bounds the memory a
 /// writer faster than the cluster can take).
 pub const HELD_BYTES_MAX: usize = 8 * sealfs_client::FROND_BYTES;
+/// Extents past which a file's are not kept in memory (read per request instead).
+pub const EXTENTS_KEPT_MAX: usize = 1 << 16;
 /// Separate ranges of one file past which a write waits for a send (bounds the work of a
 /// send and of the reads that look through them).
 pub const RANGES_MAX: usize = 4096;
@@ -40,12 +42,24 @@ struct File {
     opens: u32,
     /// Unlinked while open: the cluster keeps the inode until the last handle goes.
     kept: bool,
+    /// The file's extents and size as last read from its partition, kept while it is open
+    /// (close-to-open: an open reads them again), dropped when this mount changes the file.
+    extents: Option<Arc<(Vec<Extent>, u64)>>,
+    /// Counts the changes that drop `extents`, so that a read started before one does not
+    /// keep what it fetched.
+    changes: u64,
     /// Held by whoever sends this file's bytes or changes its size or times, one at a time
     /// so that newer bytes are never recorded before older ones.
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl File {
+    /// This mount changed the file: what it knew of the extents is stale.
+    fn changed(&mut self) {
+        self.extents = None;
+        self.changes += 1;
+    }
+
     fn idle(&self) -> bool {
         self.opens == 0 && self.dirty.is_empty() && self.sending.is_none() && !self.background
     }
@@ -84,7 +98,10 @@ impl OpenFiles {
 
     /// A handle of `ino` was opened.
     pub fn opened(&self, ino: u64) {
-        self.files().entry(ino).or_default().opens += 1;
+        let mut files = self.files();
+        let f = files.entry(ino).or_default();
+        f.opens += 1;
+        f.changed();
     }
 
     /// True if this mount has any file open.
@@ -190,7 +207,10 @@ impl OpenFiles {
         if covered {
             return Ok(pieces.pop().map(|p| p.1).unwrap_or_default());
         }
-        let (mut out, size) = self.fs.read_sized(ino, offset, len).await?;
+        let (mut out, size) = match self.extents(ino).await? {
+            Some(e) => (self.fs.read_extents(&e.0, e.1, offset, len).await?, e.1),
+            None => self.fs.read_sized(ino, offset, len).await?,
+        };
         let want = size.max(end).saturating_sub(offset).min(len) as usize;
         out.resize(want, 0);
         for (at, bytes) in pieces {
@@ -198,6 +218,27 @@ impl OpenFiles {
             out[from..from + bytes.len()].copy_from_slice(&bytes);
         }
         Ok(out)
+    }
+
+    /// The extents of open file `ino`: kept, or read once and kept (None: not open here, or
+    /// too many to keep).
+    async fn extents(&self, ino: u64) -> Result<Option<Arc<(Vec<Extent>, u64)>>, Error> {
+        let changes = match self.files().get(&ino) {
+            None => return Ok(None),
+            Some(f) if f.extents.is_some() => return Ok(f.extents.clone()),
+            Some(f) => f.changes,
+        };
+        let (e, size) = self.fs.extents(ino).await?;
+        if e.len() > EXTENTS_KEPT_MAX {
+            return Ok(None);
+        }
+        let e = Arc::new((e, size));
+        if let Some(f) = self.files().get_mut(&ino) {
+            if f.changes == changes {
+                f.extents = Some(e.clone());
+            }
+        }
+        Ok(Some(e))
     }
 
     /// Sends what is held for `ino` and reports any error a background send left: what
@@ -228,7 +269,11 @@ impl OpenFiles {
         if turn.is_some() {
             self.send(ino, 0).await?;
         }
-        then.await
+        let r = then.await;
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.changed();
+        }
+        r
     }
 
     /// Cuts what is held for `ino` at `size`, then runs `then` (the new size, recorded)
@@ -245,7 +290,11 @@ impl OpenFiles {
         if let Some(f) = self.files().get_mut(&ino) {
             f.dirty.truncate(size);
         }
-        then.await
+        let r = then.await;
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.changed();
+        }
+        r
     }
 
     /// The background send of `ino`: sends while at least [`SEND_BYTES`] are held.
@@ -291,6 +340,7 @@ impl OpenFiles {
                 return r.map(|_| ());
             };
             f.sending = None;
+            f.changed();
             match r {
                 Ok(_) => {
                     if f.dirty.is_empty() {

@@ -57,7 +57,13 @@ fn up_mounts_stops_cleanly_and_finds_its_data_again() {
     std::fs::create_dir(mnt.join("dir")).unwrap();
     std::fs::write(mnt.join("dir/file"), &body).unwrap();
 
-    // SIGTERM: unmounted, exit 0.
+    // SIGTERM while a process still has its working folder in the mount: unmounted (the
+    // busy mount detached), exit 0.
+    let mut inside = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("dir"))
+        .spawn()
+        .unwrap();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -72,6 +78,7 @@ fn up_mounts_stops_cleanly_and_finds_its_data_again() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
+    common::kill(&mut inside);
     assert!(status.success());
     assert!(!mounted(&mnt));
 
