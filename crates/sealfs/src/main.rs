@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod cli;
 mod dirty;
 mod mount;
@@ -65,6 +66,9 @@ enum Cmd {
     /// Store, read and update blobs: bytes at an address, without a file name.
     #[command(subcommand)]
     Blob(cli::BlobCmd),
+    /// Measure a directory (a sealfs mount or any other file system): bandwidth, IOPS,
+    /// metadata and small files, IO500-style; prints a table, writes JSON on request.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -528,10 +532,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
     println!("  Ctrl-C unmounts and stops");
     wait_for_signal().await?;
     tracing::info!("unmounting and stopping");
-    tokio::task::spawn_blocking(move || session.umount_and_join())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("unmount: {e}"))?;
+    unmount_session(session, mp).await?;
     for n in nodes {
         n.shutdown().await;
     }
@@ -595,11 +596,27 @@ async fn mount_cmd(manager: Option<String>, a: MountArgs) -> Result<(), String> 
     );
     wait_for_signal().await?;
     tracing::info!("unmounting");
-    tokio::task::spawn_blocking(move || session.umount_and_join())
+    unmount_session(session, &a.mountpoint).await
+}
+
+/// Unmounts a mount this process serves. One still in use (a shell inside it, an open file)
+/// is detached instead, as `umount -l` does: the mount point is free at once, and what still
+/// uses the old mount gets errors once this process has stopped.
+async fn unmount_session(
+    session: fuser::BackgroundSession,
+    mountpoint: &std::path::Path,
+) -> Result<(), String> {
+    let r = tokio::task::spawn_blocking(move || session.umount_and_join())
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("unmount: {e}"))?;
-    Ok(())
+        .map_err(|e| e.to_string())?;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(16) => {
+            tracing::warn!("{} is in use: detaching it", mountpoint.display());
+            umount(mountpoint)
+        }
+        Err(e) => Err(format!("unmount {}: {e}", mountpoint.display())),
+    }
 }
 
 fn main() -> ExitCode {
@@ -647,6 +664,7 @@ fn main() -> ExitCode {
             Cmd::Mount(a) => mount_cmd(cli.manager, a).await,
             Cmd::Up(a) => up(a).await,
             Cmd::Umount { mountpoint } => umount(&mountpoint),
+            Cmd::Bench(a) => tokio::task::block_in_place(|| bench::run(a)),
         }
     });
     match result {

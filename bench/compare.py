@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The side-by-side benchmark behind bench/compare (run that script, not this file).
+
+Brings up each system, runs the same workloads on it, tears it down, and writes a report:
+- ext4: a folder on the machine's own disk;
+- sealfs: `sealfs up` (manager, 4 servers x 4 disks, the mount) in one process.
+Workloads: `sealfs bench` (bandwidth, IOPS, metadata, small files), fio (sequential 1 MiB and
+random 4 KiB, fsync at the end, caches dropped before reading) and the extraction and removal
+of a source tree of about 2,600 entries.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+# What a sealfs server may hold resident while the bench runs (checked by `sealfs bench`):
+# here one process holds the manager, the 4 servers and the mount.
+RSS_MAX = "4G"
+TREE_ENTRIES = 2600
+
+
+def log(msg):
+    print(f"compare: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    log(" ".join(str(c) for c in cmd))
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def fio(directory, name, rw, bs, size, seconds=None):
+    args = [
+        "fio", f"--name={name}", f"--directory={directory}", f"--rw={rw}", f"--bs={bs}",
+        f"--size={size}", "--ioengine=psync", "--end_fsync=1", "--output-format=json",
+    ]
+    if seconds:
+        args += ["--time_based", f"--runtime={seconds}"]
+    out = json.loads(run(args))
+    job = out["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return side["bw_bytes"] / 1e6, side["iops"]
+
+
+def fio_set(directory, quick):
+    size = "256M" if quick else "1G"
+    rsize = "64M" if quick else "256M"
+    secs = 3 if quick else 10
+    figures = {}
+    w, _ = fio(directory, "seq", "write", "1M", size)
+    figures["fio sequential write 1 MiB (MB/s)"] = w
+    drop_caches()
+    r, _ = fio(directory, "seq", "read", "1M", size)
+    figures["fio sequential read 1 MiB, cold (MB/s)"] = r
+    _, wi = fio(directory, "rand", "randwrite", "4k", rsize, secs)
+    figures["fio random write 4 KiB (IOPS)"] = wi
+    drop_caches()
+    _, ri = fio(directory, "rand", "randread", "4k", rsize, secs)
+    figures["fio random read 4 KiB, cold (IOPS)"] = ri
+    for f in Path(directory).iterdir():
+        f.unlink()
+    return figures
+
+
+def source_tarball(work):
+    """A tarball of real source trees (crates from cargo's registry), about TREE_ENTRIES entries."""
+    out = work / "tree.tar"
+    home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+    crates = sorted(p for idx in (home / "registry/src").glob("*") for p in idx.iterdir() if p.is_dir())
+    if not crates:
+        sys.exit("compare: no crate sources in cargo's registry to build the source tree from")
+    picked, entries = [], 0
+    for c in crates:
+        n = sum(1 for _ in c.rglob("*")) + 1
+        picked.append(c)
+        entries += n
+        if entries >= TREE_ENTRIES:
+            break
+    with tarfile.open(out, "w") as t:
+        for c in picked:
+            t.add(c, arcname=f"tree/{c.name}")
+    return out, entries
+
+
+def tree(directory, tarball):
+    t = time.monotonic()
+    run(["tar", "-xf", str(tarball), "-C", str(directory)])
+    run(["sync", "-f", str(directory)])
+    extract = time.monotonic() - t
+    t = time.monotonic()
+    shutil.rmtree(Path(directory) / "tree")
+    run(["sync", "-f", str(directory)])
+    remove = time.monotonic() - t
+    return {"extract the source tree (s)": extract, "remove the source tree (s)": remove}
+
+
+def bench(sealfs, directory, label, quick, out, pid=None):
+    args = [sealfs, "bench", str(directory), "--streams", "2", "--json", str(out), "--label", label]
+    if quick:
+        args += ["--size", "256M", "--iops-size", "64M", "--seconds", "3", "--files", "500",
+                 "--small-files", "50"]
+    if pid:
+        args += ["--watch-pid", str(pid), "--rss-max", RSS_MAX]
+    run(args)
+    doc = json.loads(Path(out).read_text())
+    unit = {"MB/s": "MB/s", "IOPS": "IOPS", "ops/s": "ops/s", "files/s": "files/s"}
+    figures = {f"bench {f['phase']}: {f['workload']} ({unit[f['unit']]})": f["value"]
+               for f in doc["figures"]}
+    return figures, doc.get("watched_rss_peak_bytes")
+
+
+def measure(sealfs, directory, label, quick, work, tarball, pid=None):
+    log(f"measuring {label} in {directory}")
+    figures, peak = bench(sealfs, directory, label, quick, work / f"{label}.json", pid)
+    sub = Path(directory) / "fio"
+    sub.mkdir()
+    figures.update(fio_set(sub, quick))
+    sub.rmdir()
+    figures.update(tree(directory, tarball))
+    return figures, peak
+
+
+class Up:
+    """`sealfs up` on a folder of its own, stopped (SIGTERM, then SIGKILL) when done."""
+
+    def __init__(self, sealfs, work):
+        self.mnt, self.data = work / "sealfs-mnt", work / "sealfs-data"
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.proc = subprocess.Popen(
+            [sealfs, "up", str(self.mnt), "--data-dir", str(self.data)],
+            stdout=subprocess.PIPE, stderr=open(work / "sealfs-up.log", "w"), text=True)
+        line = self.proc.stdout.readline()
+        if "mounted at" not in line:
+            self.stop()
+            sys.exit(f"compare: sealfs up did not mount: {line!r} (see {work}/sealfs-up.log)")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
+    return f"{os.cpu_count()} cores ({cpu}), {int(mem) // (1 << 20)} GiB, Linux {platform.release()}"
+
+
+def report(path, results, peak, entries, quick, work):
+    systems = list(results)
+    rows = list(results["sealfs"])
+    lower_better = lambda w: w.endswith("(s)")
+    lines = [
+        "# Benchmarks: sealfs beside the local disk",
+        "",
+        "Produced by `bench/compare" + (" --quick" if quick else "") + "` (this file is its output).",
+        "",
+        f"- **Machine:** {machine()}.",
+        f"- **Local disk:** ext4, a folder under `{work}`.",
+        "- **sealfs:** `sealfs up`: a manager and 4 servers x 4 disk folders (all on that same disk), "
+        "8+8 erasure coding, 64 metadata partitions of 3 replicas, one process, FUSE mount.",
+        f"- **Versions:** sealfs {git_rev()}, {run(['fio', '--version']).strip()}.",
+        f"- **Source tree:** {entries} entries (crate sources from cargo's registry).",
+        "- Ratios are sealfs / ext4; for times (s) a ratio above 1 means sealfs is slower.",
+        "",
+        "| workload | " + " | ".join(systems) + " | sealfs / ext4 |",
+        "|---|" + "---:|" * (len(systems) + 1),
+    ]
+    for w in rows:
+        vals = [results[s].get(w) for s in systems]
+        cells = [f"{v:,.1f}" if v is not None else "-" for v in vals]
+        base = results["ext4"].get(w)
+        ratio = f"{results['sealfs'][w] / base:.2f}" if base else "-"
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {ratio} |")
+    lines += ["", f"Peak resident memory of the `sealfs up` process during its bench: "
+              f"{(peak or 0) >> 20} MiB (bound checked: {RSS_MAX})."]
+    Path(path).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def git_rev():
+    try:
+        return run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"]).strip()
+    except subprocess.CalledProcessError:
+        return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sealfs", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("compare: run as root (FUSE mounts, dropping the caches)")
+    work = Path(a.work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tarball, entries = source_tarball(work)
+    results = {}
+    local = work / "ext4"
+    local.mkdir()
+    results["ext4"], _ = measure(a.sealfs, local, "ext4", a.quick, work, tarball)
+    up = Up(a.sealfs, work)
+    try:
+        results["sealfs"], peak = measure(a.sealfs, up.mnt, "sealfs", a.quick, work, tarball,
+                                          up.proc.pid)
+    finally:
+        up.stop()
+    report(a.out, results, peak, entries, a.quick, work)
+    shutil.rmtree(work / "sealfs-data", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
