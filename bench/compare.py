@@ -3,6 +3,8 @@
 
 Brings up each system, runs the same workloads on it, tears it down, and writes a report:
 - ext4: a folder on the machine's own disk;
+- fuse: a minimal FUSE pass-through (crates/sealfs/examples/passthrough.rs) over another
+  folder of that disk: the floor of what FUSE alone costs;
 - sealfs: `sealfs up` (manager, 4 servers x 4 disks, the mount) in one process.
 Workloads: `sealfs bench` (bandwidth, IOPS, metadata, small files), fio (sequential 1 MiB and
 random 4 KiB, fsync at the end, caches dropped before reading) and the extraction and removal
@@ -132,6 +134,31 @@ def measure(sealfs, directory, label, quick, work, tarball, pid=None):
     return figures, peak
 
 
+class Passthrough:
+    """The FUSE pass-through over `source`, mounted at `mnt`, stopped with SIGTERM."""
+
+    def __init__(self, binary, source, mnt):
+        source.mkdir()
+        mnt.mkdir()
+        self.mnt = mnt
+        self.proc = subprocess.Popen([binary, str(source), str(mnt)], stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if "mounted at" not in line:
+            self.stop()
+            sys.exit(f"compare: the pass-through did not mount: {line!r}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
 class Up:
     """`sealfs up` on a folder of its own, stopped (SIGTERM, then SIGKILL) when done."""
 
@@ -168,7 +195,7 @@ def report(path, results, peak, entries, quick, work):
     rows = list(results["sealfs"])
     lower_better = lambda w: w.endswith("(s)")
     lines = [
-        "# Benchmarks: sealfs beside the local disk",
+        "# Benchmarks: sealfs beside the local disk and a FUSE pass-through",
         "",
         "Produced by `bench/compare" + (" --quick" if quick else "") + "` (this file is its output).",
         "",
@@ -178,17 +205,21 @@ def report(path, results, peak, entries, quick, work):
         "8+8 erasure coding, 64 metadata partitions of 3 replicas, one process, FUSE mount.",
         f"- **Versions:** sealfs {git_rev()}, {run(['fio', '--version']).strip()}.",
         f"- **Source tree:** {entries} entries (crate sources from cargo's registry).",
-        "- Ratios are sealfs / ext4; for times (s) a ratio above 1 means sealfs is slower.",
+        "- **fuse:** a minimal FUSE pass-through over another folder of the same disk "
+        "(`crates/sealfs/examples/passthrough.rs`, the same fuser settings as the mount).",
+        "- Ratios are sealfs / the other; for times (s) a ratio above 1 means sealfs is slower.",
         "",
-        "| workload | " + " | ".join(systems) + " | sealfs / ext4 |",
-        "|---|" + "---:|" * (len(systems) + 1),
+        "| workload | " + " | ".join(systems) + " | sealfs / ext4 | sealfs / fuse |",
+        "|---|" + "---:|" * (len(systems) + 2),
     ]
     for w in rows:
         vals = [results[s].get(w) for s in systems]
         cells = [f"{v:,.1f}" if v is not None else "-" for v in vals]
-        base = results["ext4"].get(w)
-        ratio = f"{results['sealfs'][w] / base:.2f}" if base else "-"
-        lines.append(f"| {w} | " + " | ".join(cells) + f" | {ratio} |")
+        ratios = []
+        for base in ("ext4", "fuse"):
+            b = results[base].get(w)
+            ratios.append(f"{results['sealfs'][w] / b:.2f}" if b else "-")
+        lines.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
     lines += ["", f"Peak resident memory of the `sealfs up` process during its bench: "
               f"{(peak or 0) >> 20} MiB (bound checked: {RSS_MAX})."]
     Path(path).write_text("\n".join(lines) + "\n")
@@ -205,6 +236,7 @@ def git_rev():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sealfs", required=True)
+    ap.add_argument("--passthrough", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
@@ -219,6 +251,11 @@ def main():
     local = work / "ext4"
     local.mkdir()
     results["ext4"], _ = measure(a.sealfs, local, "ext4", a.quick, work, tarball)
+    pt = Passthrough(a.passthrough, work / "fuse-source", work / "fuse-mnt")
+    try:
+        results["fuse"], _ = measure(a.sealfs, pt.mnt, "fuse", a.quick, work, tarball)
+    finally:
+        pt.stop()
     up = Up(a.sealfs, work)
     try:
         results["sealfs"], peak = measure(a.sealfs, up.mnt, "sealfs", a.quick, work, tarball,
