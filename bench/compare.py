@@ -134,6 +134,18 @@ def measure(sealfs, directory, label, quick, work, tarball, pid=None):
     return figures, peak
 
 
+def stop_mount(proc, mnt):
+    """Stops a process serving a mount (SIGTERM, then SIGKILL) and makes sure it is unmounted."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 class Passthrough:
     """The FUSE pass-through over `source`, mounted at `mnt`, stopped with SIGTERM."""
 
@@ -149,14 +161,7 @@ class Passthrough:
             sys.exit(f"compare: the pass-through did not mount: {line!r}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        stop_mount(self.proc, self.mnt)
 
 
 class Up:
@@ -174,14 +179,7 @@ class Up:
             sys.exit(f"compare: sealfs up did not mount: {line!r} (see {work}/sealfs-up.log)")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        stop_mount(self.proc, self.mnt)
 
 
 def machine():
