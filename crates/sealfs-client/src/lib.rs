@@ -967,6 +967,18 @@ impl Sealfs {
             offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
         }
         self.check_quota(total as u64).await?;
+        if ranges
+            .iter()
+            .all(|(o, d)| o + d.len() as u64 <= sealfs_meta::INLINE_FILE_BYTES)
+        {
+            // Within the file's first bytes: kept in the extents themselves, one command.
+            let extents = ranges
+                .iter()
+                .filter(|(_, d)| !d.is_empty())
+                .map(|(o, d)| Extent::inline(*o, d))
+                .collect();
+            return self.record_extents(ino, extents, total).await;
+        }
         let fronds = pack(ranges);
         let extents: Vec<Vec<Extent>> = stream::iter(fronds)
             .map(|(bytes, pieces)| async move {
@@ -982,6 +994,7 @@ impl Sealfs {
                             frond_len: r.len,
                             seq: r.seq,
                             skip,
+                            inline: Vec::new(),
                         })
                         .collect(),
                 )
@@ -992,6 +1005,16 @@ impl Sealfs {
         let extents: Vec<Extent> = extents.into_iter().flatten().collect();
         let blades: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
         self.sync_blades(&blades).await?;
+        self.record_extents(ino, extents, total).await
+    }
+
+    /// Records `extents` (`total` bytes) as file `ino`'s, synced by a Raft majority.
+    async fn record_extents(
+        &self,
+        ino: u64,
+        extents: Vec<Extent>,
+        total: usize,
+    ) -> Result<Attr, Errno> {
         // One command per 512 extents (1 GiB of whole fronds), to keep commands small.
         let mut last = None;
         for batch in extents.chunks(512) {
@@ -1092,6 +1115,15 @@ impl Sealfs {
     }
 
     async fn read_extent(&self, e: Extent, from: u64, to: u64) -> Result<Bytes, Errno> {
+        if e.is_inline() {
+            let skip = (e.skip as u64 + (from - e.offset)) as usize;
+            let end = skip + (to - from) as usize;
+            return e
+                .inline
+                .get(skip..end)
+                .map(Bytes::copy_from_slice)
+                .ok_or(Errno::IO);
+        }
         let reader = match self.reader(e.blade) {
             Ok(r) => r,
             Err(_) => {
@@ -1220,7 +1252,7 @@ impl Sealfs {
             .filter_map(|e| {
                 let a = e.offset.max(offset);
                 let b = (e.offset + e.len).min(end);
-                (a < b).then_some((*e, a, b))
+                (a < b).then(|| (e.clone(), a, b))
             })
             .collect();
         let got: Vec<(u64, Bytes)> = stream::iter(parts)

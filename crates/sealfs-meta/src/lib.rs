@@ -178,9 +178,15 @@ pub struct Attr {
     pub volume: u32,
 }
 
+/// Bytes of a file's first [`INLINE_FILE_BYTES`] written in one burst of at most that many
+/// that are kept in the extent itself (DESIGN 5.2, small files inline in the inode) rather
+/// than in a frond: closing a small file then costs one Raft command and no append.
+pub const INLINE_FILE_BYTES: u64 = 64 << 10;
+
 /// A stretch of a file stored in a frond: file bytes `[offset, offset + len)` are the frond's
-/// data bytes `[skip, skip + len)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// data bytes `[skip, skip + len)`. An inline extent (`inline` not empty, `blade` 0) holds
+/// its frond's data itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
     pub offset: u64,
     pub len: u64,
@@ -193,6 +199,39 @@ pub struct Extent {
     pub seq: u32,
     /// Bytes of the frond's data before this extent's first byte.
     pub skip: u32,
+    /// The data of an inline extent (`frond_len` bytes); empty for one in a frond.
+    pub inline: Vec<u8>,
+}
+
+impl Extent {
+    /// An extent whose bytes are `data` itself, at file offset `offset`.
+    pub fn inline(offset: u64, data: &[u8]) -> Extent {
+        Extent {
+            offset,
+            len: data.len() as u64,
+            blade: 0,
+            address: 0,
+            frond_len: data.len() as u32,
+            seq: 0,
+            skip: 0,
+            inline: data.to_vec(),
+        }
+    }
+
+    /// True if the extent holds its bytes itself.
+    pub fn is_inline(&self) -> bool {
+        !self.inline.is_empty()
+    }
+
+    /// Keeps only the bytes an inline extent still names (after it was cut).
+    pub(crate) fn trim_inline(&mut self) {
+        if self.is_inline() {
+            let (a, b) = (self.skip as usize, self.skip as usize + self.len as usize);
+            self.inline = self.inline[a..b].to_vec();
+            self.skip = 0;
+            self.frond_len = self.len as u32;
+        }
+    }
 }
 
 /// An entry of a directory.

@@ -693,6 +693,7 @@ impl W<'_> {
         if let Some(mut e) = crossing {
             if e.offset + e.len > size {
                 e.len = size - e.offset;
+                e.trim_inline();
                 t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
             }
         }
@@ -1515,6 +1516,13 @@ impl W<'_> {
             if e.len == 0 || e.skip as u64 + e.len > e.frond_len as u64 {
                 return Err(Errno::INVAL.into());
             }
+            if e.is_inline()
+                && (e.inline.len() != e.frond_len as usize
+                    || e.blade != 0
+                    || e.inline.len() as u64 > crate::INLINE_FILE_BYTES)
+            {
+                return Err(Errno::INVAL.into());
+            }
             let Some(stop) = e.offset.checked_add(e.len) else {
                 return Err(Errno::FBIG.into());
             };
@@ -1542,16 +1550,18 @@ impl W<'_> {
                 t.remove(&k_pair(ino, old.offset)[..])?;
                 let old_end = old.offset + old.len;
                 if old.offset < a {
-                    let mut left = old;
+                    let mut left = old.clone();
                     left.len = a - old.offset;
+                    left.trim_inline();
                     t.insert(&k_pair(ino, left.offset)[..], enc(&left)?.as_slice())?;
                 }
                 if old_end > b {
                     let mut right = old;
-                    let d = b - old.offset;
+                    let d = b - right.offset;
                     right.offset = b;
                     right.len = old_end - b;
                     right.skip += d as u32;
+                    right.trim_inline();
                     t.insert(&k_pair(ino, right.offset)[..], enc(&right)?.as_slice())?;
                 }
             }

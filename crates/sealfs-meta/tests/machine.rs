@@ -346,14 +346,16 @@ fn ext(offset: u64, len: u64, tag: u32) -> Extent {
         frond_len: len as u32,
         seq: 1,
         skip: 0,
+        inline: Vec::new(),
     }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Overlapping writes and truncates: the extents always describe exactly the bytes a
-    /// model file holds (each byte tagged by the write that put it there).
+    /// Overlapping writes and truncates, in fronds and inline: the extents always describe
+    /// exactly the bytes a model file holds (each byte tagged by the write that put it there,
+    /// or, inline, its value).
     #[test]
     fn extents_follow_overlapping_writes(ops in prop::collection::vec((0u64..200, 1u64..80, any::<bool>()), 1..40)) {
         let mut m = M::new();
@@ -366,12 +368,19 @@ proptest! {
                 model.resize(off as usize, None);
                 continue;
             }
-            m.op(Op::Write { ino: f, extents: vec![ext(off, len, tag)], now: 1 });
+            let inline = i % 2 == 1;
+            let byte = |k: u64| (tag as u64 * 7 + k) as u8;
+            let e = if inline {
+                Extent::inline(off, &(0..len).map(byte).collect::<Vec<u8>>())
+            } else {
+                ext(off, len, tag)
+            };
+            m.op(Op::Write { ino: f, extents: vec![e], now: 1 });
             if model.len() < (off + len) as usize {
                 model.resize((off + len) as usize, None);
             }
             for b in off..off + len {
-                model[b as usize] = Some((tag, b - off));
+                model[b as usize] = Some(if inline { (0, byte(b - off) as u64) } else { (tag, b - off) });
             }
         }
         let Reply::Extents(es, size) = m.q(Query::Extents { ino: f, offset: 0, len: u64::MAX }) else { panic!() };
@@ -382,8 +391,18 @@ proptest! {
             prop_assert!(e.offset >= last_end, "extents overlap: {:?}", es);
             last_end = e.offset + e.len;
             prop_assert!(e.skip as u64 + e.len <= e.frond_len as u64);
+            if e.is_inline() {
+                // A cut inline extent keeps only the bytes it still names.
+                prop_assert_eq!(e.inline.len() as u64, e.len);
+                prop_assert_eq!(e.skip, 0);
+            }
             for k in 0..e.len {
-                got[(e.offset + k) as usize] = Some((e.blade, e.skip as u64 + k));
+                let at = e.skip as u64 + k;
+                got[(e.offset + k) as usize] = Some(if e.is_inline() {
+                    (0, e.inline[at as usize] as u64)
+                } else {
+                    (e.blade, at)
+                });
             }
         }
         prop_assert_eq!(got, model);
