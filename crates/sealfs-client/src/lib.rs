@@ -995,6 +995,7 @@ impl Sealfs {
                             seq: r.seq,
                             skip,
                             inline: Vec::new(),
+                            inline_crc: 0,
                         })
                         .collect(),
                 )
@@ -1116,6 +1117,13 @@ impl Sealfs {
 
     async fn read_extent(&self, e: Extent, from: u64, to: u64) -> Result<Bytes, Errno> {
         if e.is_inline() {
+            if !e.inline_intact() {
+                tracing::warn!(
+                    "the inline bytes at offset {} do not match their CRC-32C",
+                    e.offset
+                );
+                return Err(Errno::IO);
+            }
             let skip = (e.skip as u64 + (from - e.offset)) as usize;
             let end = skip + (to - from) as usize;
             return e

@@ -201,6 +201,9 @@ pub struct Extent {
     pub skip: u32,
     /// The data of an inline extent (`frond_len` bytes); empty for one in a frond.
     pub inline: Vec<u8>,
+    /// The CRC-32C of `inline`, computed by the writer and checked by the partition and by
+    /// readers (what a frond's BLAKE3 is to the bytes in fronds).
+    pub inline_crc: u32,
 }
 
 impl Extent {
@@ -215,7 +218,13 @@ impl Extent {
             seq: 0,
             skip: 0,
             inline: data.to_vec(),
+            inline_crc: crc32c::crc32c(data),
         }
+    }
+
+    /// True if an inline extent's bytes still match the CRC its writer gave them.
+    pub fn inline_intact(&self) -> bool {
+        crc32c::crc32c(&self.inline) == self.inline_crc
     }
 
     /// True if the extent holds its bytes itself.
@@ -223,14 +232,21 @@ impl Extent {
         !self.inline.is_empty()
     }
 
-    /// Keeps only the bytes an inline extent still names (after it was cut).
-    pub(crate) fn trim_inline(&mut self) {
-        if self.is_inline() {
-            let (a, b) = (self.skip as usize, self.skip as usize + self.len as usize);
-            self.inline = self.inline[a..b].to_vec();
-            self.skip = 0;
-            self.frond_len = self.len as u32;
+    /// Keeps only the bytes an inline extent still names (after it was cut), with their
+    /// CRC; false if the bytes it held no longer matched theirs (nothing is changed then).
+    pub(crate) fn trim_inline(&mut self) -> bool {
+        if !self.is_inline() {
+            return true;
         }
+        if !self.inline_intact() {
+            return false;
+        }
+        let (a, b) = (self.skip as usize, self.skip as usize + self.len as usize);
+        self.inline = self.inline[a..b].to_vec();
+        self.inline_crc = crc32c::crc32c(&self.inline);
+        self.skip = 0;
+        self.frond_len = self.len as u32;
+        true
     }
 }
 

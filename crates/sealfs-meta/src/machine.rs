@@ -500,6 +500,15 @@ impl sealfs_raft::Machine for PartitionMachine {
     }
 }
 
+/// The error for an inline extent whose bytes no longer match their CRC.
+fn damaged(ino: u64, e: &Extent) -> Fail {
+    tracing::error!(
+        "inode {ino:#x}: the inline bytes at offset {} do not match their CRC-32C",
+        e.offset
+    );
+    Errno::IO.into()
+}
+
 /// The attributes of a new inode.
 fn new_attr(ino: u64, kind: Kind, perm: u16, uid: u32, gid: u32, volume: u32, now: Nanos) -> Attr {
     Attr {
@@ -693,7 +702,9 @@ impl W<'_> {
         if let Some(mut e) = crossing {
             if e.offset + e.len > size {
                 e.len = size - e.offset;
-                e.trim_inline();
+                if !e.trim_inline() {
+                    return Err(damaged(ino, &e));
+                }
                 t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
             }
         }
@@ -1519,7 +1530,8 @@ impl W<'_> {
             if e.is_inline()
                 && (e.inline.len() != e.frond_len as usize
                     || e.blade != 0
-                    || e.inline.len() as u64 > crate::INLINE_FILE_BYTES)
+                    || e.inline.len() as u64 > crate::INLINE_FILE_BYTES
+                    || !e.inline_intact())
             {
                 return Err(Errno::INVAL.into());
             }
@@ -1552,7 +1564,9 @@ impl W<'_> {
                 if old.offset < a {
                     let mut left = old.clone();
                     left.len = a - old.offset;
-                    left.trim_inline();
+                    if !left.trim_inline() {
+                        return Err(damaged(ino, &left));
+                    }
                     t.insert(&k_pair(ino, left.offset)[..], enc(&left)?.as_slice())?;
                 }
                 if old_end > b {
@@ -1561,7 +1575,9 @@ impl W<'_> {
                     right.offset = b;
                     right.len = old_end - b;
                     right.skip += d as u32;
-                    right.trim_inline();
+                    if !right.trim_inline() {
+                        return Err(damaged(ino, &right));
+                    }
                     t.insert(&k_pair(ino, right.offset)[..], enc(&right)?.as_slice())?;
                 }
             }

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use sealfs_meta::{
     root_ino, Attr, Errno, Extent, Kind, Op, PartitionMachine, Query, Reply, SetAttr,
-    RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE,
+    INLINE_FILE_BYTES, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE,
 };
 use sealfs_raft::Machine;
 
@@ -347,6 +347,7 @@ fn ext(offset: u64, len: u64, tag: u32) -> Extent {
         seq: 1,
         skip: 0,
         inline: Vec::new(),
+        inline_crc: 0,
     }
 }
 
@@ -422,4 +423,63 @@ proptest! {
         let whole = matches!(m.q(Query::GetAttr { ino: ROOT }), Reply::Attr(_));
         prop_assert!(whole, "the root is gone");
     }
+}
+
+#[test]
+fn inline_bytes_that_do_not_match_their_crc_are_refused() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    let mut bad = Extent::inline(0, b"hello, world");
+    bad.inline[0] ^= 1;
+    assert_eq!(
+        m.op(Op::Write {
+            ino: f,
+            extents: vec![bad],
+            now: 1
+        }),
+        Reply::Error(Errno::INVAL)
+    );
+    // Nor may an inline extent pass the inline bound, or claim a blade.
+    let big = Extent::inline(0, &vec![7u8; INLINE_FILE_BYTES as usize + 1]);
+    let mut in_blade = Extent::inline(0, b"x");
+    in_blade.blade = 3;
+    for e in [big, in_blade] {
+        assert_eq!(
+            m.op(Op::Write {
+                ino: f,
+                extents: vec![e],
+                now: 1
+            }),
+            Reply::Error(Errno::INVAL)
+        );
+    }
+    let Reply::Extents(es, size) = m.q(Query::Extents {
+        ino: f,
+        offset: 0,
+        len: u64::MAX,
+    }) else {
+        panic!()
+    };
+    assert!(es.is_empty() && size == 0, "nothing stored: {es:?}");
+    // A good one goes in, and a write over its middle leaves two intact halves.
+    m.op(Op::Write {
+        ino: f,
+        extents: vec![Extent::inline(0, b"hello, world")],
+        now: 1,
+    });
+    m.op(Op::Write {
+        ino: f,
+        extents: vec![Extent::inline(5, b"__")],
+        now: 1,
+    });
+    let Reply::Extents(es, _) = m.q(Query::Extents {
+        ino: f,
+        offset: 0,
+        len: u64::MAX,
+    }) else {
+        panic!()
+    };
+    let bytes: Vec<u8> = es.iter().flat_map(|e| e.inline.clone()).collect();
+    assert_eq!(bytes, b"hello__world");
+    assert!(es.iter().all(|e| e.inline_intact()));
 }

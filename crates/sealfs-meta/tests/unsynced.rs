@@ -189,9 +189,21 @@ async fn acknowledged_creates_survive_lost_unsynced_writes() {
         rs.push(start(i as u64 + 1, a, dir.path()).await);
     }
     let l = leader(&rs).await;
+    // A leader just elected may not have heard from a majority yet: its first linearizable
+    // reads are refused until it has (within a bound).
+    let until = Instant::now() + Duration::from_secs(20);
     for name in &acked {
-        let r: Reply =
-            postcard::from_bytes(&rs[l].group.query(&lookup(name)).await.unwrap()).unwrap();
+        let bytes = loop {
+            match rs[l].group.query(&lookup(name)).await {
+                Ok(b) => break b,
+                Err(e) if Instant::now() < until => {
+                    eprintln!("read on the new leader: {e}; again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+        };
+        let r: Reply = postcard::from_bytes(&bytes).unwrap();
         assert!(matches!(r, Reply::Entry { .. }), "{name} lost: {r:?}");
     }
     // The replica that lost its state rebuilt it from the synced log: it has them all too.

@@ -249,7 +249,7 @@ async fn manager(a: ManagerArgs) -> Result<(), String> {
     };
     let m =
         sealfs_manager::Manager::start(&a.listen, &a.data_dir, key, down, layout, &a.peers).await?;
-    println!("sealfs manager listening on {}", m.addr());
+    announce(&format!("sealfs manager listening on {}", m.addr()));
     wait_for_signal().await?;
     tracing::info!("stopping");
     m.shutdown().await;
@@ -402,12 +402,12 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
     })
     .await?;
     // Scripts and tests read this line to learn the address (useful with port 0).
-    println!(
+    announce(&format!(
         "sealfs server listening on {} with {} disks and {} shard files",
         node.addr(),
         a.disks.len(),
         node.found
-    );
+    ));
     wait_for_signal().await?;
     tracing::info!("stopping");
     node.shutdown().await;
@@ -516,20 +516,16 @@ async fn up(a: UpArgs) -> Result<(), String> {
         )
     })?;
     // Tests and scripts read this first line.
-    println!("sealfs up: mounted at {}", mp.display());
-    println!(
-        "  data: {} ({} servers x {} disks)",
+    announce(&format!(
+        "sealfs up: mounted at {}\n  data: {} ({} servers x {} disks)\n  manager: {} (for other shells: SEALFS_MANAGER={} SEALFS_SECRET_FILE={})\n  Ctrl-C unmounts and stops",
+        mp.display(),
         data.display(),
         a.servers,
-        a.disks
-    );
-    println!(
-        "  manager: {} (for other shells: SEALFS_MANAGER={} SEALFS_SECRET_FILE={})",
+        a.disks,
         addrs[0],
         addrs[0],
         secret_file.display()
-    );
-    println!("  Ctrl-C unmounts and stops");
+    ));
     wait_for_signal().await?;
     tracing::info!("unmounting and stopping");
     unmount_session(session, mp).await?;
@@ -538,6 +534,15 @@ async fn up(a: UpArgs) -> Result<(), String> {
     }
     manager.shutdown().await;
     Ok(())
+}
+
+/// Prints what a long-running command tells whoever started it. Nobody may be reading any
+/// more (a script that took the first line and closed the pipe): that must not stop a server
+/// or a mount, so write errors are ignored (println! would panic on them).
+fn announce(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 fn getrandom_fill(b: &mut [u8]) -> Result<(), String> {
@@ -589,11 +594,11 @@ async fn mount_cmd(manager: Option<String>, a: MountArgs) -> Result<(), String> 
                 a.mountpoint.display()
             )
         })?;
-    println!(
+    announce(&format!(
         "sealfs volume {} mounted at {}",
         a.volume,
         a.mountpoint.display()
-    );
+    ));
     wait_for_signal().await?;
     tracing::info!("unmounting");
     unmount_session(session, &a.mountpoint).await
