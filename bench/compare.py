@@ -35,7 +35,10 @@ def log(msg):
 
 def run(cmd, **kw):
     log(" ".join(str(c) for c in cmd))
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+    p = subprocess.run(cmd, text=True, capture_output=True, **kw)
+    if p.returncode != 0:
+        sys.exit(f"compare: {cmd[0]} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p.stdout
 
 
 def drop_caches():

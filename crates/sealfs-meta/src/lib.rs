@@ -44,6 +44,9 @@ pub const PATH_MAX: usize = 4096;
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
 /// Entries one readdir call returns at most.
 pub const READDIR_MAX: usize = 1024;
+/// Extents one reply carries at most (a reply stays well under the frame's metadata bound);
+/// a query for a range with more fails with [`Errno::FBIG`], and the caller asks for less.
+pub const EXTENTS_REPLY_MAX: usize = 16_384;
 
 /// The partition an inode lives in.
 pub fn partition_of(ino: u64) -> u32 {

@@ -290,6 +290,9 @@ impl PartitionMachine {
                 }
                 if end > offset {
                     for item in t.range::<&[u8]>(&k_pair(ino, offset)[..]..&k_pair(ino, end)[..])? {
+                        if out.len() >= crate::EXTENTS_REPLY_MAX {
+                            return Err(Errno::FBIG.into());
+                        }
                         out.push(dec(item?.1.value())?);
                     }
                 }

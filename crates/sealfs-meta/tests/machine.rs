@@ -4,7 +4,8 @@
 use proptest::prelude::*;
 use sealfs_meta::{
     root_ino, Attr, Errno, Extent, Kind, Op, PartitionMachine, Query, Reply, SetAttr,
-    INLINE_FILE_BYTES, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE,
+    EXTENTS_REPLY_MAX, INLINE_FILE_BYTES, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE,
+    XATTR_REPLACE,
 };
 use sealfs_raft::Machine;
 
@@ -482,4 +483,35 @@ fn inline_bytes_that_do_not_match_their_crc_are_refused() {
     let bytes: Vec<u8> = es.iter().flat_map(|e| e.inline.clone()).collect();
     assert_eq!(bytes, b"hello__world");
     assert!(es.iter().all(|e| e.inline_intact()));
+}
+
+#[test]
+fn a_query_for_more_extents_than_a_reply_carries_is_refused() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    let n = EXTENTS_REPLY_MAX as u64 + 1;
+    let extents: Vec<Extent> = (0..n).map(|i| ext(i * 2, 1, 1)).collect();
+    assert!(matches!(
+        m.op(Op::Write {
+            ino: f,
+            extents,
+            now: 1
+        }),
+        Reply::Attr(_)
+    ));
+    let whole = Query::Extents {
+        ino: f,
+        offset: 0,
+        len: u64::MAX,
+    };
+    assert_eq!(m.q(whole), Reply::Error(Errno::FBIG));
+    // A range of the file still reads.
+    let Reply::Extents(es, size) = m.q(Query::Extents {
+        ino: f,
+        offset: 100,
+        len: 10,
+    }) else {
+        panic!()
+    };
+    assert_eq!((es.len(), size), (5, n * 2 - 1));
 }

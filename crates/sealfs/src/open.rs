@@ -20,8 +20,6 @@ pub const SEND_BYTES: usize = sealfs_client::FROND_BYTES;
 /// Held bytes of one file past which a write waits for the send (bounds the memory a
 /// writer faster than the cluster can take).
 pub const HELD_BYTES_MAX: usize = 8 * sealfs_client::FROND_BYTES;
-/// Extents past which a file's are not kept in memory (read per request instead).
-pub const EXTENTS_KEPT_MAX: usize = 1 << 16;
 /// Separate ranges of one file past which a write waits for a send (bounds the work of a
 /// send and of the reads that look through them).
 pub const RANGES_MAX: usize = 4096;
@@ -45,6 +43,9 @@ struct File {
     /// The file's extents and size as last read from its partition, kept while it is open
     /// (close-to-open: an open reads them again), dropped when this mount changes the file.
     extents: Option<Arc<(Vec<Extent>, u64)>>,
+    /// The file has more extents than one reply carries: reads ask for their range only
+    /// (until the file is opened again).
+    fragmented: bool,
     /// Counts the changes that drop `extents`, so that a read started before one does not
     /// keep what it fetched.
     changes: u64,
@@ -101,6 +102,7 @@ impl OpenFiles {
         let mut files = self.files();
         let f = files.entry(ino).or_default();
         f.opens += 1;
+        f.fragmented = false;
         f.changed();
     }
 
@@ -221,17 +223,24 @@ impl OpenFiles {
     }
 
     /// The extents of open file `ino`: kept, or read once and kept (None: not open here, or
-    /// too many to keep).
+    /// too many for one reply).
     async fn extents(&self, ino: u64) -> Result<Option<Arc<(Vec<Extent>, u64)>>, Error> {
         let changes = match self.files().get(&ino) {
             None => return Ok(None),
+            Some(f) if f.fragmented => return Ok(None),
             Some(f) if f.extents.is_some() => return Ok(f.extents.clone()),
             Some(f) => f.changes,
         };
-        let (e, size) = self.fs.extents(ino).await?;
-        if e.len() > EXTENTS_KEPT_MAX {
-            return Ok(None);
-        }
+        let (e, size) = match self.fs.extents(ino).await {
+            Ok(r) => r,
+            Err(Error::FBIG) => {
+                if let Some(f) = self.files().get_mut(&ino) {
+                    f.fragmented = true;
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         let e = Arc::new((e, size));
         if let Some(f) = self.files().get_mut(&ino) {
             if f.changes == changes {
