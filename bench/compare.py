@@ -5,6 +5,8 @@ Brings up each system, runs the same workloads on it, tears it down, and writes 
 - ext4: a folder on the machine's own disk;
 - fuse: a minimal FUSE pass-through (crates/sealfs/examples/passthrough.rs) over another
   folder of that disk: the floor of what FUSE alone costs;
+- glusterfs: GlusterFS from Debian, a dispersed 4+2 volume over six brick folders of that
+  disk, glusterd and the bricks bound to 127.0.0.2 (GlusterFS refuses 127.0.0.1 for bricks);
 - sealfs: `sealfs up` (manager, 4 servers x 4 disks, the mount) in one process.
 Workloads: `sealfs bench` (bandwidth, IOPS, metadata, small files), fio (sequential 1 MiB and
 random 4 KiB, fsync at the end, caches dropped before reading) and the extraction and removal
@@ -167,6 +169,54 @@ class Passthrough:
         stop_mount(self.proc, self.mnt)
 
 
+GLUSTER_ADDR = "127.0.0.2"
+
+
+class Gluster:
+    """glusterd, a 4+2 dispersed volume of six bricks and its FUSE mount, all under `work`,
+    bound to a loopback address; stop() unmounts and stops every process it started."""
+
+    def __init__(self, work):
+        self.dir = work / "gluster"
+        self.mnt = work / "gluster-mnt"
+        state = self.dir / "state"
+        state.mkdir(parents=True)
+        self.mnt.mkdir()
+        vol = Path("/etc/glusterfs/glusterd.vol").read_text()
+        vol = vol.replace("/var/lib/glusterd", str(state)).replace(
+            "option transport.socket.listen-port 24007",
+            "option transport.socket.listen-port 24007\n"
+            f"    option transport.socket.bind-address {GLUSTER_ADDR}")
+        volfile = self.dir / "glusterd.vol"
+        volfile.write_text(vol)
+        run(["glusterd", "-f", str(volfile), f"--log-file={self.dir / 'glusterd.log'}"])
+        time.sleep(2)
+        bricks = []
+        for i in range(6):
+            b = self.dir / f"brick{i}"
+            b.mkdir()
+            bricks.append(f"{GLUSTER_ADDR}:{b}")
+        g = ["gluster", "--mode=script", "volume"]
+        run(g + ["create", "bench", "disperse", "6", "redundancy", "2"] + bricks + ["force"])
+        run(g + ["start", "bench"])
+        run(["mount", "-t", "glusterfs", f"{GLUSTER_ADDR}:/bench", str(self.mnt)])
+
+    def stop(self):
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        subprocess.run(["gluster", "--mode=script", "volume", "stop", "bench"],
+                       capture_output=True, timeout=120)
+        # glusterd, the bricks and the client name this folder on their command lines.
+        pids = subprocess.run(["pgrep", "-f", str(self.dir)], capture_output=True,
+                              text=True).stdout.split()
+        pids += subprocess.run(["pgrep", "-f", f"{GLUSTER_ADDR}:/bench"], capture_output=True,
+                               text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 class Up:
     """`sealfs up` on a folder of its own, stopped (SIGTERM, then SIGKILL) when done."""
 
@@ -194,9 +244,10 @@ def machine():
 def report(path, results, peak, entries, quick, work):
     systems = list(results)
     rows = list(results["sealfs"])
+    bases = [b for b in systems if b != "sealfs"]
     lower_better = lambda w: w.endswith("(s)")
     lines = [
-        "# Benchmarks: sealfs beside the local disk and a FUSE pass-through",
+        "# Benchmarks: sealfs beside the local disk, a FUSE pass-through and GlusterFS",
         "",
         "Produced by `bench/compare" + (" --quick" if quick else "") + "` (this file is its output).",
         "",
@@ -204,20 +255,25 @@ def report(path, results, peak, entries, quick, work):
         f"- **Local disk:** ext4, a folder under `{work}`.",
         "- **sealfs:** `sealfs up`: a manager and 4 servers x 4 disk folders (all on that same disk), "
         "8+8 erasure coding, 64 metadata partitions of 3 replicas, one process, FUSE mount.",
-        f"- **Versions:** sealfs {git_rev()}, {run(['fio', '--version']).strip()}.",
+        f"- **Versions:** sealfs {git_rev()}, {run(['fio', '--version']).strip()}"
+        + (f", {run(['glusterfs', '--version']).splitlines()[0].strip()}" if "glusterfs" in results else "")
+        + ".",
         f"- **Source tree:** {entries} entries (crate sources from cargo's registry).",
+        "- **glusterfs:** GlusterFS from Debian (glusterfs-server), a dispersed 4+2 volume over "
+        f"six brick folders of the same disk, on {GLUSTER_ADDR}, mounted with its FUSE client."
+        if "glusterfs" in results else "- **glusterfs:** not measured in this run (--no-gluster).",
         "- **fuse:** a minimal FUSE pass-through over another folder of the same disk "
         "(`crates/sealfs/examples/passthrough.rs`, the same fuser settings as the mount).",
         "- Ratios are sealfs / the other; for times (s) a ratio above 1 means sealfs is slower.",
         "",
-        "| workload | " + " | ".join(systems) + " | sealfs / ext4 | sealfs / fuse |",
-        "|---|" + "---:|" * (len(systems) + 2),
+        "| workload | " + " | ".join(systems) + " | " + " | ".join(f"sealfs / {b}" for b in bases) + " |",
+        "|---|" + "---:|" * (len(systems) + len(bases)),
     ]
     for w in rows:
         vals = [results[s].get(w) for s in systems]
         cells = [f"{v:,.1f}" if v is not None else "-" for v in vals]
         ratios = []
-        for base in ("ext4", "fuse"):
+        for base in bases:
             b = results[base].get(w)
             ratios.append(f"{results['sealfs'][w] / b:.2f}" if b else "-")
         lines.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
@@ -241,6 +297,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-gluster", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("compare: run as root (FUSE mounts, dropping the caches)")
@@ -257,6 +314,13 @@ def main():
         results["fuse"], _ = measure(a.sealfs, pt.mnt, "fuse", a.quick, work, tarball)
     finally:
         pt.stop()
+    if not a.no_gluster:
+        gl = Gluster(work)
+        try:
+            results["glusterfs"], _ = measure(a.sealfs, gl.mnt, "glusterfs", a.quick, work,
+                                              tarball)
+        finally:
+            gl.stop()
     up = Up(a.sealfs, work)
     try:
         results["sealfs"], peak = measure(a.sealfs, up.mnt, "sealfs", a.quick, work, tarball,
