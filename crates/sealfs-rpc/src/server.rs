@@ -143,7 +143,8 @@ async fn accept_loop(
             },
         }
     }
-    // Dropping the set aborts every connection.
+    // Every connection ends before `shutdown` returns: none answers another request after.
+    conns.shutdown().await;
 }
 
 async fn serve(

@@ -321,7 +321,7 @@ async fn clients_reconnect_with_backoff_after_a_restart() {
     assert_eq!(client.connects(), 2);
     assert_eq!(srv.accepted(), 1);
     // Nobody listening at all: a clear error within the deadline, not a hang.
-    drop(srv);
+    srv.shutdown().await;
     let started = std::time::Instant::now();
     let err = client
         .call(echo(b"4", Bytes::new()), Duration::from_millis(800))
