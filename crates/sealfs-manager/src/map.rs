@@ -370,6 +370,7 @@ impl ClusterMap {
         let mut used: Vec<(u64, u32)> = Vec::new();
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
+            let holdfast = out.is_empty();
             let best = up
                 .iter()
                 .enumerate()
@@ -381,13 +382,19 @@ impl ClusterMap {
                 })
                 .filter(|(_, id, _, d, _)| !used.contains(&(*id, *d)))
                 .min_by_key(|(rank, id, s, d, disk)| {
-                    (
-                        per_zone.get(s.zone.as_str()).copied().unwrap_or(0),
-                        per_server.get(id).copied().unwrap_or(0),
-                        std::cmp::Reverse(disk.free),
-                        (rank + up.len() - turn % up.len()) % up.len(),
-                        (*d as usize + turn) % s.disks.len().max(1),
-                    )
+                    let zone = per_zone.get(s.zone.as_str()).copied().unwrap_or(0) as u64;
+                    let server = per_server.get(id).copied().unwrap_or(0) as u64;
+                    let emptiest = u64::MAX - disk.free;
+                    // Blade after blade, the holdfast turns over the servers, and over the
+                    // disks of each server, whatever their free bytes: a server's loss then
+                    // leaves the blades the others lead writable.
+                    let turn_server = ((rank + up.len() - turn % up.len()) % up.len()) as u64;
+                    let turn_disk = ((*d as usize + turn / up.len()) % s.disks.len().max(1)) as u64;
+                    if holdfast {
+                        (zone, server, turn_server, turn_disk, emptiest)
+                    } else {
+                        (zone, server, emptiest, turn_server, turn_disk)
+                    }
                 })
                 .expect("enough disks checked");
             let (_, id, s, d, _) = best;
@@ -406,6 +413,7 @@ impl ClusterMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn map(servers: usize, disks: usize) -> ClusterMap {
         let mut m = ClusterMap::default();
@@ -429,7 +437,18 @@ mod tests {
     #[test]
     fn blades_use_distinct_disks_and_servers_evenly_and_rotate_holdfasts() {
         let mut m = map(4, 4);
+        // Unequal free space (server 2's disks the emptiest, as happens): the holdfasts
+        // still turn over every server and disk.
+        for s in 1..=4u64 {
+            let free = (0..4).map(|d| (1u64 << 39) + s * 1000 + d).collect();
+            m.apply(Command::Heartbeat {
+                server: s,
+                free,
+                now_ms: 1,
+            });
+        }
         let mut holdfasts = BTreeMap::new();
+        let mut leaders = Vec::new();
         for _ in 0..16 {
             let Outcome::Blade(_, b) = m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }) else {
                 panic!()
@@ -448,11 +467,21 @@ mod tests {
             *holdfasts
                 .entry((b.shards[0].server, b.shards[0].disk))
                 .or_insert(0) += 1;
+            leaders.push(b.shards[0].server);
         }
-        assert!(
-            holdfasts.len() >= 4,
-            "holdfasts spread over servers and disks: {holdfasts:?}"
+        assert_eq!(
+            holdfasts.len(),
+            16,
+            "every disk leads a blade: {holdfasts:?}"
         );
+        for four in leaders.chunks(4) {
+            let servers: BTreeSet<u64> = four.iter().copied().collect();
+            assert_eq!(
+                servers.len(),
+                4,
+                "4 blades in a row, 4 holdfast servers: {leaders:?}"
+            );
+        }
     }
 
     #[test]
