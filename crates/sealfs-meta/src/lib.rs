@@ -236,7 +236,8 @@ impl Extent {
     }
 
     /// Keeps only the bytes an inline extent still names (after it was cut), with their
-    /// CRC; false if the bytes it held no longer matched theirs (nothing is changed then).
+    /// CRC; false if the bytes it held no longer matched theirs, or its skip and length
+    /// pass them (nothing is changed then).
     pub(crate) fn trim_inline(&mut self) -> bool {
         if !self.is_inline() {
             return true;
@@ -244,8 +245,16 @@ impl Extent {
         if !self.inline_intact() {
             return false;
         }
-        let (a, b) = (self.skip as usize, self.skip as usize + self.len as usize);
-        self.inline = self.inline[a..b].to_vec();
+        // The record came from disk: a skip or length past its bytes is damage, not a panic.
+        let a = self.skip as usize;
+        let Some(kept) = usize::try_from(self.len)
+            .ok()
+            .and_then(|len| a.checked_add(len))
+            .and_then(|b| self.inline.get(a..b))
+        else {
+            return false;
+        };
+        self.inline = kept.to_vec();
         self.inline_crc = crc32c::crc32c(&self.inline);
         self.skip = 0;
         self.frond_len = self.len as u32;
@@ -672,5 +681,30 @@ impl Reply {
             Reply::Error(e) => Err(e),
             r => Ok(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Extent;
+
+    #[test]
+    fn an_inline_extent_naming_bytes_it_does_not_hold_is_refused_when_cut() {
+        for (skip, len) in [(4, 7), (11, 0), (0, u64::MAX), (u32::MAX, 1)] {
+            let mut e = Extent::inline(0, b"0123456789");
+            e.skip = skip;
+            e.len = len;
+            let before = e.clone();
+            assert!(!e.trim_inline(), "skip {skip} len {len}");
+            assert_eq!(e, before, "a refused cut changes nothing");
+        }
+        let mut e = Extent::inline(0, b"0123456789");
+        (e.skip, e.len) = (2, 5);
+        assert!(e.trim_inline());
+        assert_eq!(
+            (e.inline.as_slice(), e.skip, e.frond_len),
+            (&b"23456"[..], 0, 5)
+        );
+        assert!(e.inline_intact());
     }
 }

@@ -515,3 +515,33 @@ fn a_query_for_more_extents_than_a_reply_carries_is_refused() {
     };
     assert_eq!((es.len(), size), (5, n * 2 - 1));
 }
+
+#[test]
+fn truncating_into_an_inline_extent_keeps_its_head() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    m.op(Op::Write {
+        ino: f,
+        extents: vec![Extent::inline(0, b"0123456789")],
+        now: 1,
+    });
+    let cut = |m: &mut M, size| {
+        m.op(Op::SetAttr {
+            ino: f,
+            set: SetAttr {
+                size: Some(size),
+                ..Default::default()
+            },
+            now: 2,
+        })
+    };
+    assert!(matches!(cut(&mut m, 8), Reply::Attr(_)));
+    let Reply::Extents(es, _) = m.q(Query::Extents {
+        ino: f,
+        offset: 0,
+        len: u64::MAX,
+    }) else {
+        panic!()
+    };
+    assert_eq!(es[0].inline, b"01234567");
+}
