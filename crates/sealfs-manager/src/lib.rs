@@ -286,8 +286,7 @@ impl Manager {
         let group = Group::start(
             MANAGER_GROUP,
             me,
-            &sealfs_raft::LogDb::open(&data_dir.join("manager.redb"))
-                .map_err(|e| format!("{}: {e}", data_dir.join("manager.redb").display()))?,
+            &sealfs_raft::LogDb::open(&data_dir.join("manager.wal"))?,
             Box::new(MapMachine::default()),
             router,
             Peers::new(key),

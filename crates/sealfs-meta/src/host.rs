@@ -121,9 +121,8 @@ impl MetaHost {
                 match &*l {
                     Some(log) => log.clone(),
                     None => {
-                        let path = self.dir.join("raft.redb");
-                        let log = sealfs_raft::LogDb::open(&path)
-                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        let path = self.dir.join("raft.wal");
+                        let log = sealfs_raft::LogDb::open(&path)?;
                         *l = Some(log.clone());
                         log
                     }

@@ -38,7 +38,7 @@ async fn start(node: u64, addr: &str, dir: &Path) -> Replica {
         .await
         .unwrap();
     let machine = PartitionMachine::open(0, &dir.join(format!("state{node}.redb"))).unwrap();
-    let log = LogDb::open(&dir.join(format!("raft{node}.redb"))).unwrap();
+    let log = LogDb::open(&dir.join(format!("raft{node}.wal"))).unwrap();
     let group = Group::start(1, node, &log, Box::new(machine), router, Peers::new(key()))
         .await
         .unwrap();

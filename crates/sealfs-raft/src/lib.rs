@@ -1,11 +1,13 @@
 //! Raft groups for sealfs (DESIGN 5.1, 5.4): the manager's cluster map and each metadata
-//! partition are a group of 1 or 3 (R) replicas running openraft. A group keeps its log, vote and
-//! snapshots in a redb file (every write synced before it is acknowledged), sends its messages on
-//! the sealfs wire (one connection per pair of servers, shared by all groups), and applies
-//! committed commands to the application's [`Machine`].
+//! partition are a group of 1 or 3 (R) replicas running openraft. A group keeps its log, vote
+//! and snapshots in its server's log (our own segment files, [`wal`]; every append synced
+//! before it is acknowledged), sends its messages on the sealfs wire (one connection per pair
+//! of servers, shared by all groups), and applies committed commands to the application's
+//! [`Machine`].
 
 pub mod network;
 pub mod store;
+pub mod wal;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;

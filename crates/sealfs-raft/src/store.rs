@@ -1,16 +1,18 @@
-//! Raft storage: the logs, votes, committed ids and latest snapshots of all the groups of a
-//! server in one redb file ([`LogDb`]), written by one committer that shares each fsync among
-//! every write waiting; appends and votes are synced before they are reported done. The state
-//! machine is the application's [`Machine`]: held in memory and restored from the snapshot at
-//! start, or kept on disk by the machine with its applied position (openraft then re-applies
-//! the committed log after it).
+//! Raft storage: the logs and votes of all the groups of a server in its log ([`LogDb`], our
+//! own segment files written by one thread that shares each `fdatasync` among every write
+//! waiting), and each group's latest snapshot in a file beside it. Appends and votes are
+//! synced before they are reported done. The state machine is the application's [`Machine`]:
+//! held in memory and restored from the snapshot at start, or kept on disk by the machine with
+//! its applied position (openraft then re-applies the committed log after it).
 
 // openraft's traits fix the error type (`StorageError`), large as it is.
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{Cursor, Write};
+use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,193 +22,74 @@ use openraft::{
     RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
     Vote,
 };
-use std::ops::Bound;
+use serde::{Deserialize, Serialize};
 
-use redb::{Database, ReadableDatabase, TableDefinition, WriteTransaction};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-
+use crate::wal::{Rec, Wal};
 use crate::{Machine, NodeId, Reply, TypeConfig};
 
-/// (group << 64 | index) -> entry.
-const LOGS: TableDefinition<u128, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-const SNAP: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_snapshot");
-
 type SErr = StorageError<NodeId>;
-type KvTable = TableDefinition<'static, &'static str, &'static [u8]>;
 
-fn rerr<E: std::error::Error + 'static>(e: E) -> SErr {
-    StorageIOError::read(AnyError::new(&e)).into()
+fn rerr(e: impl std::fmt::Display) -> SErr {
+    StorageIOError::read(AnyError::error(e)).into()
 }
 
-fn werr<E: std::error::Error + 'static>(e: E) -> SErr {
-    StorageIOError::write(AnyError::new(&e)).into()
+fn werr(e: impl std::fmt::Display) -> SErr {
+    StorageIOError::write(AnyError::error(e)).into()
 }
 
-fn get_kv<T: DeserializeOwned>(db: &Database, tbl: KvTable, k: &str) -> Result<Option<T>, SErr> {
-    let tx = db.begin_read().map_err(rerr)?;
-    let t = tx.open_table(tbl).map_err(rerr)?;
-    match t.get(k).map_err(rerr)? {
-        Some(g) => Ok(Some(postcard::from_bytes(g.value()).map_err(rerr)?)),
-        None => Ok(None),
-    }
-}
-
-type Work = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
-
-/// A write for the committer, and whom to tell when it is on disk.
-struct Job {
-    work: Work,
-    durable: bool,
-    done: Box<dyn FnOnce(Result<(), String>) + Send>,
-}
-
-/// Jobs one commit takes at most.
-const BATCH_MAX: usize = 1024;
-
-/// The Raft file of a server, shared by all its groups: logs, votes and snapshots. Writes go
-/// through one committer thread that gathers every write waiting (from any group) into one
-/// transaction, synced once: concurrent operations of all partitions share one fsync.
+/// The Raft log of a server, shared by all its groups: a folder of segment files (see
+/// [`crate::wal`]) and a snapshot file per group.
 #[derive(Clone)]
-pub struct LogDb(Arc<LogDbInner>);
-
-struct LogDbInner {
-    db: Arc<Database>,
-    jobs: std::sync::mpsc::SyncSender<Job>,
-}
-
-type OpenFiles =
-    std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<LogDbInner>>>;
-
-/// The Raft files open in this process, so that a group restarted in the same process shares
-/// the file instead of failing to open it twice.
-static OPEN: std::sync::OnceLock<OpenFiles> = std::sync::OnceLock::new();
+pub struct LogDb(Wal);
 
 impl LogDb {
-    /// Opens (creating) the file, or returns it if this process has it open.
-    pub fn open(path: &std::path::Path) -> Result<LogDb, redb::Error> {
-        let open = OPEN.get_or_init(Default::default);
-        let mut files = open.lock().expect("open raft files");
-        let canon = path
-            .parent()
-            .and_then(|p| p.canonicalize().ok())
-            .map(|p| p.join(path.file_name().unwrap_or_default()))
-            .unwrap_or_else(|| path.to_path_buf());
-        if let Some(inner) = files.get(&canon).and_then(|w| w.upgrade()) {
-            return Ok(LogDb(inner));
-        }
-        // A committer that is still letting go of the file (its last user just left).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let db = loop {
-            match Database::create(path) {
-                Ok(db) => break Arc::new(db),
-                Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => return Err(e.into()),
-            }
+    /// Opens (creating) the log in folder `dir`, or returns it if this process has it open.
+    pub fn open(dir: &Path) -> Result<LogDb, String> {
+        Wal::open(dir).map(LogDb)
+    }
+
+    fn snapshot_path(&self, group: u64) -> PathBuf {
+        self.0.dir().join(format!("snap-{group:016x}"))
+    }
+
+    /// A group's latest snapshot, checked against its CRC.
+    fn read_snapshot(&self, group: u64) -> Result<Option<StoredSnapshot>, SErr> {
+        let path = self.snapshot_path(group);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(rerr(format!("{}: {e}", path.display()))),
         };
-        let tx = db.begin_write()?;
-        tx.open_table(LOGS)?;
-        tx.open_table(META)?;
-        tx.open_table(SNAP)?;
-        tx.commit()?;
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(BATCH_MAX * 4);
-        let cdb = db.clone();
-        std::thread::Builder::new()
-            .name("raft-commit".into())
-            .spawn(move || committer(cdb, rx))
-            .map_err(redb::Error::Io)?;
-        let inner = Arc::new(LogDbInner { db, jobs });
-        files.insert(canon, Arc::downgrade(&inner));
-        Ok(LogDb(inner))
+        let bad = || rerr(format!("{}: damaged (fails its CRC)", path.display()));
+        let (crc, body) = bytes.split_at_checked(4).ok_or_else(bad)?;
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(bad());
+        }
+        postcard::from_bytes(body)
+            .map(Some)
+            .map_err(|e| rerr(format!("{}: {e}", path.display())))
     }
 
-    /// Runs `work` in the next commit; returns once it is on disk (synced if `durable`).
-    async fn write(
-        &self,
-        durable: bool,
-        work: impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static,
-    ) -> Result<(), SErr> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(
-            durable,
-            Box::new(work),
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StorageIOError::write(AnyError::error(e)).into()),
-            Err(_) => Err(StorageIOError::write(AnyError::error("raft committer stopped")).into()),
-        }
+    /// Stores a group's snapshot in place of the last: written aside, synced, renamed over it.
+    async fn write_snapshot(&self, group: u64, s: &StoredSnapshot) -> Result<(), SErr> {
+        let body = postcard::to_stdvec(s).map_err(werr)?;
+        let path = self.snapshot_path(group);
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            let r = (|| -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&crc32c::crc32c(&body).to_le_bytes())?;
+                f.write_all(&body)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                let dir = path.parent().unwrap_or(Path::new("."));
+                std::fs::File::open(dir)?.sync_all()
+            })();
+            r.map_err(|e| werr(format!("{}: {e}", path.display())))
+        })
+        .await
+        .map_err(werr)?
     }
-
-    fn submit(
-        &self,
-        durable: bool,
-        work: Work,
-        done: Box<dyn FnOnce(Result<(), String>) + Send>,
-    ) -> Result<(), SErr> {
-        self.0
-            .jobs
-            .send(Job {
-                work,
-                durable,
-                done,
-            })
-            .map_err(|_| StorageIOError::write(AnyError::error("raft committer stopped")).into())
-    }
-}
-
-/// Takes every job waiting, runs them in one transaction and commits it once (synced if any
-/// job asked for it), then tells each job. A failed job fails the whole commit.
-fn committer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH_MAX {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let durable = batch.iter().any(|j| j.durable);
-        let mut dones = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), String> {
-            let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-            if !durable {
-                tx.set_durability(redb::Durability::None)
-                    .map_err(|e| e.to_string())?;
-            }
-            for j in batch {
-                dones.push(j.done);
-                (j.work)(&tx)?;
-            }
-            tx.commit().map_err(|e| e.to_string())
-        })();
-        if let Err(e) = &result {
-            tracing::error!("raft log commit failed: {e}");
-        }
-        for d in dones {
-            d(result.clone());
-        }
-    }
-}
-
-fn key(group: u64, index: u64) -> u128 {
-    (group as u128) << 64 | index as u128
-}
-
-fn put_in<T: Serialize>(tx: &WriteTransaction, tbl: KvTable, k: &str, v: &T) -> Result<(), String> {
-    let b = postcard::to_stdvec(v).map_err(|e| e.to_string())?;
-    tx.open_table(tbl)
-        .map_err(|e| e.to_string())?
-        .insert(k, b.as_slice())
-        .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// The Raft log of one group, in its server's [`LogDb`].
@@ -222,20 +105,8 @@ impl LogStore {
         LogStore { log, group }
     }
 
-    fn k(&self, name: &str) -> String {
-        format!("{}/{name}", self.group)
-    }
-
-    async fn put<T: Serialize + Send + 'static>(
-        &self,
-        durable: bool,
-        name: &str,
-        v: T,
-    ) -> Result<(), SErr> {
-        let k = self.k(name);
-        self.log
-            .write(durable, move |tx| put_in(tx, META, &k, &v))
-            .await
+    async fn write(&self, recs: Vec<Rec>, durable: bool) -> Result<(), SErr> {
+        self.log.0.write(recs, durable).await.map_err(werr)
     }
 }
 
@@ -244,29 +115,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        let tx = self.log.0.db.begin_read().map_err(rerr)?;
-        let t = tx.open_table(LOGS).map_err(rerr)?;
-        let g = self.group;
         let lo = match range.start_bound() {
-            Bound::Included(&i) => key(g, i),
-            Bound::Excluded(&i) => key(g, i).saturating_add(1),
-            Bound::Unbounded => key(g, 0),
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
         };
         let hi = match range.end_bound() {
-            Bound::Included(&i) => key(g, i),
+            Bound::Included(&i) => i,
             Bound::Excluded(&0) => return Ok(Vec::new()),
-            Bound::Excluded(&i) => key(g, i - 1),
-            Bound::Unbounded => key(g, u64::MAX),
+            Bound::Excluded(&i) => i - 1,
+            Bound::Unbounded => u64::MAX,
         };
-        let mut out = Vec::new();
-        if lo > hi {
-            return Ok(out);
-        }
-        for item in t.range::<u128>(lo..=hi).map_err(rerr)? {
-            let (_k, v) = item.map_err(rerr)?;
-            out.push(postcard::from_bytes::<Entry<TypeConfig>>(v.value()).map_err(rerr)?);
-        }
-        Ok(out)
+        let log = self.log.0.clone();
+        let group = self.group;
+        let raw = tokio::task::spawn_blocking(move || log.entries(group, lo, hi))
+            .await
+            .map_err(rerr)?
+            .map_err(rerr)?;
+        raw.iter()
+            .map(|b| postcard::from_bytes::<Entry<TypeConfig>>(b).map_err(rerr))
+            .collect()
     }
 }
 
@@ -274,27 +142,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
-        let last_purged: Option<LogId<NodeId>> =
-            get_kv(&self.log.0.db, META, &self.k("last_purged"))?;
-        let tx = self.log.0.db.begin_read().map_err(rerr)?;
-        let t = tx.open_table(LOGS).map_err(rerr)?;
-        let last_of_group = t
-            .range::<u128>(key(self.group, 0)..=key(self.group, u64::MAX))
-            .map_err(rerr)?
-            .next_back()
-            .transpose()
-            .map_err(rerr)?;
-        let last = match last_of_group {
-            Some((_k, v)) => Some(
-                postcard::from_bytes::<Entry<TypeConfig>>(v.value())
-                    .map_err(rerr)?
-                    .log_id,
-            ),
-            None => None,
-        };
+        let last_purged = self.log.0.meta(self.group).purged;
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: last.or(last_purged),
+            last_log_id: self.log.0.last(self.group).or(last_purged),
         })
     }
 
@@ -304,20 +155,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
         // Synced before it is returned: a vote must never be forgotten.
-        self.put(true, "vote", *vote).await
+        let group = self.group;
+        self.write(vec![Rec::Vote { group, vote: *vote }], true)
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
-        get_kv(&self.log.0.db, META, &self.k("vote"))
+        Ok(self.log.0.meta(self.group).vote)
     }
 
     async fn save_committed(&mut self, c: Option<LogId<NodeId>>) -> Result<(), SErr> {
         // Not synced: after a crash the committed index is found again from a majority.
-        self.put(false, "committed", c).await
+        let group = self.group;
+        self.write(
+            vec![Rec::Committed {
+                group,
+                committed: c,
+            }],
+            false,
+        )
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        Ok(get_kv::<Option<LogId<NodeId>>>(&self.log.0.db, META, &self.k("committed"))?.flatten())
+        Ok(self.log.0.meta(self.group).committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -325,63 +186,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let g = self.group;
-        let mut rows = Vec::new();
+        let group = self.group;
+        let mut recs = Vec::new();
         for e in entries {
-            rows.push((
-                key(g, e.log_id.index),
-                postcard::to_stdvec(&e).map_err(werr)?,
-            ));
+            recs.push(Rec::Entry {
+                group,
+                log_id: e.log_id,
+                bytes: postcard::to_stdvec(&e).map_err(werr)?,
+            });
         }
-        // openraft reads the entries back as soon as this returns, so it returns once the
-        // commit that carries them is done (synced): appends of one group go one commit at a
-        // time, while the committer still shares each sync among all the groups of the server.
-        let r = self
-            .log
-            .write(true, move |tx| {
-                let mut t = tx.open_table(LOGS).map_err(|e| e.to_string())?;
-                for (k, b) in rows {
-                    t.insert(k, b.as_slice()).map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })
-            .await;
-        match r {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
-            }
-        }
+        // Returns once the entries are written and readable, before they are synced: a
+        // leader sends them to its followers while its disk syncs them. openraft counts them
+        // as stored (a leader's vote for them, a follower's reply) only at `callback`, after
+        // the sync, and the writer shares that sync among all the groups of the server.
+        let synced = Box::new(move |r: Result<(), String>| {
+            callback.log_io_completed(r.map_err(std::io::Error::other))
+        });
+        self.log.0.write_then(recs, synced).await.map_err(werr)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        let (lo, hi) = (key(self.group, log_id.index), key(self.group, u64::MAX));
-        self.log
-            .write(true, move |tx| {
-                tx.open_table(LOGS)
-                    .map_err(|e| e.to_string())?
-                    .retain_in(lo..=hi, |_, _| false)
-                    .map_err(|e| e.to_string())
-            })
-            .await
+        let group = self.group;
+        let from = log_id.index;
+        self.write(vec![Rec::Truncate { group, from }], true).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        let (lo, hi) = (key(self.group, 0), key(self.group, log_id.index));
-        let k = self.k("last_purged");
-        self.log
-            .write(true, move |tx| {
-                put_in(tx, META, &k, &log_id)?;
-                tx.open_table(LOGS)
-                    .map_err(|e| e.to_string())?
-                    .retain_in(lo..=hi, |_, _| false)
-                    .map_err(|e| e.to_string())
-            })
-            .await
+        let group = self.group;
+        self.write(
+            vec![Rec::Purge {
+                group,
+                upto: log_id,
+            }],
+            true,
+        )
+        .await
     }
 }
 
@@ -419,7 +258,7 @@ pub struct StateMachineStore {
     /// The applied state (read it after `ensure_linearizable` for linearizable reads).
     pub state: Arc<tokio::sync::RwLock<Applied>>,
     log: LogDb,
-    snap_key: String,
+    group: u64,
     seq: Arc<AtomicU64>,
 }
 
@@ -427,7 +266,6 @@ impl StateMachineStore {
     /// The state machine of `group` over `machine`, restored from the group's snapshot in
     /// `log` if the machine does not keep its own state.
     pub fn open(log: LogDb, group: u64, mut machine: Box<dyn Machine>) -> Result<Self, SErr> {
-        let snap_key = format!("{group}/snapshot");
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
         let on_disk = machine
@@ -437,7 +275,7 @@ impl StateMachineStore {
             let p: Position = postcard::from_bytes(&pos).map_err(rerr)?;
             last_applied = p.0;
             last_membership = p.1;
-        } else if let Some(s) = get_kv::<StoredSnapshot>(&log.0.db, SNAP, &snap_key)? {
+        } else if let Some(s) = log.read_snapshot(group)? {
             machine.restore(&s.data).map_err(|e| {
                 SErr::from(StorageIOError::read_snapshot(
                     Some(s.meta.signature()),
@@ -454,7 +292,7 @@ impl StateMachineStore {
                 machine,
             })),
             log,
-            snap_key,
+            group,
             seq: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -462,10 +300,7 @@ impl StateMachineStore {
 
 impl StateMachineStore {
     async fn store_snapshot(&self, s: StoredSnapshot) -> Result<(), SErr> {
-        let k = self.snap_key.clone();
-        self.log
-            .write(true, move |tx| put_in(tx, SNAP, &k, &s))
-            .await
+        self.log.write_snapshot(self.group, &s).await
     }
 }
 
@@ -571,11 +406,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(
-            get_kv::<StoredSnapshot>(&self.log.0.db, SNAP, &self.snap_key)?.map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }),
-        )
+        Ok(self.log.read_snapshot(self.group)?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }

@@ -53,7 +53,7 @@ impl Replica {
         let group = Group::start(
             7,
             node,
-            &LogDb::open(&dir.join(format!("node{node}.redb"))).unwrap(),
+            &LogDb::open(&dir.join(format!("node{node}.wal"))).unwrap(),
             Box::new(Journal::default()),
             router,
             Peers::new(key()),

@@ -1,0 +1,1095 @@
+//! The Raft log of a server (DESIGN 3.3, `wal/`): one folder of segment files shared by every
+//! group of the server, written by one committer thread that gathers every write waiting (from
+//! any group) into one write and one `fdatasync`.
+//!
+//! A segment is made whole before it is used: header, then zeros to [`SEGMENT_BYTES`], synced.
+//! Records are then written over the zeros, so a sync flushes data only, not the file's size.
+//!
+//! ```text
+//! segment: "SEALWAL1" | u64 id | record* | zeros
+//! record:  u32 body length | u32 CRC-32C(body) | body
+//! body:    u8 kind | u64 group | payload
+//! ```
+//!
+//! A body length of zero ends a segment; so does a record that is cut short or fails its CRC
+//! (a write torn by a crash, never acknowledged). Every open starts a new segment, so the
+//! bytes after such an end are never followed. Each segment begins with a checkpoint of every
+//! group (vote, committed, purged, last index), so an old segment is only needed for the
+//! entries it holds: when none is live any more it is deleted, and when there are more than
+//! [`SEGMENTS_KEPT`] the live entries of the oldest are copied forward first.
+//!
+//! Entries are read back from the file (with their CRC checked), not kept in memory: the
+//! index holds where each one is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::{LogId, Vote};
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+const MAGIC: &[u8; 8] = b"SEALWAL1";
+const SEGMENT_HEADER: u64 = 16;
+/// The size a segment is made to (a batch that does not fit in what is left of one starts the
+/// next; a batch larger than a whole segment makes it longer).
+pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// Segments kept before the live entries of the oldest are copied forward.
+pub const SEGMENTS_KEPT: usize = 4;
+const RECORD_HEADER: usize = 8;
+const BODY_HEAD: usize = 9;
+/// The largest record body read back: a length past it is damage, never allocated.
+const RECORD_MAX: usize = 256 << 20;
+/// Jobs one write takes at most.
+const BATCH_MAX: usize = 1024;
+
+const ENTRY: u8 = 1;
+const VOTE: u8 = 2;
+const COMMITTED: u8 = 3;
+const TRUNCATE: u8 = 4;
+const PURGE: u8 = 5;
+const CHECKPOINT: u8 = 6;
+
+/// What a group has stored besides its entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    pub vote: Option<Vote<NodeId>>,
+    pub committed: Option<LogId<NodeId>>,
+    pub purged: Option<LogId<NodeId>>,
+}
+
+/// A write to the log.
+#[derive(Clone, Debug)]
+pub enum Rec {
+    /// An entry (its serialized form), replacing any at its index.
+    Entry {
+        group: u64,
+        log_id: LogId<NodeId>,
+        bytes: Vec<u8>,
+    },
+    Vote {
+        group: u64,
+        vote: Vote<NodeId>,
+    },
+    Committed {
+        group: u64,
+        committed: Option<LogId<NodeId>>,
+    },
+    /// Removes the entries from index `from` on.
+    Truncate {
+        group: u64,
+        from: u64,
+    },
+    /// Removes the entries up to `upto` and remembers it as purged.
+    Purge {
+        group: u64,
+        upto: LogId<NodeId>,
+    },
+    /// A group's whole state but its entries' bytes: the entries kept are those after
+    /// `meta.purged` up to `last`.
+    Checkpoint {
+        group: u64,
+        meta: GroupMeta,
+        last: Option<u64>,
+    },
+}
+
+impl Rec {
+    fn group(&self) -> u64 {
+        match self {
+            Rec::Entry { group, .. }
+            | Rec::Vote { group, .. }
+            | Rec::Committed { group, .. }
+            | Rec::Truncate { group, .. }
+            | Rec::Purge { group, .. }
+            | Rec::Checkpoint { group, .. } => *group,
+        }
+    }
+
+    /// Appends the record to `buf`; for an entry, returns where its bytes are in the body.
+    fn encode(&self, buf: &mut Vec<u8>) -> Result<usize, String> {
+        let start = buf.len();
+        buf.extend_from_slice(&[0; RECORD_HEADER]);
+        let (kind, payload): (u8, Vec<u8>) = match self {
+            Rec::Entry { log_id, .. } => (ENTRY, postcard::to_stdvec(log_id).map_err(es)?),
+            Rec::Vote { vote, .. } => (VOTE, postcard::to_stdvec(vote).map_err(es)?),
+            Rec::Committed { committed, .. } => {
+                (COMMITTED, postcard::to_stdvec(committed).map_err(es)?)
+            }
+            Rec::Truncate { from, .. } => (TRUNCATE, from.to_le_bytes().to_vec()),
+            Rec::Purge { upto, .. } => (PURGE, postcard::to_stdvec(upto).map_err(es)?),
+            Rec::Checkpoint { meta, last, .. } => {
+                (CHECKPOINT, postcard::to_stdvec(&(meta, last)).map_err(es)?)
+            }
+        };
+        buf.push(kind);
+        buf.extend_from_slice(&self.group().to_le_bytes());
+        buf.extend_from_slice(&payload);
+        let entry_at = buf.len() - start - RECORD_HEADER;
+        if let Rec::Entry { bytes, .. } = self {
+            buf.extend_from_slice(bytes);
+        }
+        let body = &buf[start + RECORD_HEADER..];
+        let len = u32::try_from(body.len()).map_err(|_| "a raft record over 4 GiB".to_string())?;
+        if body.len() > RECORD_MAX {
+            return Err(format!("a raft record of {} bytes", body.len()));
+        }
+        let crc = crc32c::crc32c(body);
+        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        Ok(entry_at)
+    }
+
+    /// Reads a record's body (its CRC already checked); for an entry, also where its bytes
+    /// start in the body.
+    fn decode(body: &[u8]) -> Result<(Rec, usize), String> {
+        if body.len() < BODY_HEAD {
+            return Err("a raft record shorter than its head".into());
+        }
+        let kind = body[0];
+        let group = u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"));
+        let p = &body[BODY_HEAD..];
+        let de = |e: postcard::Error| format!("raft record of kind {kind}: {e}");
+        Ok(match kind {
+            ENTRY => {
+                let (log_id, rest) = postcard::take_from_bytes(p).map_err(de)?;
+                let at = body.len() - rest.len();
+                (
+                    Rec::Entry {
+                        group,
+                        log_id,
+                        bytes: Vec::new(),
+                    },
+                    at,
+                )
+            }
+            VOTE => (
+                Rec::Vote {
+                    group,
+                    vote: postcard::from_bytes(p).map_err(de)?,
+                },
+                0,
+            ),
+            COMMITTED => (
+                Rec::Committed {
+                    group,
+                    committed: postcard::from_bytes(p).map_err(de)?,
+                },
+                0,
+            ),
+            TRUNCATE => {
+                let from = p
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| "a truncate record of the wrong length".to_string())?;
+                (Rec::Truncate { group, from }, 0)
+            }
+            PURGE => (
+                Rec::Purge {
+                    group,
+                    upto: postcard::from_bytes(p).map_err(de)?,
+                },
+                0,
+            ),
+            CHECKPOINT => {
+                let (meta, last) = postcard::from_bytes(p).map_err(de)?;
+                (Rec::Checkpoint { group, meta, last }, 0)
+            }
+            k => return Err(format!("a raft record of unknown kind {k}")),
+        })
+    }
+}
+
+fn es(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Where an entry is: its record (header included) and its bytes within the body.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    seg: u64,
+    at: u64,
+    len: u32,
+    entry_at: u32,
+    log_id: LogId<NodeId>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    meta: GroupMeta,
+    entries: BTreeMap<u64, Loc>,
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Entries of this segment still in some group's log.
+    live: usize,
+}
+
+#[derive(Default)]
+struct State {
+    groups: HashMap<u64, GroupState>,
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl State {
+    fn forget(&mut self, loc: Loc) {
+        if let Some(s) = self.segments.get_mut(&loc.seg) {
+            s.live = s.live.saturating_sub(1);
+        }
+    }
+
+    /// Applies a record written (or read back) with the entry's place `loc`.
+    fn apply(&mut self, rec: Rec, loc: Option<Loc>) {
+        let g = rec.group();
+        let gs = self.groups.entry(g).or_default();
+        let mut gone = Vec::new();
+        match rec {
+            Rec::Entry { log_id, .. } => {
+                if let Some(loc) = loc {
+                    gone.extend(gs.entries.insert(log_id.index, loc));
+                    if let Some(s) = self.segments.get_mut(&loc.seg) {
+                        s.live += 1;
+                    }
+                }
+            }
+            Rec::Vote { vote, .. } => gs.meta.vote = Some(vote),
+            Rec::Committed { committed, .. } => gs.meta.committed = committed,
+            Rec::Truncate { from, .. } => gone.extend(gs.entries.split_off(&from).into_values()),
+            Rec::Purge { upto, .. } => {
+                gs.meta.purged = Some(upto);
+                let kept = gs.entries.split_off(&(upto.index + 1));
+                gone.extend(std::mem::replace(&mut gs.entries, kept).into_values());
+            }
+            Rec::Checkpoint { meta, last, .. } => {
+                let first = meta.purged.map_or(0, |p| p.index + 1);
+                gs.meta = meta;
+                let kept = gs.entries.split_off(&first);
+                gone.extend(std::mem::replace(&mut gs.entries, kept).into_values());
+                match last {
+                    Some(l) if l >= first => {
+                        gone.extend(gs.entries.split_off(&(l + 1)).into_values())
+                    }
+                    _ => gone.extend(std::mem::take(&mut gs.entries).into_values()),
+                }
+            }
+        }
+        for loc in gone {
+            self.forget(loc);
+        }
+    }
+
+    fn checkpoint(&self) -> Vec<Rec> {
+        let mut groups: Vec<_> = self.groups.iter().collect();
+        groups.sort_by_key(|(g, _)| **g);
+        groups
+            .into_iter()
+            .map(|(g, gs)| Rec::Checkpoint {
+                group: *g,
+                meta: gs.meta.clone(),
+                last: gs.entries.keys().next_back().copied(),
+            })
+            .collect()
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Job {
+    recs: Vec<Rec>,
+    durable: bool,
+    /// Told once the records are written and readable, before the sync.
+    written: Option<Done>,
+    /// Told once they are synced (if `durable`).
+    done: Done,
+}
+
+/// A server's Raft log: see the module's documentation.
+#[derive(Clone)]
+pub struct Wal(Arc<WalInner>);
+
+struct WalInner {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+fn seg_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.wal"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What reading a segment found.
+struct Scan {
+    records: usize,
+    /// Why it ended before its zeros, if it did.
+    torn: Option<String>,
+}
+
+/// Reads a segment's records into `state`.
+fn replay(state: &mut State, id: u64, bytes: &[u8]) -> Result<Scan, String> {
+    if bytes.len() < SEGMENT_HEADER as usize
+        || &bytes[..8] != MAGIC
+        || bytes[8..16] != id.to_le_bytes()
+    {
+        return Err(format!("segment {id:016x} has no valid header"));
+    }
+    let mut at = SEGMENT_HEADER as usize;
+    let mut records = 0;
+    let torn = loop {
+        let Some(head) = bytes.get(at..at + RECORD_HEADER) else {
+            break None;
+        };
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if len == 0 {
+            break None;
+        }
+        let body = match bytes.get(at + RECORD_HEADER..at + RECORD_HEADER + len) {
+            Some(b) if len <= RECORD_MAX => b,
+            _ => break Some(format!("a record of {len} bytes at {at} passes the end")),
+        };
+        if crc32c::crc32c(body) != crc {
+            break Some(format!("the record at {at} fails its CRC"));
+        }
+        let (rec, entry_at) = match Rec::decode(body) {
+            Ok(r) => r,
+            Err(e) => break Some(format!("the record at {at}: {e}")),
+        };
+        let loc = match &rec {
+            Rec::Entry { log_id, .. } => Some(Loc {
+                seg: id,
+                at: at as u64,
+                len: (RECORD_HEADER + len) as u32,
+                entry_at: entry_at as u32,
+                log_id: *log_id,
+            }),
+            _ => None,
+        };
+        state.apply(rec, loc);
+        records += 1;
+        at += RECORD_HEADER + len;
+    };
+    Ok(Scan { records, torn })
+}
+
+type OpenLogs = Mutex<HashMap<PathBuf, std::sync::Weak<WalInner>>>;
+
+/// The logs open in this process, so that a group restarted in the same process shares its
+/// server's log instead of failing to open it twice.
+static OPEN: std::sync::OnceLock<OpenLogs> = std::sync::OnceLock::new();
+
+/// How long an open waits for the log's lock (held by a writer that is still letting go of
+/// it, or by another process).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Wal {
+    /// Opens (creating) the log in folder `dir`, or returns it if this process has it open.
+    /// One process at a time holds a log (a lock on `dir/lock`).
+    pub fn open(dir: &Path) -> Result<Wal, String> {
+        let ctx = |e: std::io::Error| format!("{}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(ctx)?;
+        let canon = dir.canonicalize().map_err(ctx)?;
+        let mut open = OPEN
+            .get_or_init(Default::default)
+            .lock()
+            .expect("open logs");
+        if let Some(inner) = open.get(&canon).and_then(|w| w.upgrade()) {
+            return Ok(Wal(inner));
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(ctx)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(format!(
+                        "{}: the raft log is in use by another process",
+                        dir.display()
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(ctx(e)),
+            }
+        }
+        let w = Wal::open_locked(dir, lock)?;
+        open.insert(canon, Arc::downgrade(&w.0));
+        Ok(w)
+    }
+
+    fn open_locked(dir: &Path, lock: File) -> Result<Wal, String> {
+        let ctx = |e: std::io::Error| format!("{}: {e}", dir.display());
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(ctx)? {
+            let name = e.map_err(ctx)?.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
+                // A segment or snapshot whose making was cut short: never used.
+                let _ = std::fs::remove_file(dir.join(&*name));
+            } else if let Some(id) = name
+                .strip_suffix(".wal")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut state = State::default();
+        for &id in &ids {
+            let path = seg_path(dir, id);
+            let pctx = |e: std::io::Error| format!("{}: {e}", path.display());
+            let bytes = std::fs::read(&path).map_err(pctx)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(pctx)?;
+            state.segments.insert(
+                id,
+                Segment {
+                    file: Arc::new(file),
+                    path: path.clone(),
+                    live: 0,
+                },
+            );
+            let scan =
+                replay(&mut state, id, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(why) = scan.torn {
+                tracing::warn!(
+                    "{}: read {} records; the rest is a write a crash cut short ({why})",
+                    path.display(),
+                    scan.records
+                );
+            }
+        }
+        let state = Arc::new(Mutex::new(state));
+        let mut c = Committer {
+            dir: dir.to_path_buf(),
+            state: state.clone(),
+            active: None,
+            next_id: ids.last().map_or(1, |l| l + 1),
+            failed: None,
+            _lock: lock,
+        };
+        c.rotate()?;
+        c.drop_dead();
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(BATCH_MAX * 4);
+        std::thread::Builder::new()
+            .name("raft-wal".into())
+            .spawn(move || c.run(rx))
+            .map_err(ctx)?;
+        Ok(Wal(Arc::new(WalInner {
+            dir: dir.to_path_buf(),
+            state,
+            jobs,
+        })))
+    }
+
+    /// The folder of the log.
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Writes `recs` in the next batch; returns once they are written (and synced if
+    /// `durable`) and the index shows them.
+    pub async fn write(&self, recs: Vec<Rec>, durable: bool) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .jobs
+            .send(Job {
+                recs,
+                durable,
+                written: None,
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            })
+            .map_err(|_| "the raft log's writer stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+    }
+
+    /// Writes `recs` in the next batch and returns once they are written and readable;
+    /// `synced` is told once they are on disk. A leader's append returns before its sync, so
+    /// that it sends the entries to its followers while its own disk syncs them.
+    pub async fn write_then(&self, recs: Vec<Rec>, synced: Done) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .jobs
+            .send(Job {
+                recs,
+                durable: true,
+                written: Some(Box::new(move |r| {
+                    let _ = tx.send(r);
+                })),
+                done: synced,
+            })
+            .map_err(|_| "the raft log's writer stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+    }
+
+    /// The same, from a thread outside the runtime.
+    pub fn write_blocking(&self, recs: Vec<Rec>, durable: bool) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0
+            .jobs
+            .send(Job {
+                recs,
+                durable,
+                written: None,
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            })
+            .map_err(|_| "the raft log's writer stopped".to_string())?;
+        rx.recv()
+            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+    }
+
+    /// A group's vote, committed and purged ids.
+    pub fn meta(&self, group: u64) -> GroupMeta {
+        let st = self.0.state.lock().expect("raft log index");
+        st.groups
+            .get(&group)
+            .map(|g| g.meta.clone())
+            .unwrap_or_default()
+    }
+
+    /// The id of a group's last entry.
+    pub fn last(&self, group: u64) -> Option<LogId<NodeId>> {
+        let st = self.0.state.lock().expect("raft log index");
+        st.groups
+            .get(&group)
+            .and_then(|g| g.entries.values().next_back())
+            .map(|l| l.log_id)
+    }
+
+    /// The bytes of a group's entries with index in `lo..=hi`, read back and checked.
+    pub fn entries(&self, group: u64, lo: u64, hi: u64) -> Result<Vec<Vec<u8>>, String> {
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<(Loc, Arc<File>)> = {
+            let st = self.0.state.lock().expect("raft log index");
+            let Some(gs) = st.groups.get(&group) else {
+                return Ok(Vec::new());
+            };
+            gs.entries
+                .range(lo..=hi)
+                .filter_map(|(_, l)| st.segments.get(&l.seg).map(|s| (*l, s.file.clone())))
+                .collect()
+        };
+        wanted
+            .into_iter()
+            .map(|(loc, file)| read_entry(&file, loc))
+            .collect()
+    }
+
+    /// The number of segment files, for tests and status.
+    pub fn segments(&self) -> usize {
+        self.0.state.lock().expect("raft log index").segments.len()
+    }
+}
+
+fn read_entry(file: &File, loc: Loc) -> Result<Vec<u8>, String> {
+    let mut rec = vec![0; loc.len as usize];
+    file.read_exact_at(&mut rec, loc.at)
+        .map_err(|e| format!("reading raft entry {}: {e}", loc.log_id))?;
+    let crc = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
+    let body = &rec[RECORD_HEADER..];
+    if crc32c::crc32c(body) != crc {
+        return Err(format!(
+            "raft entry {} fails its CRC on disk (segment {:016x}, offset {})",
+            loc.log_id, loc.seg, loc.at
+        ));
+    }
+    Ok(body[loc.entry_at as usize..].to_vec())
+}
+
+struct Active {
+    id: u64,
+    file: Arc<File>,
+    pos: u64,
+    /// Where the records after the checkpoint start: a segment holding only its checkpoint is
+    /// not worth leaving for the next.
+    first: u64,
+}
+
+struct Committer {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    active: Option<Active>,
+    next_id: u64,
+    /// A failed sync: nothing written after it can be trusted to be on disk, so every later
+    /// write fails too.
+    failed: Option<String>,
+    /// Held while the writer runs.
+    _lock: File,
+}
+
+impl Committer {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let durable = batch.iter().any(|j| j.durable);
+            let mut recs = Vec::new();
+            let mut writtens = Vec::new();
+            let mut dones = Vec::with_capacity(batch.len());
+            for j in batch {
+                recs.extend(j.recs);
+                writtens.extend(j.written);
+                dones.push(j.done);
+            }
+            let r = self.write(recs, durable, &mut writtens);
+            if let Err(e) = &r {
+                tracing::error!("raft log write failed: {e}");
+            }
+            // Those not told yet: the write failed before they could be.
+            for w in writtens {
+                w(r.clone());
+            }
+            for d in dones {
+                d(r.clone());
+            }
+            if r.is_ok() {
+                if let Err(e) = self.compact() {
+                    tracing::error!("raft log compaction failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Makes a new segment whole and synced, starts it with a checkpoint and makes it active.
+    fn rotate(&mut self) -> Result<(), String> {
+        let id = self.next_id;
+        let path = seg_path(&self.dir, id);
+        let tmp = path.with_extension("wal.tmp");
+        let made = (|| -> std::io::Result<File> {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            let mut head = MAGIC.to_vec();
+            head.extend_from_slice(&id.to_le_bytes());
+            f.write_all(&head)?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut left = SEGMENT_BYTES - SEGMENT_HEADER;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                f.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(&self.dir)?;
+            Ok(f)
+        })();
+        let file = match made {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!(
+                    "cannot make raft log segment {}: {e}",
+                    path.display()
+                ));
+            }
+        };
+        self.next_id += 1;
+        let checkpoint = {
+            let mut st = self.state.lock().expect("raft log index");
+            st.segments.insert(
+                id,
+                Segment {
+                    file: file.clone(),
+                    path,
+                    live: 0,
+                },
+            );
+            st.checkpoint()
+        };
+        let mut buf = Vec::new();
+        for r in &checkpoint {
+            r.encode(&mut buf)?;
+        }
+        let ctx = |e: std::io::Error| format!("raft log segment {id:016x}: {e}");
+        file.write_all_at(&buf, SEGMENT_HEADER).map_err(ctx)?;
+        file.sync_data().map_err(ctx)?;
+        let pos = SEGMENT_HEADER + buf.len() as u64;
+        self.active = Some(Active {
+            id,
+            file,
+            pos,
+            first: pos,
+        });
+        Ok(())
+    }
+
+    /// Writes records at the end of the log (in a new segment if they do not fit in this one),
+    /// shows them in the index and tells `written`, then syncs if asked.
+    fn write(
+        &mut self,
+        recs: Vec<Rec>,
+        durable: bool,
+        written: &mut Vec<Done>,
+    ) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let mut buf = Vec::new();
+        let mut placed = Vec::with_capacity(recs.len());
+        for r in &recs {
+            let start = buf.len();
+            let entry_at = r.encode(&mut buf)?;
+            placed.push((start, buf.len() - start, entry_at));
+        }
+        let full = |a: &Active| a.pos + buf.len() as u64 > SEGMENT_BYTES && a.pos > a.first;
+        if self.active.as_ref().is_none_or(full) {
+            self.rotate()?;
+        }
+        let a = self.active.as_mut().expect("an active segment");
+        a.file
+            .write_all_at(&buf, a.pos)
+            .map_err(|e| format!("raft log segment {:016x}: {e}", a.id))?;
+        let (id, base, file) = (a.id, a.pos, a.file.clone());
+        a.pos += buf.len() as u64;
+        {
+            let mut st = self.state.lock().expect("raft log index");
+            for (r, (start, len, entry_at)) in recs.into_iter().zip(placed) {
+                let loc = match &r {
+                    Rec::Entry { log_id, .. } => Some(Loc {
+                        seg: id,
+                        at: base + start as u64,
+                        len: len as u32,
+                        entry_at: entry_at as u32,
+                        log_id: *log_id,
+                    }),
+                    _ => None,
+                };
+                st.apply(r, loc);
+            }
+        }
+        for w in written.drain(..) {
+            w(Ok(()));
+        }
+        if durable {
+            if let Err(e) = file.sync_data() {
+                let e = format!("raft log segment {id:016x}: sync failed: {e}");
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+        }
+        self.drop_dead();
+        Ok(())
+    }
+
+    /// Deletes the segments (but the active one) that no entry needs any more.
+    fn drop_dead(&mut self) {
+        let active = self.active.as_ref().map(|a| a.id);
+        let dead: Vec<(u64, PathBuf)> = {
+            let mut st = self.state.lock().expect("raft log index");
+            let ids: Vec<u64> = st
+                .segments
+                .iter()
+                .filter(|(id, s)| s.live == 0 && Some(**id) != active)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| st.segments.remove(&id).map(|s| (id, s.path)))
+                .collect()
+        };
+        for (id, path) in dead {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot delete raft log segment {id:016x}: {e}");
+            }
+        }
+    }
+
+    /// With more than [`SEGMENTS_KEPT`] segments, copies the live entries of the oldest to the
+    /// end of the log (synced), so that it can be deleted.
+    fn compact(&mut self) -> Result<(), String> {
+        let copies: Vec<(u64, Loc, Arc<File>)> = {
+            let st = self.state.lock().expect("raft log index");
+            if st.segments.len() <= SEGMENTS_KEPT {
+                return Ok(());
+            }
+            let Some((&oldest, seg)) = st.segments.iter().next() else {
+                return Ok(());
+            };
+            if self.active.as_ref().is_some_and(|a| a.id == oldest) {
+                return Ok(());
+            }
+            st.groups
+                .iter()
+                .flat_map(|(g, gs)| gs.entries.values().map(move |l| (*g, *l)))
+                .filter(|(_, l)| l.seg == oldest)
+                .map(|(g, l)| (g, l, seg.file.clone()))
+                .collect()
+        };
+        let mut recs = Vec::with_capacity(copies.len());
+        for (group, loc, file) in copies {
+            recs.push(Rec::Entry {
+                group,
+                log_id: loc.log_id,
+                bytes: read_entry(&file, loc)?,
+            });
+        }
+        self.write(recs, true, &mut Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn entry(group: u64, term: u64, index: u64, len: usize) -> Rec {
+        Rec::Entry {
+            group,
+            log_id: id(term, index),
+            bytes: vec![(index % 251) as u8; len],
+        }
+    }
+
+    fn indexes(w: &Wal, group: u64) -> Vec<(u64, usize)> {
+        w.entries(group, 0, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .zip(
+                w.0.state.lock().unwrap().groups[&group]
+                    .entries
+                    .keys()
+                    .copied(),
+            )
+            .map(|(b, i)| {
+                assert!(b.iter().all(|x| *x == (i % 251) as u8), "entry {i}'s bytes");
+                (i, b.len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn what_was_written_is_read_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        let mut recs: Vec<Rec> = (1..=5).map(|i| entry(7, 1, i, 100 * i as usize)).collect();
+        recs.push(Rec::Vote {
+            group: 7,
+            vote: Vote::new(3, 2),
+        });
+        recs.push(Rec::Committed {
+            group: 7,
+            committed: Some(id(1, 4)),
+        });
+        w.write_blocking(recs, true).unwrap();
+        w.write_blocking(vec![entry(9, 2, 1, 10)], true).unwrap();
+        w.write_blocking(vec![Rec::Truncate { group: 7, from: 4 }], true)
+            .unwrap();
+        w.write_blocking(vec![entry(7, 3, 4, 33)], true).unwrap();
+        w.write_blocking(
+            vec![Rec::Purge {
+                group: 7,
+                upto: id(1, 1),
+            }],
+            true,
+        )
+        .unwrap();
+        let check = |w: &Wal| {
+            assert_eq!(indexes(w, 7), vec![(2, 200), (3, 300), (4, 33)]);
+            assert_eq!(w.last(7), Some(id(3, 4)));
+            assert_eq!(
+                w.meta(7),
+                GroupMeta {
+                    vote: Some(Vote::new(3, 2)),
+                    committed: Some(id(1, 4)),
+                    purged: Some(id(1, 1)),
+                }
+            );
+            assert_eq!(indexes(w, 9), vec![(1, 10)]);
+            assert_eq!(w.entries(7, 3, 3).unwrap().len(), 1);
+            assert!(w.entries(7, 5, 4).unwrap().is_empty());
+            assert_eq!(w.last(8), None);
+        };
+        check(&w);
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        check(&w);
+        drop(w);
+        // Twice: the second open reads the checkpoint the first one wrote.
+        let w = Wal::open(dir.path()).unwrap();
+        check(&w);
+    }
+
+    /// The last segment, its bytes and where its records end.
+    fn last_segment(dir: &Path) -> (PathBuf, Vec<u8>, usize) {
+        let mut segs: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+            .collect();
+        segs.sort();
+        let p = segs.pop().unwrap();
+        let b = std::fs::read(&p).unwrap();
+        let mut at = SEGMENT_HEADER as usize;
+        loop {
+            let len = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            at += RECORD_HEADER + len;
+        }
+        (p, b, at)
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_what_came_before_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        w.write_blocking((1..=3).map(|i| entry(1, 1, i, 500)).collect(), true)
+            .unwrap();
+        w.write_blocking(vec![entry(1, 1, 4, 500)], true).unwrap();
+        drop(w);
+        // A crash in the middle of writing the last record: its second half never made it.
+        let (p, mut b, end) = last_segment(dir.path());
+        b[end - 200..end].fill(0);
+        std::fs::write(&p, &b).unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 1), vec![(1, 500), (2, 500), (3, 500)]);
+        // The log goes on after it, and the torn bytes are never read again.
+        w.write_blocking(vec![entry(1, 2, 4, 7)], true).unwrap();
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 1), vec![(1, 500), (2, 500), (3, 500), (4, 7)]);
+    }
+
+    #[test]
+    fn a_damaged_entry_is_an_error_when_read_not_wrong_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        w.write_blocking(vec![entry(1, 1, 1, 4000)], true).unwrap();
+        let (p, _, end) = last_segment(dir.path());
+        // Flip a byte of the entry in place while the log is open.
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], end as u64 - 10).unwrap();
+        let e = w.entries(1, 1, 1).unwrap_err();
+        assert!(e.contains("fails its CRC"), "{e}");
+        drop(w);
+        // Reopened, the damaged record ends the segment: it is never served.
+        let w = Wal::open(dir.path()).unwrap();
+        assert!(w.entries(1, 0, u64::MAX).unwrap().is_empty());
+    }
+
+    #[test]
+    fn garbage_instead_of_a_segment_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0000000000000001.wal"), b"not a log").unwrap();
+        let e = Wal::open(dir.path()).err().unwrap();
+        assert!(e.contains("no valid header"), "{e}");
+        // A length past every bound after a good header is the end of the log, not an
+        // allocation.
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(&[0; 64]);
+        std::fs::write(dir.path().join("0000000000000001.wal"), &b).unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(w.last(1), None);
+    }
+
+    #[test]
+    fn segments_are_deleted_once_purged_and_a_quiet_group_is_copied_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        // A group written once, never purged.
+        w.write_blocking(vec![entry(2, 1, 1, 1000)], true).unwrap();
+        // A busy group that fills many segments and purges as it goes.
+        let per = 64 << 10;
+        let n = (SEGMENT_BYTES as usize * (SEGMENTS_KEPT + 3)) / per;
+        for i in 1..=n as u64 {
+            w.write_blocking(vec![entry(1, 1, i, per)], true).unwrap();
+            if i % 64 == 0 {
+                w.write_blocking(
+                    vec![Rec::Purge {
+                        group: 1,
+                        upto: id(1, i - 8),
+                    }],
+                    true,
+                )
+                .unwrap();
+            }
+            assert!(
+                w.segments() <= SEGMENTS_KEPT + 1,
+                "{} segments",
+                w.segments()
+            );
+        }
+        let files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "wal")
+            })
+            .count();
+        assert!(files <= SEGMENTS_KEPT + 1, "{files} files");
+        assert_eq!(indexes(&w, 2), vec![(1, 1000)]);
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 2), vec![(1, 1000)]);
+        let first_kept = n as u64 / 64 * 64 - 8 + 1;
+        assert_eq!(
+            w.entries(1, 0, u64::MAX).unwrap().len() as u64,
+            n as u64 - first_kept + 1
+        );
+    }
+
+    #[test]
+    fn a_truncate_in_a_deleted_segment_does_not_bring_entries_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        // Group 1 keeps segment A alive with entry 1; its entries 2..=3 are cut in a later
+        // segment, which is later deleted.
+        w.write_blocking((1..=3).map(|i| entry(1, 1, i, 100)).collect(), true)
+            .unwrap();
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        w.write_blocking(vec![Rec::Truncate { group: 1, from: 2 }], true)
+            .unwrap();
+        drop(w);
+        // Every open starts a segment; the one holding the truncate has no entries and is
+        // deleted at the next open. The checkpoint says where group 1 ends.
+        let w = Wal::open(dir.path()).unwrap();
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 1), vec![(1, 100)]);
+        assert_eq!(w.last(1), Some(id(1, 1)));
+    }
+}
