@@ -959,9 +959,26 @@ impl Sealfs {
     /// burst of scattered small writes costs one append, one sync per blade and one metadata
     /// command, not one of each per range. Durable when it returns, as [`Sealfs::write`].
     pub async fn write_ranges(&self, ino: u64, ranges: &[(u64, &[u8])]) -> Result<Attr, Errno> {
+        self.write_ranges_then(ino, ranges, None).await
+    }
+
+    /// [`Sealfs::write_ranges`], then sets `then` (times, owner, mode; not a size) in the
+    /// same metadata command: a flush and the utimens that waited for it cost one Raft write.
+    pub async fn write_ranges_then(
+        &self,
+        ino: u64,
+        ranges: &[(u64, &[u8])],
+        then: Option<SetAttr>,
+    ) -> Result<Attr, Errno> {
+        if then.as_ref().is_some_and(|t| t.size.is_some()) {
+            return Err(Errno::INVAL);
+        }
         let total: usize = ranges.iter().map(|r| r.1.len()).sum();
         if total == 0 {
-            return self.getattr(ino).await;
+            return match then {
+                Some(set) => self.setattr(ino, set).await,
+                None => self.getattr(ino).await,
+            };
         }
         for (offset, data) in ranges {
             offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
@@ -977,7 +994,7 @@ impl Sealfs {
                 .filter(|(_, d)| !d.is_empty())
                 .map(|(o, d)| Extent::inline(*o, d))
                 .collect();
-            return self.record_extents(ino, extents, total).await;
+            return self.record_extents(ino, extents, total, then).await;
         }
         let fronds = pack(ranges);
         let extents: Vec<Vec<Extent>> = stream::iter(fronds)
@@ -1006,23 +1023,29 @@ impl Sealfs {
         let extents: Vec<Extent> = extents.into_iter().flatten().collect();
         let blades: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
         self.sync_blades(&blades).await?;
-        self.record_extents(ino, extents, total).await
+        self.record_extents(ino, extents, total, then).await
     }
 
-    /// Records `extents` (`total` bytes) as file `ino`'s, synced by a Raft majority.
+    /// Records `extents` (`total` bytes) as file `ino`'s, then sets `then`, synced by a Raft
+    /// majority.
     async fn record_extents(
         &self,
         ino: u64,
         extents: Vec<Extent>,
         total: usize,
+        mut then: Option<SetAttr>,
     ) -> Result<Attr, Errno> {
-        // One command per 512 extents (1 GiB of whole fronds), to keep commands small.
+        // One command per 512 extents (1 GiB of whole fronds), to keep commands small; the
+        // attributes go with the last.
         let mut last = None;
-        for batch in extents.chunks(512) {
+        let batches = extents.chunks(512);
+        let n = batches.len();
+        for (i, batch) in batches.enumerate() {
             let op = Op::Write {
                 ino,
                 extents: batch.to_vec(),
                 now: 0,
+                then: if i + 1 == n { then.take() } else { None },
             };
             last = Some(attr(self.meta.write(partition_of(ino), &op).await?)?);
         }

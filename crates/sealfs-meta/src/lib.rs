@@ -462,11 +462,14 @@ pub enum Op {
         set: SetAttr,
         now: Nanos,
     },
-    /// Records written extents (already durable in kelp) and the size they reach.
+    /// Records written extents (already durable in kelp) and the size they reach, then sets
+    /// `then` (no size) if given: a flush and the change of times that waited for it are one
+    /// command.
     Write {
         ino: u64,
         extents: Vec<Extent>,
         now: Nanos,
+        then: Option<SetAttr>,
     },
     SetXattr {
         ino: u64,

@@ -1235,7 +1235,22 @@ impl W<'_> {
                 Ok(Reply::Done)
             }
             Op::SetAttr { ino, set, now } => self.setattr(ino, set, now),
-            Op::Write { ino, extents, now } => self.write(ino, extents, now),
+            Op::Write {
+                ino,
+                extents,
+                now,
+                then,
+            } => {
+                if then.as_ref().is_some_and(|t| t.size.is_some()) {
+                    // A size is a truncate, with its own order against the bytes.
+                    return Err(Errno::INVAL.into());
+                }
+                let written = self.write(ino, extents, now)?;
+                match then {
+                    Some(set) => self.setattr(ino, set, now),
+                    None => Ok(written),
+                }
+            }
             Op::SetXattr {
                 ino,
                 name,

@@ -377,7 +377,12 @@ proptest! {
             } else {
                 ext(off, len, tag)
             };
-            m.op(Op::Write { ino: f, extents: vec![e], now: 1 });
+            m.op(Op::Write {
+                ino: f,
+                extents: vec![e],
+                now: 1,
+                then: None,
+            });
             if model.len() < (off + len) as usize {
                 model.resize((off + len) as usize, None);
             }
@@ -436,7 +441,8 @@ fn inline_bytes_that_do_not_match_their_crc_are_refused() {
         m.op(Op::Write {
             ino: f,
             extents: vec![bad],
-            now: 1
+            now: 1,
+            then: None,
         }),
         Reply::Error(Errno::INVAL)
     );
@@ -449,7 +455,8 @@ fn inline_bytes_that_do_not_match_their_crc_are_refused() {
             m.op(Op::Write {
                 ino: f,
                 extents: vec![e],
-                now: 1
+                now: 1,
+                then: None,
             }),
             Reply::Error(Errno::INVAL)
         );
@@ -467,11 +474,13 @@ fn inline_bytes_that_do_not_match_their_crc_are_refused() {
         ino: f,
         extents: vec![Extent::inline(0, b"hello, world")],
         now: 1,
+        then: None,
     });
     m.op(Op::Write {
         ino: f,
         extents: vec![Extent::inline(5, b"__")],
         now: 1,
+        then: None,
     });
     let Reply::Extents(es, _) = m.q(Query::Extents {
         ino: f,
@@ -495,7 +504,8 @@ fn a_query_for_more_extents_than_a_reply_carries_is_refused() {
         m.op(Op::Write {
             ino: f,
             extents,
-            now: 1
+            now: 1,
+            then: None,
         }),
         Reply::Attr(_)
     ));
@@ -524,6 +534,7 @@ fn truncating_into_an_inline_extent_keeps_its_head() {
         ino: f,
         extents: vec![Extent::inline(0, b"0123456789")],
         now: 1,
+        then: None,
     });
     let cut = |m: &mut M, size| {
         m.op(Op::SetAttr {
@@ -544,4 +555,42 @@ fn truncating_into_an_inline_extent_keeps_its_head() {
         panic!()
     };
     assert_eq!(es[0].inline, b"01234567");
+}
+
+#[test]
+fn a_write_then_sets_times_in_the_same_command_and_refuses_a_size() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    let set = SetAttr {
+        mtime: Some(1_153_704_088_000_000_000),
+        perm: Some(0o600),
+        ..Default::default()
+    };
+    let Reply::Attr(a) = m.op(Op::Write {
+        ino: f,
+        extents: vec![Extent::inline(0, b"hello")],
+        now: 5,
+        then: Some(set),
+    }) else {
+        panic!("the write was refused")
+    };
+    assert_eq!(
+        (a.size, a.mtime, a.perm),
+        (5, 1_153_704_088_000_000_000, 0o600)
+    );
+    // A size rides on its own command (it cuts what was written before it): nothing applied.
+    let r = m.op(Op::Write {
+        ino: f,
+        extents: vec![Extent::inline(5, b" world")],
+        now: 6,
+        then: Some(SetAttr {
+            size: Some(1),
+            ..Default::default()
+        }),
+    });
+    assert_eq!(r, Reply::Error(Errno::INVAL));
+    let Reply::Attr(a) = m.q(Query::GetAttr { ino: f }) else {
+        panic!()
+    };
+    assert_eq!(a.size, 5);
 }

@@ -158,14 +158,13 @@ impl Filesystem for SealFuse {
             flags: None,
         };
         self.spawn(async move {
-            // A new size cuts what is held (what is held below it is sent later). A new mtime
-            // alone comes after the bytes written before it: they are sent first.
+            // A new size cuts what is held (what is held below it is sent later). Other
+            // attributes of a file with bytes held go with them (an mtime must come after
+            // the bytes written before it), in the same command.
             let r = if let Some(size) = set.size {
                 me.open.truncate_then(ino, size, fs.setattr(ino, set)).await
-            } else if set.mtime.is_some() {
-                me.open.flush_then(ino, fs.setattr(ino, set)).await
             } else {
-                fs.setattr(ino, set).await
+                me.open.flush_setting(ino, set).await
             };
             match r {
                 Ok(a) => reply.attr(&TTL, &me.attr(&me.open.attr(a))),

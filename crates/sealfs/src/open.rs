@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sealfs_client::{Error, Sealfs};
-use sealfs_meta::{Attr, Extent};
+use sealfs_meta::{Attr, Extent, SetAttr};
 
 use crate::dirty::Ranges;
 
@@ -36,6 +36,12 @@ struct File {
     error: Option<Error>,
     /// The time of the last write held here, in ns (what the file's mtime will become).
     mtime: Option<i64>,
+    /// Attributes set (no size) while bytes were held: they go with the bytes, in the same
+    /// command, and this mount shows them meanwhile. An mtime here is newer than any held
+    /// write (a write after it clears it).
+    attrs: Option<SetAttr>,
+    /// When `attrs` last changed (the file's ctime meanwhile), in ns.
+    attrs_at: i64,
     /// Open handles.
     opens: u32,
     /// Unlinked while open: the cluster keeps the inode until the last handle goes.
@@ -62,7 +68,11 @@ impl File {
     }
 
     fn idle(&self) -> bool {
-        self.opens == 0 && self.dirty.is_empty() && self.sending.is_none() && !self.background
+        self.opens == 0
+            && self.dirty.is_empty()
+            && self.attrs.is_none()
+            && self.sending.is_none()
+            && !self.background
     }
 }
 
@@ -164,6 +174,9 @@ impl OpenFiles {
         }
         f.dirty.insert(offset, data);
         f.mtime = Some(sealfs_meta::now_nanos());
+        if let Some(a) = &mut f.attrs {
+            a.mtime = None;
+        }
         if f.dirty.bytes() >= HELD_BYTES_MAX || f.dirty.count() >= RANGES_MAX {
             return Ok(Held::Wait);
         }
@@ -174,14 +187,25 @@ impl OpenFiles {
         Ok(Held::Done)
     }
 
-    /// `a` as it is with what this mount holds for the file: its size and mtime.
+    /// `a` as it is with what this mount holds for the file: its size, mtime and the
+    /// attributes set since.
     pub fn attr(&self, mut a: Attr) -> Attr {
         if let Some(f) = self.files().get(&a.ino) {
             let end = f.dirty.end().max(f.sending.as_ref().map_or(0, |s| s.end()));
             a.size = a.size.max(end);
-            if let Some(t) = f.mtime {
-                a.mtime = a.mtime.max(t);
+            let held = f.attrs.clone().unwrap_or_default();
+            match (held.mtime, f.mtime) {
+                (Some(m), _) => a.mtime = m,
+                (None, Some(t)) => a.mtime = a.mtime.max(t),
+                (None, None) => {}
             }
+            if f.attrs.is_some() {
+                a.ctime = a.ctime.max(f.attrs_at);
+            }
+            a.perm = held.perm.unwrap_or(a.perm);
+            a.uid = held.uid.unwrap_or(a.uid);
+            a.gid = held.gid.unwrap_or(a.gid);
+            a.atime = held.atime.unwrap_or(a.atime);
         }
         a
     }
@@ -264,25 +288,46 @@ impl OpenFiles {
         }
     }
 
-    /// Sends what is held for `ino`, then runs `then` before any later send can start (a
-    /// change of size or times that must come after the bytes written before it).
-    pub async fn flush_then<T, F>(&self, ino: u64, then: F) -> Result<T, Error>
-    where
-        F: std::future::Future<Output = Result<T, Error>>,
-    {
+    /// Sends what is held for `ino` with `set` (times, owner, mode) in the same command, before
+    /// any later send can start: a change of times comes after the bytes written before it,
+    /// and costs no command of its own. With nothing held, sets it alone.
+    pub async fn flush_setting(&self, ino: u64, set: SetAttr) -> Result<Attr, Error> {
         let turn = self.files().get(&ino).map(|f| f.turn.clone());
         let _turn = match &turn {
             Some(t) => Some(t.lock().await),
             None => None,
         };
-        if turn.is_some() {
-            self.send(ino, 0).await?;
+        if self.hold_attrs(ino, &set) {
+            // Shown here at once (this mount's replies overlay them), sent with the bytes.
+            return Ok(self.attr(self.fs.getattr(ino).await?));
         }
-        let r = then.await;
+        let sent = match turn {
+            Some(_) => self.send_then(ino, 0, Some(set.clone())).await?,
+            None => None,
+        };
+        let r = match sent {
+            Some(a) => Ok(a),
+            None => self.fs.setattr(ino, set).await,
+        };
         if let Some(f) = self.files().get_mut(&ino) {
             f.changed();
         }
         r
+    }
+
+    /// Holds `set` (no size) with the bytes held for `ino`, if there are any; false if not.
+    fn hold_attrs(&self, ino: u64, set: &SetAttr) -> bool {
+        let mut files = self.files();
+        let Some(f) = files.get_mut(&ino) else {
+            return false;
+        };
+        if set.size.is_some() || f.dirty.is_empty() {
+            return false;
+        }
+        let held = f.attrs.get_or_insert_with(SetAttr::default);
+        overlay(held, set.clone());
+        f.attrs_at = sealfs_meta::now_nanos();
+        true
     }
 
     /// Cuts what is held for `ino` at `size`, then runs `then` (the new size, recorded)
@@ -329,29 +374,51 @@ impl OpenFiles {
     /// Sends what is held for `ino` while at least `min` bytes are (the caller holds the
     /// file's turn). Bytes that fail to go are held again, under any written since.
     async fn send(&self, ino: u64, min: usize) -> Result<(), Error> {
+        self.send_then(ino, min, None).await.map(|_| ())
+    }
+
+    /// [`Self::send`], with `then` set by the first send's command; returns the attributes
+    /// that command left (None if nothing was sent, and `then` not set).
+    async fn send_then(
+        &self,
+        ino: u64,
+        min: usize,
+        mut then: Option<SetAttr>,
+    ) -> Result<Option<Attr>, Error> {
+        let mut set = None;
         loop {
-            let taken = {
+            let (taken, attrs) = {
                 let mut files = self.files();
                 let Some(f) = files.get_mut(&ino) else {
-                    return Ok(());
+                    return Ok(set);
                 };
-                if f.dirty.is_empty() || f.dirty.bytes() < min {
-                    return Ok(());
+                let alone = min == 0 && (f.attrs.is_some() || then.is_some());
+                if (f.dirty.is_empty() && !alone) || f.dirty.bytes() < min {
+                    return Ok(set);
                 }
                 let taken = Arc::new(std::mem::take(&mut f.dirty));
                 f.sending = Some(taken.clone());
-                taken
+                // Attributes held go with these bytes (or alone, at a flush), `then` over them.
+                let mut attrs = f.attrs.take();
+                if let Some(t) = then.take() {
+                    overlay(attrs.get_or_insert_with(SetAttr::default), t);
+                }
+                (taken, attrs)
             };
             let ranges: Vec<(u64, &[u8])> = taken.iter().collect();
-            let r = self.fs.write_ranges(ino, &ranges).await;
+            let setting = attrs.is_some();
+            let r = self.fs.write_ranges_then(ino, &ranges, attrs.clone()).await;
             let mut files = self.files();
             let Some(f) = files.get_mut(&ino) else {
-                return r.map(|_| ());
+                return r.map(|a| setting.then_some(a));
             };
             f.sending = None;
             f.changed();
             match r {
-                Ok(_) => {
+                Ok(a) => {
+                    if setting {
+                        set = Some(a);
+                    }
                     if f.dirty.is_empty() {
                         f.mtime = None;
                     }
@@ -359,6 +426,13 @@ impl OpenFiles {
                 Err(e) => {
                     for (at, bytes) in taken.iter() {
                         f.dirty.insert_under(at, bytes);
+                    }
+                    // Held again, under any set since.
+                    if let Some(mut older) = attrs {
+                        if let Some(newer) = f.attrs.take() {
+                            overlay(&mut older, newer);
+                        }
+                        f.attrs = Some(older);
                     }
                     return Err(e);
                 }
@@ -371,6 +445,27 @@ impl OpenFiles {
         if let Some(f) = self.files().get_mut(&ino) {
             f.dirty = Ranges::default();
             f.mtime = None;
+            f.attrs = None;
         }
     }
+}
+
+/// Sets in `to` every attribute `from` sets.
+fn overlay(to: &mut SetAttr, from: SetAttr) {
+    let SetAttr {
+        perm,
+        uid,
+        gid,
+        size,
+        atime,
+        mtime,
+        flags,
+    } = from;
+    to.perm = perm.or(to.perm);
+    to.uid = uid.or(to.uid);
+    to.gid = gid.or(to.gid);
+    to.size = size.or(to.size);
+    to.atime = atime.or(to.atime);
+    to.mtime = mtime.or(to.mtime);
+    to.flags = flags.or(to.flags);
 }
