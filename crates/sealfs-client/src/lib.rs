@@ -1265,6 +1265,73 @@ impl Sealfs {
         }
     }
 
+    /// Copies `len` bytes of file `from` at `from_off` to file `to` at `to_off` without
+    /// moving them: the copy's extents name the same fronds (kelp never rewrites or frees a
+    /// frond, so sharing one is safe), and a hole in the source is written as zeros. One
+    /// metadata command for the whole copy however large. Stops at the source's end; returns
+    /// the bytes copied. FBIG if the source range has more extents than a reply carries.
+    pub async fn copy_range(
+        &self,
+        from: u64,
+        from_off: u64,
+        to: u64,
+        to_off: u64,
+        len: u64,
+    ) -> Result<u64, Errno> {
+        let q = Query::Extents {
+            ino: from,
+            offset: from_off,
+            len,
+        };
+        let (extents, size) = match self.meta.read(partition_of(from), &q).await?.err()? {
+            Reply::Extents(e, s) => (e, s),
+            _ => return Err(Errno::IO),
+        };
+        let end = from_off.saturating_add(len).min(size);
+        if end <= from_off {
+            return Ok(0);
+        }
+        let n = end - from_off;
+        let stop = to_off.checked_add(n).ok_or(Errno::FBIG)?;
+        self.check_quota(n).await?;
+        let (copies, holes) = shift_extents(&extents, from_off, end, to_off)?;
+        // A hole over bytes the destination has must be zeros there; past its end it is left
+        // a hole (the size is set below).
+        let was = self.getattr(to).await?.size;
+        let holes: Vec<(u64, u64)> = holes
+            .into_iter()
+            .filter(|(at, _)| *at < was)
+            .map(|(at, l)| (at, l.min(was - at)))
+            .collect();
+        if holes.iter().map(|h| h.1).sum::<u64>() > COPY_ZEROS_MAX {
+            return Err(Errno::FBIG);
+        }
+        if !holes.is_empty() {
+            let zeros: Vec<Vec<u8>> = holes.iter().map(|(_, l)| vec![0u8; *l as usize]).collect();
+            let ranges: Vec<(u64, &[u8])> = holes
+                .iter()
+                .zip(&zeros)
+                .map(|((at, _), z)| (*at, z.as_slice()))
+                .collect();
+            self.write_ranges(to, &ranges).await?;
+        }
+        let mut size = was;
+        if !copies.is_empty() {
+            size = self
+                .record_extents(to, copies, n as usize, None)
+                .await?
+                .size;
+        }
+        if size < stop {
+            let grow = SetAttr {
+                size: Some(stop),
+                ..Default::default()
+            };
+            self.setattr(to, grow).await?;
+        }
+        Ok(n)
+    }
+
     /// Reads `[offset, offset + len)` given the extents covering it and the file's size.
     pub async fn read_extents(
         &self,
@@ -1362,4 +1429,104 @@ pub fn split(path: &str) -> Result<Vec<&str>, Errno> {
         }
     }
     Ok(out)
+}
+
+/// The most zeros a copy writes for the holes of its source over the destination's bytes;
+/// past it the copy is refused (FBIG) and the caller copies the bytes itself.
+pub const COPY_ZEROS_MAX: u64 = 64 << 20;
+
+/// A copy's extents and its holes (destination offset, length).
+pub type Shifted = (Vec<Extent>, Vec<(u64, u64)>);
+
+/// The extents of source bytes `[from, end)` moved to start at `to` (cut at the range's
+/// edges; an inline extent keeps only its bytes in range), and the holes between them as
+/// (destination offset, length). IO if an extent (from a reply) names bytes it cannot hold.
+pub fn shift_extents(
+    extents: &[Extent],
+    from: u64,
+    end: u64,
+    to: u64,
+) -> Result<Shifted, Errno> {
+    let mut copies = Vec::new();
+    let mut holes = Vec::new();
+    let mut at = from;
+    let mut sorted: Vec<&Extent> = extents.iter().collect();
+    sorted.sort_by_key(|e| e.offset);
+    for e in sorted {
+        let a = e.offset.max(at);
+        let b = e.offset.saturating_add(e.len).min(end);
+        if a >= b {
+            continue;
+        }
+        if a > at {
+            holes.push((to + (at - from), a - at));
+        }
+        let skip = e.skip as u64 + (a - e.offset);
+        let offset = to + (a - from);
+        copies.push(if e.is_inline() {
+            let bytes = usize::try_from(skip)
+                .ok()
+                .and_then(|s| e.inline.get(s..s + (b - a) as usize))
+                .ok_or(Errno::IO)?;
+            Extent::inline(offset, bytes)
+        } else {
+            Extent {
+                offset,
+                len: b - a,
+                skip: u32::try_from(skip).map_err(|_| Errno::IO)?,
+                inline: Vec::new(),
+                inline_crc: 0,
+                ..e.clone()
+            }
+        });
+        at = b;
+    }
+    if at < end {
+        holes.push((to + (at - from), end - at));
+    }
+    Ok((copies, holes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frond(offset: u64, len: u64, skip: u32) -> Extent {
+        Extent {
+            offset,
+            len,
+            blade: 3,
+            address: 4096,
+            frond_len: 1 << 20,
+            seq: 9,
+            skip,
+            inline: Vec::new(),
+            inline_crc: 0,
+        }
+    }
+
+    #[test]
+    fn shifted_extents_name_the_same_bytes_and_holes_are_found() {
+        // Source: frond bytes at [100, 300), a hole [300, 400), inline "abcdef" at [400, 406).
+        let src = vec![Extent::inline(400, b"abcdef"), frond(100, 200, 50)];
+        let (copies, holes) = shift_extents(&src, 150, 404, 1000).unwrap();
+        assert_eq!(copies.len(), 2);
+        let f = &copies[0];
+        assert_eq!(
+            (f.offset, f.len, f.skip, f.blade, f.address),
+            (1000, 150, 100, 3, 4096)
+        );
+        let i = &copies[1];
+        assert_eq!((i.offset, i.inline.as_slice()), (1250, &b"abcd"[..]));
+        assert!(i.inline_intact());
+        assert_eq!(holes, vec![(1150, 100)]);
+        // A range that starts and ends in holes.
+        let (copies, holes) = shift_extents(&src, 0, 500, 0).unwrap();
+        assert_eq!(copies.len(), 2);
+        assert_eq!(holes, vec![(0, 100), (300, 100), (406, 94)]);
+        // An inline extent that claims more than it holds is an error, not a panic.
+        let mut bad = Extent::inline(0, b"xy");
+        bad.len = 10;
+        assert_eq!(shift_extents(&[bad], 0, 10, 0), Err(Errno::IO));
+    }
 }

@@ -89,6 +89,7 @@ impl Errno {
     pub const PERM: Errno = Errno(1);
     pub const NOENT: Errno = Errno(2);
     pub const IO: Errno = Errno(5);
+    pub const NXIO: Errno = Errno(6);
     pub const AGAIN: Errno = Errno(11);
     pub const ACCES: Errno = Errno(13);
     pub const BUSY: Errno = Errno(16);
@@ -104,6 +105,7 @@ impl Errno {
     pub const NAMETOOLONG: Errno = Errno(36);
     pub const NOTEMPTY: Errno = Errno(39);
     pub const NODATA: Errno = Errno(61);
+    pub const OPNOTSUPP: Errno = Errno(95);
     pub const DQUOT: Errno = Errno(122);
     /// Not the leader of the partition (the client asks another replica).
     pub const NOTLEADER: Errno = Errno(-1);

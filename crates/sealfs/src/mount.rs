@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno as FErr, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErr, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use sealfs_client::{Error, FileKind, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
@@ -515,6 +515,59 @@ impl Filesystem for SealFuse {
             .await;
             match r {
                 Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        const SEEK_DATA: i32 = 3;
+        const SEEK_HOLE: i32 = 4;
+        let (ino, open) = (self.ino(ino), self.open.clone());
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(errno(Error::NXIO));
+        };
+        if whence != SEEK_DATA && whence != SEEK_HOLE {
+            // The kernel answers the others itself.
+            return reply.error(errno(Error::INVAL));
+        }
+        self.spawn(async move {
+            match open.seek(ino, offset, whence == SEEK_HOLE).await {
+                Ok(at) => reply.offset(at as i64),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let (from, to, open) = (self.ino(ino_in), self.ino(ino_out), self.open.clone());
+        // The reply counts in 32 bits: at most 1 GiB per call (the caller asks again).
+        let len = len.min(1 << 30);
+        self.spawn(async move {
+            match open.copy(from, offset_in, to, offset_out, len).await {
+                Ok(n) => reply.written(n as u32),
+                // Too many extents or zeros to share: the kernel copies the bytes itself.
+                Err(Error::FBIG) => reply.error(errno(Error::OPNOTSUPP)),
                 Err(e) => reply.error(errno(e)),
             }
         });

@@ -315,6 +315,63 @@ impl OpenFiles {
         r
     }
 
+    /// Copies `len` bytes of `from` at `from_off` to `to` at `to_off` by sharing their
+    /// fronds (see `Sealfs::copy_range`), after what is held for either file is sent.
+    pub async fn copy(
+        &self,
+        from: u64,
+        from_off: u64,
+        to: u64,
+        to_off: u64,
+        len: u64,
+    ) -> Result<u64, Error> {
+        self.flush(from).await?;
+        let turn = self.files().get(&to).map(|f| f.turn.clone());
+        let _turn = match &turn {
+            Some(t) => Some(t.lock().await),
+            None => None,
+        };
+        if turn.is_some() {
+            self.send(to, 0).await?;
+        }
+        let r = self.fs.copy_range(from, from_off, to, to_off, len).await;
+        if let Some(f) = self.files().get_mut(&to) {
+            f.changed();
+        }
+        r
+    }
+
+    /// Where the next data (`hole` false) or hole at or after `offset` of `ino` is, after
+    /// what is held is sent (SEEK_DATA and SEEK_HOLE). NXIO at or past the end, or with no
+    /// data after `offset`.
+    pub async fn seek(&self, ino: u64, offset: u64, hole: bool) -> Result<u64, Error> {
+        self.flush(ino).await?;
+        let (mut extents, size) = self.fs.extents(ino).await?;
+        if offset >= size {
+            return Err(Error::NXIO);
+        }
+        extents.sort_by_key(|e| e.offset);
+        let mut at = offset;
+        for e in extents
+            .iter()
+            .filter(|e| e.offset.saturating_add(e.len) > offset)
+        {
+            if hole {
+                if e.offset > at {
+                    break;
+                }
+                at = at.max(e.offset.saturating_add(e.len));
+            } else {
+                return Ok(e.offset.max(offset));
+            }
+        }
+        if hole {
+            Ok(at.min(size))
+        } else {
+            Err(Error::NXIO)
+        }
+    }
+
     /// Holds `set` (no size) with the bytes held for `ino`, if there are any; false if not.
     fn hold_attrs(&self, ino: u64, set: &SetAttr) -> bool {
         let mut files = self.files();

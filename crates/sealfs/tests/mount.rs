@@ -225,6 +225,45 @@ fn files_through_the_kernel() {
         there.modified().unwrap() > long_ago,
         "a write after the mtime"
     );
+
+    // copy_file_range shares the source's fronds (std::fs::copy and std::io::copy use it):
+    // a large file, an inline one, and a sparse source over a destination with bytes, whose
+    // holes must read back as zeros there.
+    std::fs::copy(m.join("f6"), m.join("f6-copy")).unwrap();
+    assert!(std::fs::read(m2.join("f6-copy")).unwrap() == contents(6, (5 << 20) + 7));
+    std::fs::copy(m.join("held"), m.join("held-copy")).unwrap();
+    assert_eq!(
+        std::fs::read(m.join("held-copy")).unwrap(),
+        b"bytes held until close!!"
+    );
+    let sparse = m.join("sparse");
+    let mut src = std::fs::File::create(&sparse).unwrap();
+    src.set_len(3 << 20).unwrap();
+    src.seek(SeekFrom::Start(1 << 20)).unwrap();
+    src.write_all(b"data between holes").unwrap();
+    drop(src);
+    std::fs::write(m.join("over"), vec![b'x'; 4 << 20]).unwrap();
+    let mut src = std::fs::File::open(&sparse).unwrap();
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("over"))
+        .unwrap();
+    assert_eq!(std::io::copy(&mut src, &mut dst).unwrap(), 3 << 20);
+    drop(dst);
+    let mut want = vec![0u8; 3 << 20];
+    want[1 << 20..(1 << 20) + 18].copy_from_slice(b"data between holes");
+    want.extend(vec![b'x'; 1 << 20]);
+    assert!(std::fs::read(m2.join("over")).unwrap() == want);
+    // SEEK_DATA and SEEK_HOLE see the holes.
+    use rustix::fs::{seek, SeekFrom as At};
+    let f = std::fs::File::open(&sparse).unwrap();
+    assert_eq!(seek(&f, At::Data(0)).unwrap(), 1 << 20);
+    assert_eq!(seek(&f, At::Hole(0)).unwrap(), 0);
+    assert_eq!(seek(&f, At::Hole(1 << 20)).unwrap(), (1 << 20) + 18);
+    assert!(
+        seek(&f, At::Data((1 << 20) + 18)).is_err(),
+        "no data after it: ENXIO"
+    );
     stop(child2, &m2);
 
     // SIGKILL leaves the mount point stale; the next mount recovers it.
