@@ -241,6 +241,61 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {int(mem) // (1 << 20)} GiB, Linux {platform.release()}"
 
 
+# The plots of the report: (file name, title, the workloads' prefixes, unit, log scale).
+PLOTS = [
+    ("bandwidth.png", "Sequential bandwidth (MB/s, higher is better)",
+     ("bench bandwidth", "fio sequential"), "MB/s", False),
+    ("iops.png", "4 KiB random IOPS (higher is better)",
+     ("bench iops", "fio random"), "IOPS", True),
+    ("metadata.png", "Metadata and small files (operations/s, higher is better)",
+     ("bench metadata", "bench small"), "operations/s", True),
+    ("tree.png", "Source tree (seconds, lower is better)",
+     ("extract", "remove"), "s", False),
+]
+COLORS = {"ext4": "#8c8c8c", "fuse": "#b5b5b5", "glusterfs": "#d98c3f", "sealfs": "#2b6cb0"}
+
+
+def plot(out_dir, results):
+    """One PNG per workload group, grouped bars per workload, one bar per system. Returns
+    [(file, title)]; nothing if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots (apt-get install python3-matplotlib)")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    systems = list(results)
+    made = []
+    for name, title, prefixes, unit, logscale in PLOTS:
+        rows = [w for w in results["sealfs"] if w.startswith(prefixes)
+                and "readdir" not in w]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) * len(systems) / 2 + 1.5))
+        height = 0.8 / len(systems)
+        for i, sys_ in enumerate(systems):
+            vals = [results[sys_].get(w) or 0 for w in rows]
+            ys = [r + (len(systems) - 1 - i) * height for r in range(len(rows))]
+            ax.barh(ys, vals, height=height, label=sys_, color=COLORS.get(sys_))
+        labels = [w.split(": ", 1)[-1].rsplit(" (", 1)[0] for w in rows]
+        ax.set_yticks([r + 0.4 - height / 2 for r in range(len(rows))])
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        if logscale:
+            ax.set_xscale("log")
+        ax.set_xlabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        made.append((name, title))
+    return made
+
+
 def report(path, results, peak, entries, quick, work):
     systems = list(results)
     rows = list(results["sealfs"])
@@ -279,6 +334,11 @@ def report(path, results, peak, entries, quick, work):
         lines.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
     lines += ["", f"Peak resident memory of the `sealfs up` process during its bench: "
               f"{(peak or 0) >> 20} MiB (bound checked: {RSS_MAX})."]
+    plots = plot(Path(path).parent / "benchmarks", results)
+    if plots:
+        lines += ["", "## Plots", ""]
+        for name, title in plots:
+            lines += [f"![{title}](benchmarks/{name})", ""]
     Path(path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1441,12 +1441,7 @@ pub type Shifted = (Vec<Extent>, Vec<(u64, u64)>);
 /// The extents of source bytes `[from, end)` moved to start at `to` (cut at the range's
 /// edges; an inline extent keeps only its bytes in range), and the holes between them as
 /// (destination offset, length). IO if an extent (from a reply) names bytes it cannot hold.
-pub fn shift_extents(
-    extents: &[Extent],
-    from: u64,
-    end: u64,
-    to: u64,
-) -> Result<Shifted, Errno> {
+pub fn shift_extents(extents: &[Extent], from: u64, end: u64, to: u64) -> Result<Shifted, Errno> {
     let mut copies = Vec::new();
     let mut holes = Vec::new();
     let mut at = from;
