@@ -298,7 +298,10 @@ impl State {
     }
 }
 
-type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// What is told when a write is done (or has failed).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+const STOPPED: &str = "the raft log's writer stopped";
 
 struct Job {
     recs: Vec<Rec>,
@@ -505,23 +508,24 @@ impl Wal {
         &self.0.dir
     }
 
+    fn submit(&self, job: Job) -> Result<(), String> {
+        self.0.jobs.send(job).map_err(|_| STOPPED.to_string())
+    }
+
     /// Writes `recs` in the next batch; returns once they are written (and synced if
     /// `durable`) and the index shows them.
     pub async fn write(&self, recs: Vec<Rec>, durable: bool) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0
-            .jobs
-            .send(Job {
-                recs,
-                durable,
-                written: None,
-                done: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            })
-            .map_err(|_| "the raft log's writer stopped".to_string())?;
-        rx.await
-            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+        let done: Done = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.submit(Job {
+            recs,
+            durable,
+            written: None,
+            done,
+        })?;
+        rx.await.unwrap_or_else(|_| Err(STOPPED.into()))
     }
 
     /// Writes `recs` in the next batch and returns once they are written and readable;
@@ -529,37 +533,31 @@ impl Wal {
     /// that it sends the entries to its followers while its own disk syncs them.
     pub async fn write_then(&self, recs: Vec<Rec>, synced: Done) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0
-            .jobs
-            .send(Job {
-                recs,
-                durable: true,
-                written: Some(Box::new(move |r| {
-                    let _ = tx.send(r);
-                })),
-                done: synced,
-            })
-            .map_err(|_| "the raft log's writer stopped".to_string())?;
-        rx.await
-            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+        let written: Done = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.submit(Job {
+            recs,
+            durable: true,
+            written: Some(written),
+            done: synced,
+        })?;
+        rx.await.unwrap_or_else(|_| Err(STOPPED.into()))
     }
 
-    /// The same, from a thread outside the runtime.
+    /// [`Wal::write`], from a thread outside the runtime.
     pub fn write_blocking(&self, recs: Vec<Rec>, durable: bool) -> Result<(), String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.0
-            .jobs
-            .send(Job {
-                recs,
-                durable,
-                written: None,
-                done: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            })
-            .map_err(|_| "the raft log's writer stopped".to_string())?;
-        rx.recv()
-            .unwrap_or_else(|_| Err("the raft log's writer stopped".into()))
+        let done: Done = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.submit(Job {
+            recs,
+            durable,
+            written: None,
+            done,
+        })?;
+        rx.recv().unwrap_or_else(|_| Err(STOPPED.into()))
     }
 
     /// A group's vote, committed and purged ids.
