@@ -646,6 +646,7 @@ impl Filesystem for SealFuse {
     ) {
         let (fs, ino) = (self.fs.clone(), self.ino(ino));
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.open.xattrs_changed(ino);
         self.spawn(async move {
             match fs.setxattr(ino, &name, &value, flags as u32).await {
                 Ok(()) => reply.ok(),
@@ -656,12 +657,21 @@ impl Filesystem for SealFuse {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let (fs, ino, name) = (self.fs.clone(), self.ino(ino), name.as_bytes().to_vec());
+        if self.open.xattr_absent(ino, &name) {
+            return reply.error(errno(Error::NODATA));
+        }
+        let open = self.open.clone();
         self.spawn(async move {
             match fs.getxattr(ino, &name).await {
                 Ok(v) if size == 0 => reply.size(v.len() as u32),
                 Ok(v) if v.len() > size as usize => reply.error(FErr::from_i32(34)),
                 Ok(v) => reply.data(&v),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => {
+                    if e == Error::NODATA {
+                        open.found_absent(ino, &name);
+                    }
+                    reply.error(errno(e))
+                }
             }
         });
     }
@@ -691,6 +701,7 @@ impl Filesystem for SealFuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, ino, name) = (self.fs.clone(), self.ino(ino), name.as_bytes().to_vec());
+        self.open.xattrs_changed(ino);
         self.spawn(async move {
             match fs.removexattr(ino, &name).await {
                 Ok(()) => reply.ok(),
@@ -752,6 +763,11 @@ impl Filesystem for SealFuse {
             match r {
                 Ok(a) => {
                     me.open.opened(a.ino);
+                    if exclusive {
+                        // O_EXCL: the file is new, so it has no xattr (another create may
+                        // have returned a file that was there).
+                        me.open.made(a.ino);
+                    }
                     reply.created(
                         &TTL,
                         &me.attr(&a),

@@ -42,6 +42,11 @@ struct File {
     attrs: Option<SetAttr>,
     /// When `attrs` last changed (the file's ctime meanwhile), in ns.
     attrs_at: i64,
+    /// Made by this mount and given no xattr since: every xattr is absent.
+    bare: bool,
+    /// Xattr names found absent since the file was opened here (the kernel asks for
+    /// `security.capability` before every write).
+    absent: std::collections::HashSet<Vec<u8>>,
     /// Open handles.
     opens: u32,
     /// Unlinked while open: the cluster keeps the inode until the last handle goes.
@@ -114,6 +119,40 @@ impl OpenFiles {
         f.opens += 1;
         f.fragmented = false;
         f.changed();
+        f.bare = false;
+        f.absent.clear();
+    }
+
+    /// `ino` was just made by this mount (and opened): it has no xattr yet.
+    pub fn made(&self, ino: u64) {
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.bare = true;
+        }
+    }
+
+    /// True if xattr `name` of `ino` is known absent: the file is open here and this mount
+    /// made it or found the name absent since it was opened (close-to-open, as for bytes).
+    pub fn xattr_absent(&self, ino: u64, name: &[u8]) -> bool {
+        self.files()
+            .get(&ino)
+            .is_some_and(|f| f.opens > 0 && (f.bare || f.absent.contains(name)))
+    }
+
+    /// Xattr `name` of open file `ino` was found absent.
+    pub fn found_absent(&self, ino: u64, name: &[u8]) {
+        if let Some(f) = self.files().get_mut(&ino) {
+            if f.opens > 0 {
+                f.absent.insert(name.to_vec());
+            }
+        }
+    }
+
+    /// This mount sets or removes an xattr of `ino`: what it knew of them is stale.
+    pub fn xattrs_changed(&self, ino: u64) {
+        if let Some(f) = self.files().get_mut(&ino) {
+            f.bare = false;
+            f.absent.clear();
+        }
     }
 
     /// True if this mount has any file open.

@@ -226,6 +226,27 @@ fn files_through_the_kernel() {
         "a write after the mtime"
     );
 
+    // Xattrs of a file made here and open: absent ones are known without asking (the kernel
+    // asks before every write), and one set or removed through the mount is seen at once.
+    use rustix::fs::{fgetxattr, fremovexattr, fsetxattr, XattrFlags};
+    let mut f = std::fs::File::create_new(m.join("xattrs")).unwrap();
+    let mut buf = [0u8; 64];
+    f.write_all(b"one").unwrap();
+    assert!(fgetxattr(&f, "user.k", &mut buf).is_err(), "absent");
+    fsetxattr(&f, "user.k", b"v1", XattrFlags::empty()).unwrap();
+    f.write_all(b"two").unwrap();
+    assert_eq!(fgetxattr(&f, "user.k", &mut buf).unwrap(), 2);
+    assert_eq!(&buf[..2], b"v1");
+    fremovexattr(&f, "user.k").unwrap();
+    assert!(fgetxattr(&f, "user.k", &mut buf).is_err(), "removed");
+    fsetxattr(&f, "user.k", b"v2", XattrFlags::empty()).unwrap();
+    drop(f);
+    std::thread::sleep(Duration::from_millis(1100));
+    let g = std::fs::File::open(m2.join("xattrs")).unwrap();
+    assert_eq!(fgetxattr(&g, "user.k", &mut buf).unwrap(), 2);
+    assert_eq!(&buf[..2], b"v2");
+    assert_eq!(std::fs::read(m2.join("xattrs")).unwrap(), b"onetwo");
+
     // copy_file_range shares the source's fronds (std::fs::copy and std::io::copy use it):
     // a large file, an inline one, and a sparse source over a destination with bytes, whose
     // holes must read back as zeros there.
