@@ -412,3 +412,39 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> StoredSnapshot {
+        StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: None,
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s1".into(),
+            },
+            data: b"the machine's state".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_read_back_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogDb::open(&dir.path().join("wal")).unwrap();
+        assert!(log.read_snapshot(3).unwrap().is_none());
+        log.write_snapshot(3, &snapshot()).await.unwrap();
+        let back = log.read_snapshot(3).unwrap().unwrap();
+        assert_eq!(back.data, snapshot().data);
+        assert_eq!(back.meta.snapshot_id, "s1");
+        // One flipped byte, then a file cut to less than its CRC: errors, not a state.
+        let path = log.snapshot_path(3);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(log.read_snapshot(3).is_err());
+        std::fs::write(&path, [1, 2]).unwrap();
+        assert!(log.read_snapshot(3).is_err());
+    }
+}
