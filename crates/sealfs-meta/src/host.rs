@@ -204,8 +204,18 @@ impl MetaHost {
             _ => vec![],
         };
         for i in intents {
-            if let Err(e) = self.drive(p, i).await {
-                tracing::warn!("partition {p}: intent left for the background driver: {e}");
+            let id = i.id;
+            match self.follow_up(i).await {
+                // The operation is whole once its follow-up is applied: the reply need not
+                // wait for the intent to be forgotten (if that is lost, the background driver
+                // applies the follow-up again, which does nothing the second time).
+                Ok(()) => {
+                    let g = g.clone();
+                    tokio::spawn(async move { forget_intent(&g, id).await });
+                }
+                Err(e) => {
+                    tracing::warn!("partition {p}: intent left for the background driver: {e}")
+                }
             }
         }
         r
@@ -214,13 +224,17 @@ impl MetaHost {
     /// Applies an intent's follow-up on its partition, then forgets it here.
     async fn drive(&self, p: u32, i: Intent) -> Result<(), Errno> {
         let id = i.id;
+        self.follow_up(i).await?;
+        let g = self.group(p).ok_or(Errno::UNAVAILABLE)?;
+        forget_intent(&g, id).await
+    }
+
+    /// Applies an intent's follow-up on its partition (once, however often it is asked).
+    async fn follow_up(&self, i: Intent) -> Result<(), Errno> {
         self.client
             .write(i.to, &Op::Apply { intent: i })
             .await?
             .err()?;
-        let g = self.group(p).ok_or(Errno::UNAVAILABLE)?;
-        let b = postcard::to_stdvec(&Op::ClearIntent { id }).map_err(|_| Errno::INVAL)?;
-        g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
         Ok(())
     }
 
@@ -325,4 +339,11 @@ impl MetaHost {
         }
         self.log.lock().expect("log").take();
     }
+}
+
+/// Forgets intent `id` on the partition that recorded it (its follow-up is applied).
+async fn forget_intent(g: &Group, id: u64) -> Result<(), Errno> {
+    let b = postcard::to_stdvec(&Op::ClearIntent { id }).map_err(|_| Errno::INVAL)?;
+    g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
+    Ok(())
 }

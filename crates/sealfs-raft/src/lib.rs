@@ -101,6 +101,21 @@ pub struct Group {
     raft: Raft<TypeConfig>,
     sm: StateMachineStore,
     router: Arc<RaftRouter>,
+    lease: Arc<std::sync::Mutex<Lease>>,
+}
+
+/// How long after a majority last answered it a leader serves reads without asking again:
+/// less than the shortest election timeout, so no other replica can have been elected in the
+/// meantime (a follower that heard from the leader refuses votes for the longest election
+/// timeout; one that restarted waits at least the shortest before it stands).
+const LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MIN_MS - 100);
+const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+
+/// A leader's read lease: until when, in which term.
+#[derive(Clone, Copy, Default)]
+struct Lease {
+    until: Option<std::time::Instant>,
+    term: u64,
 }
 
 /// Timing of every group: heartbeats every 100 ms (each append is synced on the followers),
@@ -109,7 +124,7 @@ fn config() -> Arc<openraft::Config> {
     let c = openraft::Config {
         cluster_name: "sealfs".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 400,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: 800,
         install_snapshot_timeout: 2000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
@@ -150,7 +165,35 @@ impl Group {
             raft,
             sm,
             router,
+            lease: Arc::default(),
         })
+    }
+
+    /// The leader's term now, if this replica is the leader.
+    fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader).then_some(m.current_term)
+    }
+
+    /// Notes that a majority answered a message this leader sent after `asked` in `term`.
+    fn extend_lease(&self, asked: std::time::Instant, term: Option<u64>) {
+        if let Some(term) = term.filter(|t| self.leading_term() == Some(*t)) {
+            let mut l = self.lease.lock().expect("lease");
+            if l.term != term || l.until < Some(asked + LEASE) {
+                *l = Lease {
+                    until: Some(asked + LEASE),
+                    term,
+                };
+            }
+        }
+    }
+
+    /// Whether this leader's lease still holds.
+    fn leased(&self) -> bool {
+        let l = *self.lease.lock().expect("lease");
+        l.until.is_some_and(|u| std::time::Instant::now() < u)
+            && self.leading_term() == Some(l.term)
     }
 
     /// Makes the group of `members` (node id -> address). Run on one replica of a new group;
@@ -181,8 +224,13 @@ impl Group {
 
     /// Replicates and applies `command` (on the leader); returns its reply once a majority has it.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, GroupError> {
+        let (asked, term) = (std::time::Instant::now(), self.leading_term());
         match self.raft.client_write(Command(command)).await {
-            Ok(r) => Ok(r.data.0),
+            Ok(r) => {
+                // A majority stored it: they heard from this leader after `asked`.
+                self.extend_lease(asked, term);
+                Ok(r.data.0)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(GroupError::NotLeader(f.leader_node.map(|n| n.addr)))
             }
@@ -190,13 +238,21 @@ impl Group {
         }
     }
 
-    /// Runs `f` on the state after confirming leadership with a majority (a linearizable read).
+    /// Runs `f` on the state after confirming leadership with a majority (a linearizable read):
+    /// at once while the leader's lease holds ([`LEASE`] after a majority last answered it),
+    /// else after a round of heartbeats.
     pub async fn read<T>(&self, f: impl FnOnce(&dyn Machine) -> T) -> Result<T, GroupError> {
-        if let Err(e) = self.raft.ensure_linearizable().await {
-            return Err(match e.forward_to_leader::<BasicNode>() {
-                Some(fw) => GroupError::NotLeader(fw.leader_node.as_ref().map(|n| n.addr.clone())),
-                None => GroupError::Unavailable(e.to_string()),
-            });
+        if !self.leased() {
+            let (asked, term) = (std::time::Instant::now(), self.leading_term());
+            if let Err(e) = self.raft.ensure_linearizable().await {
+                return Err(match e.forward_to_leader::<BasicNode>() {
+                    Some(fw) => {
+                        GroupError::NotLeader(fw.leader_node.as_ref().map(|n| n.addr.clone()))
+                    }
+                    None => GroupError::Unavailable(e.to_string()),
+                });
+            }
+            self.extend_lease(asked, term);
         }
         // A leader restarted in its own term does not know its last entries were committed
         // (the committed index is not synced), and openraft then reads at that index: wait

@@ -128,10 +128,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let log = self.log.0.clone();
         let group = self.group;
-        let raw = tokio::task::spawn_blocking(move || log.entries(group, lo, hi))
-            .await
-            .map_err(rerr)?
-            .map_err(rerr)?;
+        // The entries a leader sends and a replica applies are the last ones, in memory.
+        let raw = match log.recent_entries(group, lo, hi) {
+            Some(raw) => raw,
+            None => tokio::task::spawn_blocking(move || log.entries(group, lo, hi))
+                .await
+                .map_err(rerr)?
+                .map_err(rerr)?,
+        };
         raw.iter()
             .map(|b| postcard::from_bytes::<Entry<TypeConfig>>(b).map_err(rerr))
             .collect()
@@ -165,16 +169,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, c: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        // Not synced: after a crash the committed index is found again from a majority.
+        // Not synced, nor waited for: after a crash the committed index is found again from a
+        // majority. (The writer keeps the order: it lands after the entries it covers.)
         let group = self.group;
-        self.write(
-            vec![Rec::Committed {
-                group,
-                committed: c,
-            }],
-            false,
-        )
-        .await
+        let recs = vec![Rec::Committed {
+            group,
+            committed: c,
+        }];
+        self.log
+            .0
+            .write_then(recs, false, Box::new(|_| ()))
+            .map_err(werr)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
@@ -192,17 +197,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             recs.push(Rec::Entry {
                 group,
                 log_id: e.log_id,
-                bytes: postcard::to_stdvec(&e).map_err(werr)?,
+                bytes: Arc::new(postcard::to_stdvec(&e).map_err(werr)?),
             });
         }
-        // Returns once the entries are written and readable, before they are synced: a
-        // leader sends them to its followers while its disk syncs them. openraft counts them
-        // as stored (a leader's vote for them, a follower's reply) only at `callback`, after
-        // the sync, and the writer shares that sync among all the groups of the server.
+        // Returns at once, the entries readable from memory: a leader sends them to its
+        // followers while its disk writes and syncs them. openraft counts them as stored (a
+        // leader's vote for them, a follower's reply) only at `callback`, after the sync, and
+        // the writer shares that sync among all the groups of the server.
         let synced = Box::new(move |r: Result<(), String>| {
             callback.log_io_completed(r.map_err(std::io::Error::other))
         });
-        self.log.0.write_then(recs, synced).await.map_err(werr)
+        self.log.0.write_then(recs, true, synced).map_err(werr)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {

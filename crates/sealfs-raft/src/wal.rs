@@ -18,8 +18,11 @@
 //! entries it holds: when none is live any more it is deleted, and when there are more than
 //! [`SEGMENTS_KEPT`] the live entries of the oldest are copied forward first.
 //!
-//! Entries are read back from the file (with their CRC checked), not kept in memory: the
-//! index holds where each one is.
+//! An entry is readable as soon as it is handed to the log (a leader sends it to its followers
+//! while its own disk writes and syncs it): the last few of each group are kept in memory
+//! ([`RECENT_MAX`], [`RECENT_BYTES`]), and an entry leaves memory only once it is written.
+//! Older ones are read back from the file (with their CRC checked): the index holds where each
+//! one is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -46,6 +49,10 @@ const BODY_HEAD: usize = 9;
 const RECORD_MAX: usize = 256 << 20;
 /// Jobs one write takes at most.
 const BATCH_MAX: usize = 1024;
+/// Written entries a group keeps in memory at most (the unwritten ones are always kept)...
+pub const RECENT_MAX: usize = 64;
+/// ... and the bytes they may take.
+pub const RECENT_BYTES: usize = 256 << 10;
 
 const ENTRY: u8 = 1;
 const VOTE: u8 = 2;
@@ -69,7 +76,7 @@ pub enum Rec {
     Entry {
         group: u64,
         log_id: LogId<NodeId>,
-        bytes: Vec<u8>,
+        bytes: Arc<Vec<u8>>,
     },
     Vote {
         group: u64,
@@ -162,7 +169,7 @@ impl Rec {
                     Rec::Entry {
                         group,
                         log_id,
-                        bytes: Vec::new(),
+                        bytes: Arc::default(),
                     },
                     at,
                 )
@@ -222,6 +229,57 @@ struct Loc {
 struct GroupState {
     meta: GroupMeta,
     entries: BTreeMap<u64, Loc>,
+    /// The last entries handed to the log, written or not (see the module's documentation).
+    recent: BTreeMap<u64, (LogId<NodeId>, Arc<Vec<u8>>)>,
+    recent_bytes: usize,
+}
+
+impl GroupState {
+    /// Takes what a record does to the entries in memory, when it is handed to the log.
+    fn handed(&mut self, rec: &Rec) {
+        let gone = match rec {
+            Rec::Entry { log_id, bytes, .. } => {
+                self.recent_bytes += bytes.len();
+                self.recent
+                    .insert(log_id.index, (*log_id, bytes.clone()))
+                    .into_iter()
+                    .collect()
+            }
+            Rec::Truncate { from, .. } => self.recent.split_off(from).into_values().collect(),
+            Rec::Purge { upto, .. } => {
+                let kept = self.recent.split_off(&(upto.index + 1));
+                std::mem::replace(&mut self.recent, kept)
+                    .into_values()
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        for (_, b) in gone {
+            self.recent_bytes -= b.len();
+        }
+    }
+
+    /// Lets the oldest entries in memory go, those already written, past the bounds.
+    fn trim(&mut self) {
+        while self.recent.len() > RECENT_MAX || self.recent_bytes > RECENT_BYTES {
+            let Some((&index, (log_id, _))) = self.recent.first_key_value() else {
+                return;
+            };
+            if self.entries.get(&index).map(|l| l.log_id) != Some(*log_id) {
+                return;
+            }
+            if let Some((_, b)) = self.recent.remove(&index) {
+                self.recent_bytes -= b.len();
+            }
+        }
+    }
+
+    /// The last index, in memory or written.
+    fn last(&self) -> Option<(u64, LogId<NodeId>)> {
+        let mem = self.recent.last_key_value().map(|(i, (l, _))| (*i, *l));
+        let disk = self.entries.last_key_value().map(|(i, l)| (*i, l.log_id));
+        mem.into_iter().chain(disk).max_by_key(|(i, _)| *i)
+    }
 }
 
 struct Segment {
@@ -256,6 +314,7 @@ impl State {
                     if let Some(s) = self.segments.get_mut(&loc.seg) {
                         s.live += 1;
                     }
+                    gs.trim();
                 }
             }
             Rec::Vote { vote, .. } => gs.meta.vote = Some(vote),
@@ -306,8 +365,6 @@ const STOPPED: &str = "the raft log's writer stopped";
 struct Job {
     recs: Vec<Rec>,
     durable: bool,
-    /// Told once the records are written and readable, before the sync.
-    written: Option<Done>,
     /// Told once they are synced (if `durable`).
     done: Done,
 }
@@ -509,6 +566,12 @@ impl Wal {
     }
 
     fn submit(&self, job: Job) -> Result<(), String> {
+        {
+            let mut st = self.0.state.lock().expect("raft log index");
+            for r in &job.recs {
+                st.groups.entry(r.group()).or_default().handed(r);
+            }
+        }
         self.0.jobs.send(job).map_err(|_| STOPPED.to_string())
     }
 
@@ -522,27 +585,21 @@ impl Wal {
         self.submit(Job {
             recs,
             durable,
-            written: None,
             done,
         })?;
         rx.await.unwrap_or_else(|_| Err(STOPPED.into()))
     }
 
-    /// Writes `recs` in the next batch and returns once they are written and readable;
-    /// `synced` is told once they are on disk. A leader's append returns before its sync, so
-    /// that it sends the entries to its followers while its own disk syncs them.
-    pub async fn write_then(&self, recs: Vec<Rec>, synced: Done) -> Result<(), String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let written: Done = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
+    /// Hands `recs` to the next batch without waiting: entries are readable at once, and
+    /// `done` is told once they are written (and synced if `durable`). A leader's append
+    /// returns at once, so that it sends the entries to its followers while its own disk
+    /// writes and syncs them.
+    pub fn write_then(&self, recs: Vec<Rec>, durable: bool, done: Done) -> Result<(), String> {
         self.submit(Job {
             recs,
-            durable: true,
-            written: Some(written),
-            done: synced,
-        })?;
-        rx.await.unwrap_or_else(|_| Err(STOPPED.into()))
+            durable,
+            done,
+        })
     }
 
     /// [`Wal::write`], from a thread outside the runtime.
@@ -554,7 +611,6 @@ impl Wal {
         self.submit(Job {
             recs,
             durable,
-            written: None,
             done,
         })?;
         rx.recv().unwrap_or_else(|_| Err(STOPPED.into()))
@@ -572,30 +628,60 @@ impl Wal {
     /// The id of a group's last entry.
     pub fn last(&self, group: u64) -> Option<LogId<NodeId>> {
         let st = self.0.state.lock().expect("raft log index");
-        st.groups
-            .get(&group)
-            .and_then(|g| g.entries.values().next_back())
-            .map(|l| l.log_id)
+        st.groups.get(&group).and_then(|g| g.last()).map(|(_, l)| l)
     }
 
-    /// The bytes of a group's entries with index in `lo..=hi`, read back and checked.
-    pub fn entries(&self, group: u64, lo: u64, hi: u64) -> Result<Vec<Vec<u8>>, String> {
+    /// The bytes of a group's entries with index in `lo..=hi`, if all are in memory (`None`
+    /// when some must be read from the files: [`Wal::entries`]).
+    pub fn recent_entries(&self, group: u64, lo: u64, hi: u64) -> Option<Vec<Arc<Vec<u8>>>> {
+        let st = self.0.state.lock().expect("raft log index");
+        let Some(gs) = st.groups.get(&group) else {
+            return Some(Vec::new());
+        };
+        let hi = hi.min(gs.last().map_or(0, |(i, _)| i));
+        if lo > hi {
+            return Some(Vec::new());
+        }
+        let got: Vec<_> = gs
+            .recent
+            .range(lo..=hi)
+            .map(|(_, (_, b))| b.clone())
+            .collect();
+        (got.len() as u64 == hi - lo + 1).then_some(got)
+    }
+
+    /// The bytes of a group's entries with index in `lo..=hi`: from memory, or read back from
+    /// the files and checked.
+    pub fn entries(&self, group: u64, lo: u64, hi: u64) -> Result<Vec<Arc<Vec<u8>>>, String> {
         if lo > hi {
             return Ok(Vec::new());
         }
-        let wanted: Vec<(Loc, Arc<File>)> = {
+        enum From {
+            Memory(Arc<Vec<u8>>),
+            File(Loc, Arc<File>),
+        }
+        let wanted: Vec<From> = {
             let st = self.0.state.lock().expect("raft log index");
             let Some(gs) = st.groups.get(&group) else {
                 return Ok(Vec::new());
             };
-            gs.entries
-                .range(lo..=hi)
-                .filter_map(|(_, l)| st.segments.get(&l.seg).map(|s| (*l, s.file.clone())))
-                .collect()
+            let mut wanted = BTreeMap::new();
+            for (i, l) in gs.entries.range(lo..=hi) {
+                if let Some(s) = st.segments.get(&l.seg) {
+                    wanted.insert(*i, From::File(*l, s.file.clone()));
+                }
+            }
+            for (i, (_, b)) in gs.recent.range(lo..=hi) {
+                wanted.insert(*i, From::Memory(b.clone()));
+            }
+            wanted.into_values().collect()
         };
         wanted
             .into_iter()
-            .map(|(loc, file)| read_entry(&file, loc))
+            .map(|w| match w {
+                From::Memory(b) => Ok(b),
+                From::File(loc, file) => read_entry(&file, loc).map(Arc::new),
+            })
             .collect()
     }
 
@@ -655,20 +741,14 @@ impl Committer {
             }
             let durable = batch.iter().any(|j| j.durable);
             let mut recs = Vec::new();
-            let mut writtens = Vec::new();
             let mut dones = Vec::with_capacity(batch.len());
             for j in batch {
                 recs.extend(j.recs);
-                writtens.extend(j.written);
                 dones.push(j.done);
             }
-            let r = self.write(recs, durable, &mut writtens);
+            let r = self.write(recs, durable);
             if let Err(e) = &r {
                 tracing::error!("raft log write failed: {e}");
-            }
-            // Those not told yet: the write failed before they could be.
-            for w in writtens {
-                w(r.clone());
             }
             for d in dones {
                 d(r.clone());
@@ -748,13 +828,8 @@ impl Committer {
     }
 
     /// Writes records at the end of the log (in a new segment if they do not fit in this one),
-    /// shows them in the index and tells `written`, then syncs if asked.
-    fn write(
-        &mut self,
-        recs: Vec<Rec>,
-        durable: bool,
-        written: &mut Vec<Done>,
-    ) -> Result<(), String> {
+    /// shows them in the index, then syncs if asked.
+    fn write(&mut self, recs: Vec<Rec>, durable: bool) -> Result<(), String> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -790,9 +865,6 @@ impl Committer {
                 };
                 st.apply(r, loc);
             }
-        }
-        for w in written.drain(..) {
-            w(Ok(()));
         }
         if durable {
             if let Err(e) = file.sync_data() {
@@ -853,10 +925,10 @@ impl Committer {
             recs.push(Rec::Entry {
                 group,
                 log_id: loc.log_id,
-                bytes: read_entry(&file, loc)?,
+                bytes: Arc::new(read_entry(&file, loc)?),
             });
         }
-        self.write(recs, true, &mut Vec::new())
+        self.write(recs, true)
     }
 }
 
@@ -873,7 +945,7 @@ mod tests {
         Rec::Entry {
             group,
             log_id: id(term, index),
-            bytes: vec![(index % 251) as u8; len],
+            bytes: vec![(index % 251) as u8; len].into(),
         }
     }
 
@@ -993,10 +1065,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Wal::open(dir.path()).unwrap();
         w.write_blocking(vec![entry(1, 1, 1, 4000)], true).unwrap();
-        let (p, _, end) = last_segment(dir.path());
+        // Enough after it that it is read from the file, not memory.
+        let more = (2..=RECENT_MAX as u64 + 2).map(|i| entry(1, 1, i, 10));
+        w.write_blocking(more.collect(), true).unwrap();
+        let (p, _, _) = last_segment(dir.path());
+        let loc = w.0.state.lock().unwrap().groups[&1].entries[&1];
         // Flip a byte of the entry in place while the log is open.
         let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        f.write_all_at(&[0xff], end as u64 - 10).unwrap();
+        f.write_all_at(&[0xff], loc.at + loc.len as u64 - 10)
+            .unwrap();
         let e = w.entries(1, 1, 1).unwrap_err();
         assert!(e.contains("fails its CRC"), "{e}");
         drop(w);
@@ -1091,5 +1168,75 @@ mod tests {
         let w = Wal::open(dir.path()).unwrap();
         assert_eq!(indexes(&w, 1), vec![(1, 100)]);
         assert_eq!(w.last(1), Some(id(1, 1)));
+    }
+
+    #[test]
+    fn entries_are_readable_before_they_are_written_and_the_last_stay_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        // The writer tells `done` on its own thread: this one holds it until let go.
+        let (gate, held) = std::sync::mpsc::channel::<()>();
+        let hold: Done = Box::new(move |_| {
+            let _ = held.recv();
+        });
+        w.write_then(vec![entry(1, 1, 1, 10)], true, hold).unwrap();
+        let (tx, written) = std::sync::mpsc::channel();
+        let tell: Done = Box::new(move |r| tx.send(r).unwrap());
+        w.write_then((2..=4).map(|i| entry(1, 1, i, 10)).collect(), true, tell)
+            .unwrap();
+        // Not written yet, and readable, with the right bytes.
+        assert!(!w.0.state.lock().unwrap().groups[&1]
+            .entries
+            .contains_key(&3));
+        let got = w.recent_entries(1, 2, u64::MAX).unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got[1].iter().all(|b| *b == 3));
+        assert_eq!(w.last(1), Some(id(1, 4)));
+        // A truncate handed to the log hides what it cuts at once; a new entry replaces it.
+        w.write_then(
+            vec![Rec::Truncate { group: 1, from: 4 }],
+            true,
+            Box::new(|_| ()),
+        )
+        .unwrap();
+        w.write_then(vec![entry(1, 2, 4, 7)], true, Box::new(|_| ()))
+            .unwrap();
+        let got = w.recent_entries(1, 1, u64::MAX).unwrap();
+        assert_eq!(
+            got.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [10, 10, 10, 7]
+        );
+        assert_eq!(w.last(1), Some(id(2, 4)));
+        gate.send(()).unwrap();
+        written.recv().unwrap().unwrap();
+        // Many more: the oldest leave memory once written and are read from the file.
+        w.write_blocking((5..=200).map(|i| entry(1, 2, i, 100)).collect(), true)
+            .unwrap();
+        let recent = w.0.state.lock().unwrap().groups[&1].recent.len();
+        assert!(recent <= RECENT_MAX, "{recent} entries in memory");
+        assert!(w.recent_entries(1, 1, 200).is_none());
+        assert_eq!(w.recent_entries(1, 190, 200).unwrap().len(), 11);
+        let all = w.entries(1, 1, u64::MAX).unwrap();
+        assert_eq!(all.len(), 200);
+        assert_eq!(all[3].len(), 7);
+        assert!(all[150].iter().all(|b| *b == 151));
+        // A purge handed to the log takes what it covers out of memory too.
+        w.write_blocking(
+            vec![Rec::Purge {
+                group: 1,
+                upto: id(2, 195),
+            }],
+            true,
+        )
+        .unwrap();
+        assert_eq!(w.recent_entries(1, 196, u64::MAX).unwrap().len(), 5);
+        assert!(w.0.state.lock().unwrap().groups[&1]
+            .recent
+            .keys()
+            .all(|i| *i > 195));
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(w.entries(1, 0, u64::MAX).unwrap().len(), 5);
+        assert_eq!(w.last(1), Some(id(2, 200)));
     }
 }
