@@ -763,6 +763,7 @@ impl Filesystem for SealFuse {
             match r {
                 Ok(a) => {
                     me.open.opened(a.ino);
+                    me.open.known(&a);
                     if exclusive {
                         // O_EXCL: the file is new, so it has no xattr (another create may
                         // have returned a file that was there).

@@ -57,6 +57,10 @@ struct File {
     /// The file has more extents than one reply carries: reads ask for their range only
     /// (until the file is opened again).
     fragmented: bool,
+    /// The attributes the cluster last gave for the file while open here, until this mount
+    /// changes it: a setattr held with bytes is answered from them (with what is held laid
+    /// over them) without asking the partition.
+    base: Option<Attr>,
     /// Counts the changes that drop `extents`, so that a read started before one does not
     /// keep what it fetched.
     changes: u64,
@@ -69,6 +73,7 @@ impl File {
     /// This mount changed the file: what it knew of the extents is stale.
     fn changed(&mut self) {
         self.extents = None;
+        self.base = None;
         self.changes += 1;
     }
 
@@ -121,6 +126,13 @@ impl OpenFiles {
         f.changed();
         f.bare = false;
         f.absent.clear();
+    }
+
+    /// The cluster gave `a` for a file open here (at its open or create).
+    pub fn known(&self, a: &Attr) {
+        if let Some(f) = self.files().get_mut(&a.ino) {
+            f.base = Some(a.clone());
+        }
     }
 
     /// `ino` was just made by this mount (and opened): it has no xattr yet.
@@ -338,7 +350,11 @@ impl OpenFiles {
         };
         if self.hold_attrs(ino, &set) {
             // Shown here at once (this mount's replies overlay them), sent with the bytes.
-            return Ok(self.attr(self.fs.getattr(ino).await?));
+            let base = self.files().get(&ino).and_then(|f| f.base.clone());
+            return Ok(self.attr(match base {
+                Some(a) => a,
+                None => self.fs.getattr(ino).await?,
+            }));
         }
         let sent = match turn {
             Some(_) => self.send_then(ino, 0, Some(set.clone())).await?,
