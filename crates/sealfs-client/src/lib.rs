@@ -225,6 +225,21 @@ impl Sealfs {
         entry(self.meta.read(partition_of(parent), &q).await?)
     }
 
+    /// The attributes of the child `name` of `parent`: one round trip when its inode is in
+    /// its parent's partition (every file's is), two for a directory elsewhere.
+    pub async fn lookup_attr(&self, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
+        check_name(name)?;
+        let q = Query::LookupAttr {
+            parent,
+            name: name.to_vec(),
+        };
+        match self.meta.read(partition_of(parent), &q).await?.err()? {
+            Reply::Attr(a) => Ok(a),
+            Reply::Entry { ino, .. } => self.getattr(ino).await,
+            _ => Err(Errno::IO),
+        }
+    }
+
     /// The attributes of `ino`.
     pub async fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
         attr(

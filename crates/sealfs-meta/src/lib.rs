@@ -562,6 +562,12 @@ pub enum Query {
     Parent {
         ino: u64,
     },
+    /// A lookup answered with the child's attributes when its inode is in this partition
+    /// (every file's is: one round trip instead of two), else as [`Query::Lookup`].
+    LookupAttr {
+        parent: u64,
+        name: Vec<u8>,
+    },
 }
 
 /// What a partition answered.

@@ -236,6 +236,19 @@ impl PartitionMachine {
                     None => return Err(Errno::NOENT.into()),
                 }
             }
+            Query::LookupAttr { parent, name } => {
+                let r = self.ask(Query::Lookup { parent, name })?;
+                match r {
+                    Reply::Entry { ino, .. } if partition_of(ino) == self.partition => {
+                        match self.ask(Query::GetAttr { ino }) {
+                            Ok(a) => a,
+                            // Let the caller ask for the attributes on their own.
+                            Err(_) => r,
+                        }
+                    }
+                    r => r,
+                }
+            }
             Query::GetAttr { ino } => Reply::Attr(inode(ino)?.attr),
             Query::Parent { ino } => Reply::Parent(inode(ino)?.parent),
             Query::ReadLink { ino } => {

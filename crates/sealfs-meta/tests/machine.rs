@@ -594,3 +594,39 @@ fn a_write_then_sets_times_in_the_same_command_and_refuses_a_size() {
     };
     assert_eq!(a.size, 5);
 }
+
+#[test]
+fn a_lookup_with_attributes_answers_in_one_query_when_the_inode_is_here() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap();
+    let d = m.mkdir(ROOT, "d");
+    let la = |m: &M, name: &str| {
+        m.q(Query::LookupAttr {
+            parent: ROOT,
+            name: name.into(),
+        })
+    };
+    assert_eq!(la(&m, "f"), Reply::Attr(f.clone()));
+    assert_eq!(la(&m, "d"), Reply::Attr(m.attr(d).unwrap()));
+    assert_eq!(la(&m, "missing"), Reply::Error(Errno::NOENT));
+    // A directory whose inode another partition holds: the entry, for the caller to ask there.
+    let far = (5u64 << 40) | 7;
+    let r = m.op(Op::MkdirLink {
+        parent: ROOT,
+        name: b"far".to_vec(),
+        ino: far,
+        now: 2,
+    });
+    assert!(matches!(r, Reply::Entry { .. }), "{r:?}");
+    assert!(
+        matches!(la(&m, "far"), Reply::Entry { ino, kind: Kind::Dir, .. } if ino == far),
+        "{:?}",
+        la(&m, "far")
+    );
+    // Under a file: not a folder.
+    let r = m.q(Query::LookupAttr {
+        parent: f.ino,
+        name: b"x".to_vec(),
+    });
+    assert_eq!(r, Reply::Error(Errno::NOTDIR));
+}

@@ -101,12 +101,7 @@ impl Filesystem for SealFuse {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
         let me = self.clone_view();
         self.spawn(async move {
-            let r = async {
-                let (ino, _) = fs.lookup(parent, &name).await?;
-                fs.getattr(ino).await
-            }
-            .await;
-            match r {
+            match fs.lookup_attr(parent, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&me.open.attr(a)), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
