@@ -309,7 +309,7 @@ def report(path, results, peak, entries, quick, work):
         f"- **Machine:** {machine()}.",
         f"- **Local disk:** ext4, a folder under `{work}`.",
         "- **sealfs:** `sealfs up`: a manager and 4 servers x 4 disk folders (all on that same disk), "
-        "8+8 erasure coding, 64 metadata partitions of 3 replicas, one process, FUSE mount.",
+        "8+8 erasure coding, 16 metadata partitions of 3 replicas, one process, FUSE mount.",
         f"- **Versions:** sealfs {git_rev()}, {run(['fio', '--version']).strip()}"
         + (f", {run(['glusterfs', '--version']).splitlines()[0].strip()}" if "glusterfs" in results else "")
         + ".",
