@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::address::{check_range, Address, Reference, BLADE_PAYLOAD_BYTES_MAX};
 use crate::cell::{
@@ -179,6 +179,8 @@ struct Shared {
     inflight: Arc<Semaphore>,
     tasks: AtomicUsize,
     idle: Notify,
+    /// True once the frond index covers the blade (it is rebuilt after an open).
+    index_built: watch::Sender<bool>,
 }
 
 /// The coordinator of one blade. Cheap to clone; the batcher stops when the last clone is dropped.
@@ -215,10 +217,22 @@ impl Holdfast {
             inflight: Arc::new(Semaphore::new(cfg.batches_inflight_max)),
             tasks: AtomicUsize::new(0),
             idle: Notify::new(),
+            index_built: watch::Sender::new(false),
             layout,
             cfg,
         });
-        sh.recover().await?;
+        let end = sh.recover().await?;
+        if sh.cfg.rebuild_index {
+            // The walk reads a header per frond: appends need only the append pointer, so it
+            // runs beside them.
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                sh.rebuild_index(end).await;
+                sh.index_built.send_replace(true);
+            });
+        } else {
+            sh.index_built.send_replace(true);
+        }
         let (tx, rx) = mpsc::channel(sh.cfg.queue_len_max);
         tokio::spawn(batcher(sh.clone(), rx));
         Ok(Holdfast { sh, queue: tx })
@@ -392,14 +406,23 @@ impl Holdfast {
             .unwrap_or(1)
     }
 
+    /// Waits until the frond index covers the whole blade (an open rebuilds it beside appends).
+    async fn index_built(&self) {
+        let mut built = self.sh.index_built.subscribe();
+        // The sender lives in `sh`, which `self` holds: the wait cannot fail.
+        let _ = built.wait_for(|b| *b).await;
+    }
+
     /// Fronds in the index, and the start of the frond containing byte `x`.
-    pub fn index_lookup(&self, x: u64) -> (usize, Option<u64>) {
+    pub async fn index_lookup(&self, x: u64) -> (usize, Option<u64>) {
+        self.index_built().await;
         let st = self.sh.state.lock().expect("state");
         (st.index.len(), st.index.containing(x))
     }
 
     /// The start of the i-th frond of the blade.
-    pub fn nth_frond(&self, i: usize) -> Option<u64> {
+    pub async fn nth_frond(&self, i: usize) -> Option<u64> {
+        self.index_built().await;
         self.sh.state.lock().expect("state").index.nth(i)
     }
 
@@ -983,7 +1006,8 @@ impl Shared {
 
     /// Recovery at open: resolve interrupted updates and the stipes at the end of the blade,
     /// then find the append pointer and rebuild the frond index.
-    async fn recover(&self) -> Result<()> {
+    /// Recovers the blade's state from its cells; returns the stipes in use.
+    async fn recover(&self) -> Result<u32> {
         let p = self.layout.profile;
         let mut stipes = 0u32;
         let mut answered = Vec::new();
@@ -1054,10 +1078,7 @@ impl Shared {
             }
             st.recovery = report;
         }
-        if self.cfg.rebuild_index {
-            self.rebuild_index(end).await;
-        }
-        Ok(())
+        Ok(end)
     }
 
     /// Walks the fronds of stipes `[0, end)` and rebuilds the index. Gaps (zeros up to a stipe
@@ -1070,10 +1091,18 @@ impl Shared {
         let mut buf = Bytes::new();
         let mut buf_at = 0u64;
         let window = 64 * s_bytes;
+        let need = (frond::FROND_HEADER_BYTES + frond::FROND_HASH_BYTES) as u64;
+        // Small fronds are read a window at a time; past a large one, only the next header is
+        // read (reading whole windows would read the whole blade).
+        let mut last_bytes = 0u64;
         while pos + 8 <= end_byte {
-            let need = (frond::FROND_HEADER_BYTES + frond::FROND_HASH_BYTES) as u64;
             if pos < buf_at || pos + need.min(end_byte - pos) > buf_at + buf.len() as u64 {
-                let len = window.min(end_byte - pos);
+                let len = if last_bytes >= window / 4 {
+                    need
+                } else {
+                    window
+                }
+                .min(end_byte - pos);
                 let stipe_end = (pos / s_bytes + 1) * s_bytes;
                 match self.reader.read_range(pos, len as usize, 1).await {
                     Ok(b) => buf = b,
@@ -1097,12 +1126,23 @@ impl Shared {
             match frond::header_len(head) {
                 Some(len) if !gap => {
                     index.push(pos);
-                    pos += frond::frond_bytes(len) as u64;
+                    last_bytes = frond::frond_bytes(len) as u64;
+                    pos += last_bytes;
                 }
-                _ => pos = (pos / s_bytes + 1) * s_bytes,
+                _ => {
+                    last_bytes = 0;
+                    pos = (pos / s_bytes + 1) * s_bytes;
+                }
             }
         }
-        self.state.lock().expect("state").index = index;
+        // Fronds appended since the open follow the walked ones.
+        let mut st = self.state.lock().expect("state");
+        for i in 0..st.index.len() {
+            if let Some(at) = st.index.nth(i) {
+                index.push(at);
+            }
+        }
+        st.index = index;
     }
 
     async fn resolve(

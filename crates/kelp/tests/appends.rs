@@ -44,9 +44,9 @@ async fn concurrent_appenders_never_overlap() {
     check_all(&h, &all).await;
     // The index knows every frond, in order.
     for (i, (start, _)) in ranges.iter().enumerate() {
-        assert_eq!(h.nth_frond(i), Some(*start));
+        assert_eq!(h.nth_frond(i).await, Some(*start));
     }
-    let (count, at) = h.index_lookup(ranges[100].0 + 5);
+    let (count, at) = h.index_lookup(ranges[100].0 + 5).await;
     assert_eq!((count, at), (ranges.len(), Some(ranges[100].0)));
     // Reopened from disk, the holdfast rebuilds the same index from the cells.
     h.sync().await.unwrap();
@@ -55,7 +55,7 @@ async fn concurrent_appenders_never_overlap() {
     forest.reopen();
     let h = forest.holdfast(1).await;
     for (i, (start, _)) in ranges.iter().enumerate() {
-        assert_eq!(h.nth_frond(i), Some(*start), "frond {i} after reopen");
+        assert_eq!(h.nth_frond(i).await, Some(*start), "frond {i} after reopen");
     }
     check_all(&h, &all).await;
 }
@@ -104,4 +104,35 @@ async fn memory_per_open_blade_stays_under_its_bound() {
         "bound {bound}"
     );
     assert!(used <= bound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_of_large_and_small_fronds_is_rebuilt_on_reopen() {
+    // Past a large frond the rebuild reads only the next header; past small ones a window of
+    // stipes. Both kinds, interleaved, come back in order.
+    let mut forest = Forest::new(4, 4);
+    let h = forest.holdfast(2).await;
+    let mut rng = Rng::new(77);
+    let mut all = Vec::new();
+    for i in 0..24 {
+        let len = match i % 4 {
+            0 => 600_000 + rng.below(3_000_000) as usize,
+            1 | 2 => rng.below(5_000) as usize,
+            _ => 2 << 20,
+        };
+        let data = rng.bytes(len);
+        let r = h.append_data(&data).await.unwrap();
+        all.push((r, data));
+    }
+    let starts: Vec<u64> = all.iter().map(|(r, _)| r.address.byte_offset()).collect();
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    drop(h);
+    forest.reopen();
+    let h = forest.holdfast(2).await;
+    assert_eq!(h.index_lookup(0).await.0, starts.len());
+    for (i, start) in starts.iter().enumerate() {
+        assert_eq!(h.nth_frond(i).await, Some(*start), "frond {i} after reopen");
+    }
+    check_all(&h, &all).await;
 }
