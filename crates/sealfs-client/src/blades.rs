@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use kelp::{BladeLayout, Holdfast, HoldfastConfig, KelpError, Profile, ShardPlacement, ShardStore};
 use sealfs_manager::map::ClusterMap;
 use sealfs_manager::MapCache;
@@ -44,6 +45,9 @@ pub struct UpdateReq {
     pub len: u32,
     pub seq: u32,
 }
+
+/// Seconds a server's start waits at most for the shards of its blades before opening them.
+const OPEN_WAIT_TRIES: u32 = 30;
 
 /// Deadline of one shard call.
 pub const SHARD_DEADLINE: Duration = Duration::from_secs(10);
@@ -110,7 +114,9 @@ pub struct BladeHost {
     peers: Peers,
     local: Arc<dyn ShardStore>,
     me: Mutex<Option<u64>>,
-    open: tokio::sync::Mutex<HashMap<u32, Holdfast>>,
+    /// Each blade's holdfast, opened once (an open reads the blade's tail: one slow open must
+    /// not hold up the others).
+    open: Mutex<HashMap<u32, Arc<tokio::sync::OnceCell<Holdfast>>>>,
 }
 
 fn err(status: Status, m: impl Into<String>) -> Response {
@@ -137,7 +143,7 @@ impl BladeHost {
             peers,
             local,
             me: Mutex::new(None),
-            open: tokio::sync::Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
         }
     }
 
@@ -146,14 +152,85 @@ impl BladeHost {
         *self.me.lock().expect("me") = Some(id);
     }
 
-    /// Blades with an open holdfast here, and their append pointers.
-    pub async fn open_blades(&self) -> Vec<(u32, u64, usize)> {
+    /// The holdfasts open here.
+    fn opened(&self) -> Vec<Holdfast> {
         self.open
             .lock()
-            .await
-            .iter()
-            .map(|(b, h)| (*b, h.append_pointer(), h.degraded().len()))
+            .expect("open")
+            .values()
+            .filter_map(|c| c.get().cloned())
             .collect()
+    }
+
+    /// Blades with an open holdfast here, and their append pointers.
+    pub async fn open_blades(&self) -> Vec<(u32, u64, usize)> {
+        self.opened()
+            .iter()
+            .map(|h| (h.layout().blade, h.append_pointer(), h.degraded().len()))
+            .collect()
+    }
+
+    /// Opens the holdfast of every blade whose shard 0 is on this server, two at a time, so
+    /// that the first writes after a start find them open. A blade that cannot open yet (its
+    /// shard servers not up) opens on first use.
+    pub async fn open_all(&self) {
+        let Some(me) = *self.me.lock().expect("me") else {
+            return;
+        };
+        let Ok(map) = self.maps.refresh().await else {
+            return;
+        };
+        let mine: Vec<u32> = map
+            .blades
+            .iter()
+            .filter(|(_, b)| b.shards.first().is_some_and(|s| s.server == me))
+            .map(|(id, _)| *id)
+            .collect();
+        let epoch = map.epoch;
+        let t = std::time::Instant::now();
+        let opened = futures::stream::iter(mine)
+            .map(|blade| async move {
+                // Every shard answering first: servers starting beside this one may not
+                // listen yet, and an open without them marks the blade's tail for repair.
+                for _ in 0..OPEN_WAIT_TRIES {
+                    if self.all_shards_answer(blade, me).await {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                self.holdfast(blade, epoch).await.is_ok()
+            })
+            .buffer_unordered(2)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        if opened > 0 {
+            tracing::info!("opened {opened} blade(s) in {:.1?}", t.elapsed());
+        }
+    }
+
+    /// True if every shard store of `blade`, as the map now places them, answers.
+    async fn all_shards_answer(&self, blade: u32, me: u64) -> bool {
+        let Ok(map) = self.maps.refresh().await else {
+            return false;
+        };
+        let Ok(layout) = layout_for(&map, blade, Some((me, &self.local)), &self.peers) else {
+            return false;
+        };
+        futures::stream::iter(0..layout.shards.len())
+            .map(|j| {
+                let store = layout.shards[j].store.clone();
+                let key = layout.key(j);
+                async move {
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(2), store.stipes(key)).await,
+                        Ok(Ok(_))
+                    )
+                }
+            })
+            .buffer_unordered(16)
+            .all(std::future::ready)
+            .await
     }
 
     async fn holdfast(&self, blade: u32, epoch: u64) -> Result<Holdfast, Response> {
@@ -163,10 +240,19 @@ impl BladeHost {
                 "the server has not registered yet",
             ));
         };
-        let mut open = self.open.lock().await;
-        if let Some(h) = open.get(&blade) {
-            return Ok(h.clone());
-        }
+        let cell = self
+            .open
+            .lock()
+            .expect("open")
+            .entry(blade)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| self.open_one(blade, epoch, me))
+            .await
+            .cloned()
+    }
+
+    async fn open_one(&self, blade: u32, epoch: u64, me: u64) -> Result<Holdfast, Response> {
         let mut map = self.maps.get();
         if !map.blades.contains_key(&blade) || map.epoch < epoch {
             map = self
@@ -188,11 +274,9 @@ impl BladeHost {
         }
         let layout = layout_for(&map, blade, Some((me, &self.local)), &self.peers)
             .map_err(|e| err(Status::Internal, e.to_string()))?;
-        let h = Holdfast::open(layout, HoldfastConfig::default())
+        Holdfast::open(layout, HoldfastConfig::default())
             .await
-            .map_err(|e| err(Status::Unavailable, format!("blade {blade:08x}: {e}")))?;
-        open.insert(blade, h.clone());
-        Ok(h)
+            .map_err(|e| err(Status::Unavailable, format!("blade {blade:08x}: {e}")))
     }
 
     /// Answers a data operation.
@@ -261,7 +345,7 @@ impl BladeHost {
 
     /// Repairs the degraded stipes of every open blade; returns how many cells it rebuilt.
     pub async fn repair_pass(&self) -> u64 {
-        let hs: Vec<Holdfast> = self.open.lock().await.values().cloned().collect();
+        let hs = self.opened();
         let mut fixed = 0;
         for h in hs {
             if h.degraded().is_empty() {

@@ -198,6 +198,8 @@ async fn take_part(
                         tracing::info!("registered with the manager as server {i}");
                         blades.set_me(i);
                         id = Some(i);
+                        let blades = blades.clone();
+                        tokio::spawn(async move { blades.open_all().await });
                     }
                     Err(e) => tracing::warn!("cannot register with the manager: {e}"),
                 }
