@@ -54,10 +54,54 @@ pub struct VolumeStat {
     pub inodes: u64,
 }
 
+/// A blade latency older than this is measured again.
+const LATENCY_STALE: Duration = Duration::from_secs(2);
+
+/// One append in flight to a blade, counted while it lives (dropped with a cancelled call).
+struct Queued<'a> {
+    writer: &'a Mutex<WriterState>,
+    blade: u32,
+}
+
+impl<'a> Queued<'a> {
+    fn new(writer: &'a Mutex<WriterState>, blade: u32) -> Self {
+        *writer
+            .lock()
+            .expect("writer")
+            .inflight
+            .entry(blade)
+            .or_default() += 1;
+        Queued { writer, blade }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.inflight.get_mut(&self.blade) {
+            *n -= 1;
+            if *n == 0 {
+                w.inflight.remove(&self.blade);
+            }
+        }
+    }
+}
+
+/// Ranges of a file appended and not yet recorded ([`Sealfs::stage_ranges`]).
+#[derive(Debug)]
+pub struct Staged {
+    ino: u64,
+    extents: Vec<Extent>,
+    blades: BTreeSet<u32>,
+    total: usize,
+}
+
 #[derive(Default)]
 struct WriterState {
-    /// Holdfast latency in µs (EWMA) by blade.
-    latency: HashMap<u32, f64>,
+    /// Holdfast latency in µs (EWMA) by blade, and when it was last measured.
+    latency: HashMap<u32, (f64, Instant)>,
+    /// Appends this client has in flight, by blade.
+    inflight: HashMap<u32, usize>,
     /// Blades to avoid until then.
     avoid: HashMap<u32, Instant>,
     turn: usize,
@@ -852,7 +896,8 @@ impl Sealfs {
         Ok(have)
     }
 
-    /// The blades to try for the next frond, best first: not avoided, lowest latency, turning.
+    /// The blades to try for the next frond, best first: not avoided, lowest expected wait
+    /// (latency times the appends in flight), turning.
     fn blade_order(&self, blades: &[u32]) -> Vec<u32> {
         let mut w = self.writer.lock().expect("writer");
         let now = Instant::now();
@@ -863,9 +908,16 @@ impl Sealfs {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let lat = w.latency.get(b).copied().unwrap_or(0.0);
-                // Latencies within 2x count as equal, so that load turns over the blades.
-                let bucket = (lat.max(1.0)).log2() as u64;
+                // A latency not measured for a while is tried again: one slow append (a blade
+                // opening) must not keep a blade out for good.
+                let lat = w
+                    .latency
+                    .get(b)
+                    .filter(|(_, at)| now.duration_since(*at) < LATENCY_STALE)
+                    .map_or(0.0, |(l, _)| *l);
+                let queued = w.inflight.get(b).copied().unwrap_or(0) as f64;
+                // Waits within 2x count as equal, so that load turns over the blades.
+                let bucket = (lat.max(1.0) * (1.0 + queued)).log2() as u64;
                 (
                     w.avoid.contains_key(b),
                     bucket,
@@ -903,18 +955,21 @@ impl Sealfs {
                     data: encoded.clone(),
                 };
                 let t = Instant::now();
+                let queued = Queued::new(&self.writer, blade);
                 let r = self
                     .peers
                     .client(&addr)
                     .call(req, Duration::from_secs(30))
                     .await
                     .and_then(|r| r.into_result());
+                drop(queued);
                 let mut w = self.writer.lock().expect("writer");
                 match r.map(|r| postcard::from_bytes::<Appended>(&r.meta)) {
                     Ok(Ok(a)) => {
-                        let us = t.elapsed().as_micros() as f64;
-                        let e = w.latency.entry(blade).or_insert(us);
-                        *e = 0.8 * *e + 0.2 * us;
+                        let now = Instant::now();
+                        let us = now.duration_since(t).as_micros() as f64;
+                        let e = w.latency.entry(blade).or_insert((us, now));
+                        *e = (0.8 * e.0 + 0.2 * us, now);
                         return Ok(Reference {
                             address: Address(a.address),
                             len: a.len,
@@ -988,13 +1043,22 @@ impl Sealfs {
         if then.as_ref().is_some_and(|t| t.size.is_some()) {
             return Err(Errno::INVAL);
         }
-        let total: usize = ranges.iter().map(|r| r.1.len()).sum();
-        if total == 0 {
+        if ranges.iter().all(|r| r.1.is_empty()) {
             return match then {
                 Some(set) => self.setattr(ino, set).await,
                 None => self.getattr(ino).await,
             };
         }
+        let staged = self.stage_ranges(ino, ranges).await?;
+        self.commit_staged(ino, staged, then).await
+    }
+
+    /// The first half of [`Sealfs::write_ranges`]: the ranges appended as fronds (or kept
+    /// inline), neither synced nor recorded. [`Sealfs::commit_staged`] makes them the file's;
+    /// until then the file does not change. A caller may stage the next ranges while the
+    /// last ones commit, as long as it commits them in order.
+    pub async fn stage_ranges(&self, ino: u64, ranges: &[(u64, &[u8])]) -> Result<Staged, Errno> {
+        let total: usize = ranges.iter().map(|r| r.1.len()).sum();
         for (offset, data) in ranges {
             offset.checked_add(data.len() as u64).ok_or(Errno::FBIG)?;
         }
@@ -1009,7 +1073,12 @@ impl Sealfs {
                 .filter(|(_, d)| !d.is_empty())
                 .map(|(o, d)| Extent::inline(*o, d))
                 .collect();
-            return self.record_extents(ino, extents, total, then).await;
+            return Ok(Staged {
+                ino,
+                extents,
+                blades: BTreeSet::new(),
+                total,
+            });
         }
         let fronds = pack(ranges);
         let extents: Vec<Vec<Extent>> = stream::iter(fronds)
@@ -1036,9 +1105,29 @@ impl Sealfs {
             .try_collect()
             .await?;
         let extents: Vec<Extent> = extents.into_iter().flatten().collect();
-        let blades: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
-        self.sync_blades(&blades).await?;
-        self.record_extents(ino, extents, total, then).await
+        let blades = extents.iter().map(|e| e.blade).collect();
+        Ok(Staged {
+            ino,
+            extents,
+            blades,
+            total,
+        })
+    }
+
+    /// The second half of [`Sealfs::write_ranges_then`]: the staged fronds synced on k + w
+    /// shards, then recorded in the file's metadata with `then` (synced by a majority).
+    pub async fn commit_staged(
+        &self,
+        ino: u64,
+        staged: Staged,
+        then: Option<SetAttr>,
+    ) -> Result<Attr, Errno> {
+        if staged.ino != ino || then.as_ref().is_some_and(|t| t.size.is_some()) {
+            return Err(Errno::INVAL);
+        }
+        self.sync_blades(&staged.blades).await?;
+        self.record_extents(ino, staged.extents, staged.total, then)
+            .await
     }
 
     /// Records `extents` (`total` bytes) as file `ino`'s, then sets `then`, synced by a Raft
