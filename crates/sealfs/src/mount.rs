@@ -390,7 +390,7 @@ impl Filesystem for SealFuse {
             Ok(Held::Wait) => {
                 let open = self.open.clone();
                 self.spawn(async move {
-                    match open.flush(ino).await {
+                    match open.room(ino).await {
                         Ok(()) => reply.written(n),
                         Err(e) => reply.error(errno(e)),
                     }

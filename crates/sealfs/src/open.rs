@@ -28,8 +28,9 @@ pub const RANGES_MAX: usize = 4096;
 struct File {
     /// Written and not yet sent.
     dirty: Ranges,
-    /// Taken by the send in flight and not yet recorded: reads still see these.
-    sending: Option<Arc<Ranges>>,
+    /// Taken by the sends in flight and not yet recorded, oldest first (a background send
+    /// appends the next burst while the last one syncs and records): reads still see these.
+    sending: Vec<Arc<Ranges>>,
     /// A background send is running or about to.
     background: bool,
     /// What the last background send failed with.
@@ -77,11 +78,33 @@ impl File {
         self.changes += 1;
     }
 
+    /// `taken` is no longer in flight.
+    fn unsend(&mut self, taken: &Arc<Ranges>) {
+        self.sending.retain(|s| !Arc::ptr_eq(s, taken));
+    }
+
+    /// Holds again bytes that failed to go, under any written since.
+    fn give_back(&mut self, taken: &Ranges) {
+        for (at, bytes) in taken.iter() {
+            self.dirty.insert_under(at, bytes);
+        }
+    }
+
+    /// Holds again attributes that failed to go, under any set since.
+    fn give_back_attrs(&mut self, attrs: Option<SetAttr>) {
+        if let Some(mut older) = attrs {
+            if let Some(newer) = self.attrs.take() {
+                overlay(&mut older, newer);
+            }
+            self.attrs = Some(older);
+        }
+    }
+
     fn idle(&self) -> bool {
         self.opens == 0
             && self.dirty.is_empty()
             && self.attrs.is_none()
-            && self.sending.is_none()
+            && self.sending.is_empty()
             && !self.background
     }
 }
@@ -101,6 +124,8 @@ pub enum Held {
 pub struct OpenFiles {
     fs: Sealfs,
     files: Arc<Mutex<HashMap<u64, File>>>,
+    /// Told when a background send takes bytes or ends: a writer waiting for room looks again.
+    room: Arc<tokio::sync::Notify>,
 }
 
 impl OpenFiles {
@@ -109,6 +134,7 @@ impl OpenFiles {
         OpenFiles {
             fs,
             files: Arc::default(),
+            room: Arc::default(),
         }
     }
 
@@ -242,7 +268,7 @@ impl OpenFiles {
     /// attributes set since.
     pub fn attr(&self, mut a: Attr) -> Attr {
         if let Some(f) = self.files().get(&a.ino) {
-            let end = f.dirty.end().max(f.sending.as_ref().map_or(0, |s| s.end()));
+            let end = f.sending.iter().fold(f.dirty.end(), |e, s| e.max(s.end()));
             a.size = a.size.max(end);
             let held = f.attrs.clone().unwrap_or_default();
             match (held.mtime, f.mtime) {
@@ -272,7 +298,7 @@ impl OpenFiles {
                 Some(f) => {
                     let mut pieces = Vec::new();
                     let mut end = f.dirty.end();
-                    if let Some(s) = &f.sending {
+                    for s in &f.sending {
                         end = end.max(s.end());
                         pieces.extend(s.pieces(offset, len));
                     }
@@ -323,6 +349,30 @@ impl OpenFiles {
             }
         }
         Ok(Some(e))
+    }
+
+    /// Waits until `ino` holds less than the bounds (a write past them waits for this): while a
+    /// background send runs, until it takes the bytes; with none running, by sending them.
+    pub async fn room(&self, ino: u64) -> Result<(), Error> {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let files = self.files();
+                let Some(f) = files.get(&ino) else {
+                    return Ok(());
+                };
+                if f.dirty.bytes() < HELD_BYTES_MAX && f.dirty.count() < RANGES_MAX {
+                    return Ok(());
+                }
+                if !f.background {
+                    break;
+                }
+            }
+            notified.await;
+        }
+        self.flush(ino).await
     }
 
     /// Sends what is held for `ino` and reports any error a background send left: what
@@ -482,16 +532,98 @@ impl OpenFiles {
             return;
         };
         let turn = turn.lock().await;
-        let r = self.send(ino, SEND_BYTES).await;
+        let r = self.send_pipelined(ino).await;
         drop(turn);
-        let mut files = self.files();
-        if let Some(f) = files.get_mut(&ino) {
-            f.background = false;
-            if let Err(e) = r {
-                f.error = Some(e);
+        {
+            let mut files = self.files();
+            if let Some(f) = files.get_mut(&ino) {
+                f.background = false;
+                if let Err(e) = r {
+                    f.error = Some(e);
+                }
+                if f.idle() {
+                    files.remove(&ino);
+                }
             }
-            if f.idle() {
-                files.remove(&ino);
+        }
+        // After `background` is false: a writer waiting for room sends itself.
+        self.room.notify_waiters();
+    }
+
+    /// Sends what is held for `ino` while at least [`SEND_BYTES`] are (the caller holds the
+    /// file's turn), in bursts whose appends overlap the sync and record of the burst before:
+    /// the disks write the next fronds while the last ones sync. Bursts are recorded in the
+    /// order they were taken. When one fails, it and the burst after it are held again, the
+    /// newer over the older, under any written since.
+    async fn send_pipelined(&self, ino: u64) -> Result<(), Error> {
+        type Burst = (Arc<Ranges>, Option<SetAttr>);
+        let mut committing: Option<(Burst, sealfs_client::Staged)> = None;
+        loop {
+            let next: Option<Burst> = {
+                let mut files = self.files();
+                let Some(f) = files.get_mut(&ino) else {
+                    return Ok(());
+                };
+                (f.dirty.bytes() >= SEND_BYTES).then(|| {
+                    let taken = Arc::new(std::mem::take(&mut f.dirty));
+                    f.sending.push(taken.clone());
+                    (taken, f.attrs.take())
+                })
+            };
+            if next.is_some() {
+                self.room.notify_waiters();
+            }
+            if next.is_none() && committing.is_none() {
+                return Ok(());
+            }
+            let stage = async {
+                match &next {
+                    Some((taken, _)) => {
+                        let ranges: Vec<(u64, &[u8])> = taken.iter().collect();
+                        Some(self.fs.stage_ranges(ino, &ranges).await)
+                    }
+                    None => None,
+                }
+            };
+            let (done, staged) = match committing.take() {
+                Some(((taken, attrs), st)) => {
+                    let commit = self.fs.commit_staged(ino, st, attrs.clone());
+                    let (c, s) = tokio::join!(commit, stage);
+                    (Some((taken, attrs, c)), s)
+                }
+                None => (None, stage.await),
+            };
+            let mut files = self.files();
+            let Some(f) = files.get_mut(&ino) else {
+                return Ok(());
+            };
+            if let Some((taken, attrs, c)) = done {
+                f.unsend(&taken);
+                f.changed();
+                if let Err(e) = c {
+                    // The newer burst first, so that the older goes under it.
+                    if let Some((newer, newer_attrs)) = &next {
+                        f.unsend(newer);
+                        f.give_back(newer);
+                        f.give_back_attrs(newer_attrs.clone());
+                    }
+                    f.give_back(&taken);
+                    f.give_back_attrs(attrs);
+                    return Err(e);
+                }
+            }
+            match (next, staged) {
+                (Some(burst), Some(Ok(st))) => committing = Some((burst, st)),
+                (Some((taken, attrs)), Some(Err(e))) => {
+                    f.unsend(&taken);
+                    f.give_back(&taken);
+                    f.give_back_attrs(attrs);
+                    return Err(e);
+                }
+                _ => {}
+            }
+            if f.dirty.is_empty() && f.sending.is_empty() {
+                f.mtime = None;
             }
         }
     }
@@ -522,7 +654,7 @@ impl OpenFiles {
                     return Ok(set);
                 }
                 let taken = Arc::new(std::mem::take(&mut f.dirty));
-                f.sending = Some(taken.clone());
+                f.sending.push(taken.clone());
                 // Attributes held go with these bytes (or alone, at a flush), `then` over them.
                 let mut attrs = f.attrs.take();
                 if let Some(t) = then.take() {
@@ -537,7 +669,7 @@ impl OpenFiles {
             let Some(f) = files.get_mut(&ino) else {
                 return r.map(|a| setting.then_some(a));
             };
-            f.sending = None;
+            f.unsend(&taken);
             f.changed();
             match r {
                 Ok(a) => {
@@ -549,16 +681,8 @@ impl OpenFiles {
                     }
                 }
                 Err(e) => {
-                    for (at, bytes) in taken.iter() {
-                        f.dirty.insert_under(at, bytes);
-                    }
-                    // Held again, under any set since.
-                    if let Some(mut older) = attrs {
-                        if let Some(newer) = f.attrs.take() {
-                            overlay(&mut older, newer);
-                        }
-                        f.attrs = Some(older);
-                    }
+                    f.give_back(&taken);
+                    f.give_back_attrs(attrs);
                     return Err(e);
                 }
             }
