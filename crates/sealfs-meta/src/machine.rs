@@ -1,7 +1,9 @@
 //! The state machine of one metadata partition: a redb file holding inodes, entries, extents,
-//! intents and usage. Commands of one Raft batch share one redb transaction, committed with the
-//! applied log position (not synced: the Raft log is, and Raft re-applies after a crash); a
-//! snapshot syncs it first.
+//! intents and usage. Commands share one redb transaction, which stores the applied log position
+//! with them and is committed (not synced: the Raft log is, and Raft re-applies after a crash)
+//! when [`COMMIT_AFTER`] has passed or [`COMMIT_BATCHES`] Raft batches are in it, and before
+//! anything reads the store; a snapshot syncs it first. One commit per batch cost each replica
+//! more than the commands it held.
 //!
 //! Every command checks all it needs before it writes anything, so a refused command leaves no
 //! trace in the shared transaction.
@@ -167,11 +169,26 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// How long applied commands may wait in the open transaction.
+const COMMIT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+/// How many Raft batches may wait in the open transaction.
+const COMMIT_BATCHES: u32 = 64;
+
+/// The open write transaction and what it holds.
+struct Open {
+    tx: WriteTransaction,
+    since: std::time::Instant,
+    /// Raft batches ended in it (their applied position stored, not committed).
+    batches: u32,
+}
+
 /// The state machine of partition `partition`.
 pub struct PartitionMachine {
     partition: u32,
     db: Database,
-    tx: Option<WriteTransaction>,
+    /// The open transaction: commands applied and not yet committed. Readers (which hold only
+    /// `&self`) commit it before they read.
+    tx: std::sync::Mutex<Option<Open>>,
     /// A storage failure inside a batch; the batch's commit reports it and the group stops.
     poisoned: Option<String>,
 }
@@ -188,16 +205,33 @@ impl PartitionMachine {
         Ok(PartitionMachine {
             partition,
             db,
-            tx: None,
+            tx: std::sync::Mutex::new(None),
             poisoned: None,
         })
     }
 
     fn tx(&mut self) -> R<&mut WriteTransaction> {
-        if self.tx.is_none() {
-            self.tx = Some(self.db.begin_write()?);
+        let open = self.tx.get_mut().unwrap_or_else(|p| p.into_inner());
+        if open.is_none() {
+            *open = Some(Open {
+                tx: self.db.begin_write()?,
+                since: std::time::Instant::now(),
+                batches: 0,
+            });
         }
-        Ok(self.tx.as_mut().expect("just made"))
+        Ok(&mut open.as_mut().expect("just made").tx)
+    }
+
+    /// Commits the open transaction, if any (unsynced: see the module's note), so that a read
+    /// sees every applied command.
+    fn settle(&self) -> R<()> {
+        let mut open = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut o) = open.take() {
+            o.tx.set_durability(Durability::None)
+                .map_err(|e| Fail::Storage(e.to_string()))?;
+            o.tx.commit()?;
+        }
+        Ok(())
     }
 
     fn run(&mut self, op: Op) -> R<Reply> {
@@ -208,6 +242,7 @@ impl PartitionMachine {
     }
 
     fn ask(&self, q: Query) -> R<Reply> {
+        self.settle()?;
         let tx = self.db.begin_read()?;
         let get = |t: Table, k: &[u8]| -> R<Option<Vec<u8>>> {
             Ok(tx.open_table(t)?.get(k)?.map(|g| g.value().to_vec()))
@@ -435,6 +470,7 @@ impl sealfs_raft::Machine for PartitionMachine {
 
     fn snapshot(&self) -> Vec<u8> {
         let dump = || -> R<Vec<u8>> {
+            self.settle()?;
             let tx = self.db.begin_read()?;
             let mut all: Vec<Vec<(Vec<u8>, Vec<u8>)>> = Vec::new();
             for t in TABLES {
@@ -484,6 +520,10 @@ impl sealfs_raft::Machine for PartitionMachine {
     }
 
     fn applied(&self) -> Result<Option<Vec<u8>>, String> {
+        self.settle().map_err(|e| match e {
+            Fail::Storage(s) => s,
+            Fail::Errno(e) => e.to_string(),
+        })?;
         let tx = self.db.begin_read().map_err(|e| e.to_string())?;
         let t = tx.open_table(META).map_err(|e| e.to_string())?;
         Ok(t.get(&b"applied"[..])
@@ -492,16 +532,20 @@ impl sealfs_raft::Machine for PartitionMachine {
     }
 
     fn commit(&mut self, applied: &[u8], durable: bool) -> Result<(), String> {
+        let open = self.tx.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = self.poisoned.take() {
-            self.tx = None;
+            *open = None;
             return Err(e);
         }
         let run = |m: &mut Self| -> R<()> {
-            let mut tx = match m.tx.take() {
-                Some(tx) => tx,
-                None => m.db.begin_write()?,
-            };
-            tx.open_table(META)?.insert(&b"applied"[..], applied)?;
+            m.tx()?.open_table(META)?.insert(&b"applied"[..], applied)?;
+            let open = m.tx.get_mut().unwrap_or_else(|p| p.into_inner());
+            let o = open.as_mut().expect("opened above");
+            o.batches += 1;
+            if !durable && o.batches < COMMIT_BATCHES && o.since.elapsed() < COMMIT_AFTER {
+                return Ok(());
+            }
+            let mut tx = open.take().expect("opened above").tx;
             if !durable {
                 tx.set_durability(Durability::None)
                     .map_err(|e| Fail::Storage(e.to_string()))?;

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::auth::{self, ClusterKey};
-use crate::frame::{read_frame, Frame, Header, Kind, DATA_BYTES_MAX, META_BYTES_MAX};
+use crate::frame::{read_frame, Frame, Header, Kind, DATA_BYTES_MAX, META_BYTES_MAX, READ_BUFFER};
 use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, RpcError, Status};
 
@@ -226,7 +227,8 @@ impl Client {
         stream.set_nodelay(true)?;
         auth::client(&mut stream, &self.key).await?;
         self.connects.fetch_add(1, Ordering::Relaxed);
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));

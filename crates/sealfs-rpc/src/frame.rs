@@ -25,6 +25,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const META_BYTES_MAX: u32 = 1 << 20;
 /// Largest data part of a frame (a 64 MiB frond and change).
 pub const DATA_BYTES_MAX: u32 = 80 << 20;
+/// The read buffer of a connection: small frames (most of them) are taken from the socket
+/// several at a time instead of three reads each (header, metadata, data); a large body skips
+/// the buffer and is read straight into its own.
+pub const READ_BUFFER: usize = 64 << 10;
 
 /// Request or response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::auth::{self, ClusterKey};
-use crate::frame::{read_frame, Header, Kind, ReadError};
+use crate::frame::{read_frame, Header, Kind, ReadError, READ_BUFFER};
 use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, Status};
 
@@ -160,7 +161,8 @@ async fn serve(
         .await
         .map_err(|e| e.to_string())?;
     accepted.fetch_add(1, Ordering::Relaxed);
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
     let write = tokio::spawn(writer(wr, rx));
     let slots = Arc::new(Semaphore::new(cfg.inflight_per_connection.max(1)));

@@ -103,7 +103,12 @@ async fn main() {
     );
     println!("| callers | creates/s | stats/s | unlinks/s |");
     println!("|---:|---:|---:|---:|");
-    for callers in [1usize, 4, 16] {
+    // A third argument picks the levels, e.g. `16` or `1,16`.
+    let levels: Vec<usize> = args
+        .get(3)
+        .map(|a| a.split(',').filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16]);
+    for callers in levels {
         let each = per_level / callers;
         let mut dirs = Vec::new();
         for c in 0..callers {
