@@ -20,6 +20,9 @@ use crate::sync::DiskSyncer;
 /// Writes up to this size run on the calling task instead of the blocking pool.
 pub const INLINE_WRITE_BYTES_MAX: usize = 64 * 1024;
 
+/// Reads up to this size are first tried on the calling task, from the page cache only.
+pub const INLINE_READ_BYTES_MAX: usize = 64 * 1024;
+
 /// Cells one read or write may carry (16 MiB).
 pub const CELLS_PER_CALL_MAX: u32 = 4096;
 
@@ -273,6 +276,22 @@ impl Inner {
         Ok(buf)
     }
 
+    /// The cells if the page cache holds all of them, read without waiting for the disk
+    /// (`RWF_NOWAIT`); `None` if any is not cached, or on any error (the caller then reads them
+    /// on the blocking pool, where an error is reported).
+    fn read_cached(f: &ShardFile, first: u32, count: u32) -> Option<BytesMut> {
+        let mut buf = BytesMut::zeroed(count as usize * CELL_BYTES);
+        let at = first as u64 * CELL_BYTES as u64;
+        let n = rustix::io::preadv2(
+            &*f.file,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            at,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        )
+        .ok()?;
+        (n == buf.len()).then_some(buf)
+    }
+
     fn write_blocking(
         f: &ShardFile,
         key: ShardKey,
@@ -406,6 +425,12 @@ impl ShardStore for LocalStore {
             return Err(KelpError::invalid(format!("{key}: read of {count} cells")));
         }
         let f = self.get(key).ok_or_else(|| self.missing(key))?;
+        if count as usize * CELL_BYTES <= INLINE_READ_BYTES_MAX {
+            self.inner.check_linked(key, &f)?;
+            if let Some(cells) = Inner::read_cached(&f, first_stipe, count) {
+                return Ok(cells.freeze());
+            }
+        }
         let this = self.inner.clone();
         blocking(move || {
             this.check_linked(key, &f)?;

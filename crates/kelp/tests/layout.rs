@@ -129,3 +129,52 @@ async fn files_with_foreign_cells_are_left_out() {
     assert_eq!(store.scan_report().mismatched, vec![fake]);
     assert!(store.list().await.unwrap().is_empty());
 }
+
+/// Small reads are first served from the page cache without waiting for the disk, and from the
+/// disk otherwise: both give the bytes written, and cells past the end of the file read as
+/// zeros (absent), whichever way they are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_read_back_alike_from_the_page_cache_and_from_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(
+        "s",
+        &[dir.path().to_path_buf()],
+        LocalStoreConfig::default(),
+    )
+    .unwrap();
+    let key = ShardKey { blade: 9, shard: 3 };
+    let cells: Vec<u8> = (0..8u32)
+        .flat_map(|stipe| {
+            let id = CellId {
+                blade: 9,
+                stipe,
+                shard: 3,
+            };
+            make_cell(id, 1, format!("cell {stipe}").as_bytes())
+        })
+        .collect();
+    store
+        .write_cells(key, 0, 0, Bytes::from(cells.clone()), WriteMode::Force)
+        .await
+        .unwrap();
+    let cell = |i: usize| &cells[i * 4096..(i + 1) * 4096];
+    assert_eq!(&store.read_cells(key, 0, 8).await.unwrap()[..], &cells[..]);
+    // Out of the page cache: synced, then dropped.
+    let path = store.shard_path(key).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    for (first, count) in [(0u32, 8u32), (3, 1), (5, 2)] {
+        let got = store.read_cells(key, first, count).await.unwrap();
+        let want = &cells[first as usize * 4096..(first + count) as usize * 4096];
+        assert_eq!(&got[..], want, "cells {first}..+{count}");
+    }
+    // Two cells past the end: the two before them as written, then zeros.
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    for _ in 0..2 {
+        let got = store.read_cells(key, 6, 4).await.unwrap();
+        assert_eq!(&got[..4096], cell(6));
+        assert_eq!(&got[4096..8192], cell(7));
+        assert!(got[8192..].iter().all(|&b| b == 0), "past the end");
+    }
+}
