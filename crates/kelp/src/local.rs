@@ -263,7 +263,13 @@ impl Inner {
 
     fn read_run(f: &ShardFile, first: u32, count: u32) -> Result<BytesMut> {
         let mut buf = BytesMut::zeroed(count as usize * CELL_BYTES);
-        let mut done = 0;
+        Self::read_rest(f, first, &mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` (cells from stipe `first` on) from byte `done` on; bytes past the end of the
+    /// file stay zero (absent cells).
+    fn read_rest(f: &ShardFile, first: u32, buf: &mut [u8], mut done: usize) -> Result<()> {
         let base = first as u64 * CELL_BYTES as u64;
         while done < buf.len() {
             match f.file.read_at(&mut buf[done..], base + done as u64) {
@@ -273,23 +279,21 @@ impl Inner {
                 Err(e) => return Err(KelpError::io(format!("read {}", f.path()), e)),
             }
         }
-        Ok(buf)
+        Ok(())
     }
 
-    /// The cells if the page cache holds all of them, read without waiting for the disk
-    /// (`RWF_NOWAIT`); `None` if any is not cached, or on any error (the caller then reads them
-    /// on the blocking pool, where an error is reported).
-    fn read_cached(f: &ShardFile, first: u32, count: u32) -> Option<BytesMut> {
-        let mut buf = BytesMut::zeroed(count as usize * CELL_BYTES);
-        let at = first as u64 * CELL_BYTES as u64;
-        let n = rustix::io::preadv2(
+    /// Reads into `buf` (cells from stipe `first` on) what the page cache holds, without
+    /// waiting for the disk (`RWF_NOWAIT`), and returns the bytes read: all of them when every
+    /// cell is cached. Any error counts as nothing read; the caller reads the rest on the
+    /// blocking pool, where an error is reported.
+    fn read_cached(f: &ShardFile, first: u32, buf: &mut [u8]) -> usize {
+        rustix::io::preadv2(
             &*f.file,
-            &mut [std::io::IoSliceMut::new(&mut buf)],
-            at,
+            &mut [std::io::IoSliceMut::new(buf)],
+            first as u64 * CELL_BYTES as u64,
             rustix::io::ReadWriteFlags::NOWAIT,
         )
-        .ok()?;
-        (n == buf.len()).then_some(buf)
+        .unwrap_or(0)
     }
 
     fn write_blocking(
@@ -425,11 +429,21 @@ impl ShardStore for LocalStore {
             return Err(KelpError::invalid(format!("{key}: read of {count} cells")));
         }
         let f = self.get(key).ok_or_else(|| self.missing(key))?;
-        if count as usize * CELL_BYTES <= INLINE_READ_BYTES_MAX {
+        let len = count as usize * CELL_BYTES;
+        if len <= INLINE_READ_BYTES_MAX {
+            // What the page cache holds is read here; the rest (from where that stopped) on
+            // the blocking pool.
             self.inner.check_linked(key, &f)?;
-            if let Some(cells) = Inner::read_cached(&f, first_stipe, count) {
-                return Ok(cells.freeze());
+            let mut buf = BytesMut::zeroed(len);
+            let done = Inner::read_cached(&f, first_stipe, &mut buf);
+            if done == len {
+                return Ok(buf.freeze());
             }
+            return blocking(move || {
+                Inner::read_rest(&f, first_stipe, &mut buf, done)?;
+                Ok(buf.freeze())
+            })
+            .await;
         }
         let this = self.inner.clone();
         blocking(move || {

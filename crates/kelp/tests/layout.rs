@@ -131,8 +131,8 @@ async fn files_with_foreign_cells_are_left_out() {
 }
 
 /// Small reads are first served from the page cache without waiting for the disk, and from the
-/// disk otherwise: both give the bytes written, and cells past the end of the file read as
-/// zeros (absent), whichever way they are read.
+/// disk for what is not cached: all cached, none cached or half of each, they give the bytes
+/// written, and cells past the end of the file read as zeros (absent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cells_read_back_alike_from_the_page_cache_and_from_the_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,6 +169,11 @@ async fn cells_read_back_alike_from_the_page_cache_and_from_the_disk() {
         let want = &cells[first as usize * 4096..(first + count) as usize * 4096];
         assert_eq!(&got[..], want, "cells {first}..+{count}");
     }
+    // Half cached: the first four come from the page cache, the rest from the disk.
+    store.read_cells(key, 0, 8).await.unwrap();
+    let half = std::num::NonZeroU64::new(4 * 4096);
+    rustix::fs::fadvise(&f, 4 * 4096, half, rustix::fs::Advice::DontNeed).unwrap();
+    assert_eq!(&store.read_cells(key, 0, 8).await.unwrap()[..], &cells[..]);
     // Two cells past the end: the two before them as written, then zeros.
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
     for _ in 0..2 {
