@@ -1,8 +1,10 @@
 //! The state machine of one metadata partition: a redb file holding inodes, entries, extents,
 //! intents and usage. Commands share one redb transaction, which stores the applied log position
 //! with them and is committed (not synced: the Raft log is, and Raft re-applies after a crash)
-//! when [`COMMIT_AFTER`] has passed or [`COMMIT_BATCHES`] Raft batches are in it, and before
-//! anything reads the store; a snapshot syncs it first. One commit per batch cost each replica
+//! at the end of the first batch after [`COMMIT_AFTER`], or of the [`COMMIT_BATCHES`]th, and
+//! before anything reads the store; a snapshot syncs it first. A quiet partition keeps its
+//! last batches open until the next batch or read; a crash loses them from this file only, and
+//! Raft applies them again from the position committed with the rest. One commit per batch cost each replica
 //! more than the commands it held.
 //!
 //! Every command checks all it needs before it writes anything, so a refused command leaves no
@@ -96,6 +98,16 @@ struct EntryRec {
 enum Fail {
     Errno(Errno),
     Storage(String),
+}
+
+impl Fail {
+    /// The message Raft is given when the machine fails.
+    fn into_message(self) -> String {
+        match self {
+            Fail::Storage(s) => s,
+            Fail::Errno(e) => e.to_string(),
+        }
+    }
 }
 
 impl From<Errno> for Fail {
@@ -513,17 +525,11 @@ impl sealfs_raft::Machine for PartitionMachine {
             }
             Ok(())
         };
-        run(self).map_err(|e| match e {
-            Fail::Storage(s) => s,
-            Fail::Errno(e) => e.to_string(),
-        })
+        run(self).map_err(Fail::into_message)
     }
 
     fn applied(&self) -> Result<Option<Vec<u8>>, String> {
-        self.settle().map_err(|e| match e {
-            Fail::Storage(s) => s,
-            Fail::Errno(e) => e.to_string(),
-        })?;
+        self.settle().map_err(Fail::into_message)?;
         let tx = self.db.begin_read().map_err(|e| e.to_string())?;
         let t = tx.open_table(META).map_err(|e| e.to_string())?;
         Ok(t.get(&b"applied"[..])
@@ -553,10 +559,7 @@ impl sealfs_raft::Machine for PartitionMachine {
             tx.commit()?;
             Ok(())
         };
-        run(self).map_err(|e| match e {
-            Fail::Storage(s) => s,
-            Fail::Errno(e) => e.to_string(),
-        })
+        run(self).map_err(Fail::into_message)
     }
 }
 

@@ -39,22 +39,26 @@ impl M {
         self.m.commit(b"pos", false).unwrap();
         postcard::from_bytes(&r).unwrap()
     }
+    /// Applies `op` as one Raft batch ending at log position `pos`.
+    fn op_at(&mut self, op: Op, pos: &[u8], durable: bool) -> Reply {
+        let r = self.m.apply(&postcard::to_stdvec(&op).unwrap());
+        self.m.commit(pos, durable).unwrap();
+        postcard::from_bytes(&r).unwrap()
+    }
+    /// The machine as a restart after a crash finds it: the file only, no transaction left open.
+    fn reopen(self) -> M {
+        let M { m, _dir } = self;
+        drop(m);
+        M {
+            m: PartitionMachine::open(0, &_dir.path().join("p.redb")).unwrap(),
+            _dir,
+        }
+    }
     fn q(&self, q: Query) -> Reply {
         postcard::from_bytes(&self.m.query(&postcard::to_stdvec(&q).unwrap())).unwrap()
     }
     fn create(&mut self, parent: u64, name: &str, kind: Kind) -> Result<Attr, Errno> {
-        match self.op(Op::Create {
-            parent,
-            name: name.into(),
-            kind,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            target: b"t".to_vec(),
-            exclusive: true,
-            now: 2,
-        }) {
+        match self.op(create_op(parent, name, kind)) {
             Reply::Attr(a) => Ok(a),
             Reply::Error(e) => Err(e),
             r => panic!("{r:?}"),
@@ -316,6 +320,56 @@ fn namespace_operations_on_one_partition() {
         postcard::from_bytes::<Reply>(&r).unwrap(),
         Reply::Error(Errno::INVAL)
     );
+}
+
+fn create_op(parent: u64, name: &str, kind: Kind) -> Op {
+    Op::Create {
+        parent,
+        name: name.into(),
+        kind,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: b"t".to_vec(),
+        exclusive: true,
+        now: 2,
+    }
+}
+
+/// Applied batches share one open transaction, committed at the latest after 64 batches (or
+/// 20 ms) and before any read. Whatever a crash finds, the position Raft applies again from and
+/// the commands in the file agree: a command is committed with its position or not at all, and
+/// a read saw every command applied before it.
+#[test]
+fn applied_commands_are_committed_with_their_position_or_not_at_all() {
+    let mut m = M::new();
+    m.op_at(create_op(ROOT, "a", Kind::File), b"p1", true);
+    m.op_at(create_op(ROOT, "b", Kind::File), b"p2", false);
+    assert!(m.lookup(ROOT, "b").is_ok(), "a read sees what was applied");
+    m.op_at(create_op(ROOT, "c", Kind::File), b"p3", false);
+    let m = m.reopen();
+    assert!(m.lookup(ROOT, "b").is_ok(), "what a read saw was committed");
+    match m.m.applied().unwrap().unwrap().as_slice() {
+        b"p2" => assert_eq!(m.lookup(ROOT, "c"), Err(Errno::NOENT)),
+        b"p3" => assert!(m.lookup(ROOT, "c").is_ok()),
+        p => panic!("position {p:?}"),
+    }
+    // 65 batches and no read: at least one commit happens on the way, and the file holds
+    // exactly the commands up to the position it holds.
+    let mut m = m;
+    for i in 0..65 {
+        let op = create_op(ROOT, &format!("n{i}"), Kind::File);
+        m.op_at(op, format!("q{i}").as_bytes(), false);
+    }
+    let m = m.reopen();
+    let pos = m.m.applied().unwrap().unwrap();
+    assert_eq!(pos[0], b'q', "one of the 65 batches was committed: {pos:?}");
+    let last: usize = std::str::from_utf8(&pos[1..]).unwrap().parse().unwrap();
+    for i in 0..65 {
+        let found = m.lookup(ROOT, &format!("n{i}")).is_ok();
+        assert_eq!(found, i <= last, "n{i} against position {last}");
+    }
 }
 
 #[test]
