@@ -2,7 +2,9 @@
 //! loopback, 4 disks each under a temporary folder): creates, stats and unlinks of empty files
 //! per second with 1, 4 and 16 concurrent callers, each caller in its own directory.
 //!
-//! `cargo build --release -p sealfs && cargo run --release -p sealfs --example meta_bench -- [FILES_PER_LEVEL] [PARTITIONS]`
+//! `cargo build --release -p sealfs && cargo run --release -p sealfs --example meta_bench -- [FILES_PER_LEVEL] [PARTITIONS] [CALLERS,...]`
+//!
+//! `META_BENCH_SERVER_THREADS=N` sets the tokio worker threads of the manager and the servers.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +34,13 @@ fn spawn(bin: &std::path::Path, args: &[String]) -> Kill {
         .args(args)
         .env("SEALFS_SECRET", SECRET)
         .env("SEALFS_LOG", "error")
+        // Tokio's worker threads for the manager and the servers, if set (the benchmark's own
+        // client keeps its default): 4 servers sharing a small machine may do better with 1.
+        .envs(
+            std::env::var("META_BENCH_SERVER_THREADS")
+                .ok()
+                .map(|n| ("TOKIO_WORKER_THREADS", n)),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -47,6 +56,20 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let per_level: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(4000);
     let partitions: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(64);
+    // A third argument picks the levels, e.g. `16` or `1,16`.
+    let levels: Vec<usize> = match args.get(3) {
+        None => vec![1, 4, 16],
+        Some(a) => a
+            .split(',')
+            .map(|l| match l.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    eprintln!("meta_bench: callers per level must be numbers above 0: {a}");
+                    std::process::exit(2);
+                }
+            })
+            .collect(),
+    };
     let exe = std::env::current_exe().expect("exe");
     let bin = exe
         .parent()
@@ -103,11 +126,6 @@ async fn main() {
     );
     println!("| callers | creates/s | stats/s | unlinks/s |");
     println!("|---:|---:|---:|---:|");
-    // A third argument picks the levels, e.g. `16` or `1,16`.
-    let levels: Vec<usize> = args
-        .get(3)
-        .map(|a| a.split(',').filter_map(|l| l.parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 4, 16]);
     for callers in levels {
         let each = per_level / callers;
         let mut dirs = Vec::new();

@@ -585,14 +585,33 @@ impl OpenFiles {
                     None => None,
                 }
             };
-            let (done, staged) = match committing.take() {
+            // Each half is timed: `--log debug` shows where a send's time goes.
+            let started = std::time::Instant::now();
+            let stage = async {
+                let s = stage.await;
+                (s, started.elapsed())
+            };
+            let (done, (staged, staging)) = match committing.take() {
                 Some(((taken, attrs), st)) => {
-                    let commit = self.fs.commit_staged(ino, st, attrs.clone());
-                    let (c, s) = tokio::join!(commit, stage);
+                    let commit = async {
+                        let c = self.fs.commit_staged(ino, st, attrs.clone()).await;
+                        (c, started.elapsed())
+                    };
+                    let ((c, committing_took), s) = tokio::join!(commit, stage);
+                    tracing::debug!(
+                        "inode {ino:#x}: background send: the burst before synced and recorded \
+                         in {committing_took:?}"
+                    );
                     (Some((taken, attrs, c)), s)
                 }
                 None => (None, stage.await),
             };
+            if let Some((taken, _)) = &next {
+                tracing::debug!(
+                    "inode {ino:#x}: background send: {} bytes appended in {staging:?}",
+                    taken.bytes()
+                );
+            }
             let mut files = self.files();
             let Some(f) = files.get_mut(&ino) else {
                 return Ok(());
