@@ -44,12 +44,14 @@ const META: Table = TableDefinition::new("meta");
 /// ino -> when a mount asked to keep it past its last link (open files that were unlinked).
 const KEPT: Table = TableDefinition::new("kept");
 
-const TABLES: [Table; 9] = [
-    INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META,
+const TABLES: [Table; 10] = [
+    INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META, KEPT,
 ];
 
 /// Follow-ups remembered this long (they are driven again only while their intent lives).
 const DONE_KEEP: Nanos = 3_600_000_000_000;
+/// Follow-ups applied are swept for old ones when the intent's id is a multiple of this.
+const DONE_SWEEP_EVERY: u64 = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum DirState {
@@ -507,7 +509,9 @@ impl sealfs_raft::Machine for PartitionMachine {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let all: Vec<Vec<(Vec<u8>, Vec<u8>)>> =
             postcard::from_bytes(snapshot).map_err(|e| format!("snapshot: {e}"))?;
-        if all.len() != TABLES.len() {
+        // A snapshot from before the kept table was in it has the first 9 tables; its kept
+        // table is empty.
+        if all.len() != TABLES.len() && all.len() != TABLES.len() - 1 {
             return Err(format!(
                 "snapshot has {} tables, want {}",
                 all.len(),
@@ -516,10 +520,10 @@ impl sealfs_raft::Machine for PartitionMachine {
         }
         let run = |m: &mut Self| -> R<()> {
             let tx = m.tx()?;
-            for (t, rows) in TABLES.iter().zip(all) {
+            for (i, t) in TABLES.iter().enumerate() {
                 tx.delete_table(*t)?;
                 let mut table = tx.open_table(*t)?;
-                for (k, v) in rows {
+                for (k, v) in all.get(i).into_iter().flatten() {
                     table.insert(k.as_slice(), v.as_slice())?;
                 }
             }
@@ -1354,13 +1358,17 @@ impl W<'_> {
                 if self.get(DONE, &k)?.is_none() {
                     self.follow_up(intent.op, intent.created)?;
                     self.put(DONE, &k, &enc(&intent.created)?)?;
-                    // Forget follow-ups applied long ago (their intents are cleared by now).
-                    let old = intent.created - DONE_KEEP;
-                    self.tx.open_table(DONE)?.retain(|_, v| {
-                        postcard::from_bytes::<Nanos>(v)
-                            .map(|t| t >= old)
-                            .unwrap_or(true)
-                    })?;
+                    // Forget follow-ups applied long ago (their intents are cleared by now):
+                    // a walk of the whole table, so once per DONE_SWEEP_EVERY intents of a
+                    // partition, not at each.
+                    if intent.id % DONE_SWEEP_EVERY == 0 {
+                        let old = intent.created - DONE_KEEP;
+                        self.tx.open_table(DONE)?.retain(|_, v| {
+                            postcard::from_bytes::<Nanos>(v)
+                                .map(|t| t >= old)
+                                .unwrap_or(true)
+                        })?;
+                    }
                 }
                 Ok(Reply::Done)
             }

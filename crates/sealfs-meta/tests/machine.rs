@@ -392,6 +392,43 @@ fn snapshot_restores_everything() {
     assert!(b.m.restore(b"garbage").is_err());
 }
 
+/// An open file unlinked on one replica is kept (nlink 0) for its mount. A replica that got
+/// the partition by snapshot knows it is kept: it forgets it when its mount is gone too long,
+/// like the others, instead of keeping the inode for ever.
+#[test]
+fn a_snapshot_carries_the_files_kept_for_their_mounts() {
+    let mut a = M::new();
+    let f = a.create(ROOT, "open", Kind::File).unwrap().ino;
+    let g = a.create(ROOT, "other", Kind::File).unwrap().ino;
+    assert_eq!(a.op(Op::Keep { ino: f, now: 10 }), Reply::Done);
+    a.op(Op::Unlink {
+        parent: ROOT,
+        name: b"open".to_vec(),
+        dir: false,
+        now: 11,
+    });
+    assert_eq!(a.attr(f).unwrap().nlink, 0, "kept after its last link");
+    let mut b = M::new();
+    b.m.restore(&a.m.snapshot()).unwrap();
+    b.m.commit(b"pos", true).unwrap();
+    assert_eq!(b.attr(f).unwrap().nlink, 0);
+    // Long after, another file is kept: the one whose mount never closed it goes.
+    let later = 10 + sealfs_meta::KEEP_MAX_NS + 1;
+    assert_eq!(b.op(Op::Keep { ino: g, now: later }), Reply::Done);
+    assert_eq!(b.attr(f), Err(Errno::NOENT));
+
+    // A snapshot made before the kept table was in it (9 tables) still restores.
+    let mut tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> =
+        postcard::from_bytes(&a.m.snapshot()).unwrap();
+    tables.pop();
+    let mut c = M::new();
+    c.m.restore(&postcard::to_stdvec(&tables).unwrap()).unwrap();
+    c.m.commit(b"pos", true).unwrap();
+    assert_eq!(c.lookup(ROOT, "other"), Ok(g));
+    tables.pop();
+    assert!(c.m.restore(&postcard::to_stdvec(&tables).unwrap()).is_err());
+}
+
 fn ext(offset: u64, len: u64, tag: u32) -> Extent {
     Extent {
         offset,
