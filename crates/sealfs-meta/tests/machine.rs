@@ -418,8 +418,7 @@ fn a_snapshot_carries_the_files_kept_for_their_mounts() {
     assert_eq!(b.attr(f), Err(Errno::NOENT));
 
     // A snapshot made before the kept table was in it (9 tables) still restores.
-    let mut tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> =
-        postcard::from_bytes(&a.m.snapshot()).unwrap();
+    let mut tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> = postcard::from_bytes(&a.m.snapshot()).unwrap();
     tables.pop();
     let mut c = M::new();
     c.m.restore(&postcard::to_stdvec(&tables).unwrap()).unwrap();

@@ -110,6 +110,11 @@ impl Filesystem for SealFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, ino) = (self.fs.clone(), self.ino(ino));
+        // A file this mount made and holds open (the kernel asks again before a chown, and
+        // after every write).
+        if let Some(a) = self.open.shown(ino, TTL) {
+            return reply.attr(&TTL, &self.clone_view().attr(&a));
+        }
         let me = self.clone_view();
         self.spawn(async move {
             match fs.getattr(ino).await {
@@ -228,7 +233,9 @@ impl Filesystem for SealFuse {
                 me.keep_if_open(&fs, parent, &name).await?;
                 fs.unlink(parent, &name).await
             };
-            match r.await {
+            let r = r.await;
+            me.open.links_changed();
+            match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -237,8 +244,11 @@ impl Filesystem for SealFuse {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
+        let me = self.clone_view();
         self.spawn(async move {
-            match fs.rmdir(parent, &name).await {
+            let r = fs.rmdir(parent, &name).await;
+            me.open.links_changed();
+            match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -289,7 +299,9 @@ impl Filesystem for SealFuse {
                 }
                 fs.rename(sp, &sn, dp, &dn, flags).await
             };
-            match r.await {
+            let r = r.await;
+            me.open.links_changed();
+            match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -308,7 +320,9 @@ impl Filesystem for SealFuse {
         let name = newname.as_bytes().to_vec();
         let me = self.clone_view();
         self.spawn(async move {
-            match fs.link(ino, parent, &name).await {
+            let r = fs.link(ino, parent, &name).await;
+            me.open.links_changed();
+            match r {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }

@@ -62,6 +62,8 @@ struct File {
     /// changes it: a setattr held with bytes is answered from them (with what is held laid
     /// over them) without asking the partition.
     base: Option<Attr>,
+    /// When the cluster gave `base`.
+    base_at: Option<std::time::Instant>,
     /// Counts the changes that drop `extents`, so that a read started before one does not
     /// keep what it fetched.
     changes: u64,
@@ -158,6 +160,32 @@ impl OpenFiles {
     pub fn known(&self, a: &Attr) {
         if let Some(f) = self.files().get_mut(&a.ino) {
             f.base = Some(a.clone());
+            f.base_at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The attributes of `ino` as this mount shows them, without asking its partition: when
+    /// the file is open here and the cluster gave them (at its create) less than `fresh` ago,
+    /// and this mount has not changed the file since but by what it holds (laid over them).
+    /// Within `fresh` the kernel's own attribute cache would show them unasked as well; past
+    /// it, or after any other change, `None`: ask the partition.
+    pub fn shown(&self, ino: u64, fresh: std::time::Duration) -> Option<Attr> {
+        let base = {
+            let files = self.files();
+            let f = files.get(&ino)?;
+            if f.opens == 0 || f.base_at.is_none_or(|t| t.elapsed() >= fresh) {
+                return None;
+            }
+            f.base.clone()?
+        };
+        Some(self.attr(base))
+    }
+
+    /// A link, unlink or rename changed the link count or ctime of some inode, maybe one
+    /// open here: no open file's attributes are shown from what its create gave any more.
+    pub fn links_changed(&self) {
+        for f in self.files().values_mut() {
+            f.base = None;
         }
     }
 
@@ -190,6 +218,8 @@ impl OpenFiles {
         if let Some(f) = self.files().get_mut(&ino) {
             f.bare = false;
             f.absent.clear();
+            // Its ctime changes.
+            f.base = None;
         }
     }
 

@@ -362,3 +362,34 @@ fn an_unlinked_open_file_lives_until_closed() {
     drop(f);
     assert_eq!(std::fs::read(&p).unwrap(), b"new");
 }
+
+/// A file made here and still open is shown from what its create gave, with what this mount
+/// holds for it laid over: its size after held writes, its mode after a held chmod, and its
+/// link count after links are made and removed (those are not held, so they must show).
+#[test]
+fn an_open_files_attributes_follow_what_is_done_to_it() {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let up = Up::start();
+    let (p, q) = (up.mnt.join("open"), up.mnt.join("second name"));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all(b"12345").unwrap();
+    let m = f.metadata().unwrap();
+    assert_eq!((m.len(), m.nlink()), (5, 1));
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    assert_eq!(f.metadata().unwrap().mode() & 0o7777, 0o600);
+    std::fs::hard_link(&p, &q).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 2);
+    std::fs::remove_file(&p).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 1);
+    std::fs::remove_file(&q).unwrap();
+    let m = f.metadata().unwrap();
+    assert_eq!((m.len(), m.nlink()), (5, 0));
+    f.write_all(b"678").unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8);
+}
