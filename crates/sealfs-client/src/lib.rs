@@ -329,6 +329,27 @@ impl Sealfs {
         target: &[u8],
         exclusive: bool,
     ) -> Result<Attr, Errno> {
+        let (a, _) = self
+            .create_in(parent, name, kind, perm, uid, gid, rdev, target, exclusive)
+            .await?;
+        Ok(a)
+    }
+
+    /// [`Self::create`], with the parent's attributes just after the new entry was added when
+    /// the inode is new (`None` when `create` found a file of that name).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_in(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: &[u8],
+        exclusive: bool,
+    ) -> Result<(Attr, Option<Attr>), Errno> {
         check_name(name)?;
         self.check_quota(0).await?;
         let op = Op::Create {
@@ -344,8 +365,8 @@ impl Sealfs {
             now: 0,
         };
         match self.meta.write(partition_of(parent), &op).await?.err()? {
-            Reply::Attr(a) => Ok(a),
-            Reply::Entry { ino, .. } => self.getattr(ino).await,
+            Reply::Made { attr, parent } => Ok((attr, Some(parent))),
+            Reply::Entry { ino, .. } => Ok((self.getattr(ino).await?, None)),
             _ => Err(Errno::IO),
         }
     }

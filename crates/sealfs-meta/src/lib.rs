@@ -595,6 +595,12 @@ pub enum Reply {
     /// Not the leader; the leader's server id if known.
     Redirect(Option<u64>),
     Error(Errno),
+    /// A new inode's attributes, and its parent's just after the entry was added (a create:
+    /// the caller can show the folder without asking again).
+    Made {
+        attr: Attr,
+        parent: Attr,
+    },
 }
 
 /// Something the orphan scan must settle, and the entry that decides it.

@@ -1002,7 +1002,10 @@ impl W<'_> {
                 self.save(&p)?;
                 self.save(&i)?;
                 self.usage(i.attr.volume, 0, 1)?;
-                Ok(Reply::Attr(i.attr))
+                Ok(Reply::Made {
+                    attr: i.attr,
+                    parent: p.attr,
+                })
             }
             Op::MkdirAlloc {
                 parent,

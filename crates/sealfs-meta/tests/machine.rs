@@ -59,7 +59,11 @@ impl M {
     }
     fn create(&mut self, parent: u64, name: &str, kind: Kind) -> Result<Attr, Errno> {
         match self.op(create_op(parent, name, kind)) {
-            Reply::Attr(a) => Ok(a),
+            Reply::Made { attr, parent: p } => {
+                assert_eq!(p.ino, parent);
+                assert_eq!(p.mtime, 2, "the parent as the create left it");
+                Ok(attr)
+            }
             Reply::Error(e) => Err(e),
             r => panic!("{r:?}"),
         }

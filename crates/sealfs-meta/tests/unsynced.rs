@@ -125,7 +125,7 @@ async fn child_writer() {
                 let name = format!("t{t}-{i}");
                 let r: Reply =
                     postcard::from_bytes(&g.write(create(&name)).await.unwrap()).unwrap();
-                assert!(matches!(r, Reply::Attr(_)), "{r:?}");
+                assert!(matches!(r, Reply::Made { .. }), "{r:?}");
                 println!("ACK {name}");
             }
         }));

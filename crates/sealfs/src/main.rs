@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod cli;
+mod dirs;
 mod dirty;
 mod mount;
 mod node;

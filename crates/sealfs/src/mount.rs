@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -19,6 +20,7 @@ use fuser::{
 use sealfs_client::{Error, FileKind, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
 
+use crate::dirs::Dirs;
 use crate::open::{Held, OpenFiles};
 
 /// How long the kernel may cache attributes and entries.
@@ -29,6 +31,7 @@ pub struct SealFuse {
     fs: Sealfs,
     rt: tokio::runtime::Handle,
     open: OpenFiles,
+    dirs: Arc<Dirs>,
     next_fh: AtomicU64,
 }
 
@@ -73,6 +76,7 @@ impl SealFuse {
     pub fn new(fs: Sealfs, rt: tokio::runtime::Handle) -> Self {
         SealFuse {
             open: OpenFiles::new(fs.clone()),
+            dirs: Arc::default(),
             fs,
             rt,
             next_fh: AtomicU64::new(1),
@@ -113,6 +117,10 @@ impl Filesystem for SealFuse {
         // A file this mount made and holds open (the kernel asks again before a chown, and
         // after every write).
         if let Some(a) = self.open.shown(ino, TTL) {
+            return reply.attr(&TTL, &self.clone_view().attr(&a));
+        }
+        // A folder this mount just made an entry in (the kernel asks after every create).
+        if let Some(a) = self.dirs.shown(ino, TTL) {
             return reply.attr(&TTL, &self.clone_view().attr(&a));
         }
         let me = self.clone_view();
@@ -158,6 +166,7 @@ impl Filesystem for SealFuse {
             flags: None,
         };
         self.spawn(async move {
+            let change = me.dirs.begin(ino);
             // A new size cuts what is held (what is held below it is sent later). Other
             // attributes of a file with bytes held go with them (an mtime must come after
             // the bytes written before it), in the same command.
@@ -166,6 +175,7 @@ impl Filesystem for SealFuse {
             } else {
                 me.open.flush_setting(ino, set).await
             };
+            me.dirs.end(change, None);
             match r {
                 Ok(a) => reply.attr(&TTL, &me.attr(&me.open.attr(a))),
                 Err(e) => reply.error(errno(e)),
@@ -218,7 +228,10 @@ impl Filesystem for SealFuse {
         let me = self.clone_view();
         let perm = ((mode & !umask) & 0o7777) as u16;
         self.spawn(async move {
-            match fs.mkdir(parent, &name, perm, uid, gid).await {
+            let change = me.dirs.begin(parent);
+            let r = fs.mkdir(parent, &name, perm, uid, gid).await;
+            me.dirs.end(change, None);
+            match r {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -233,7 +246,9 @@ impl Filesystem for SealFuse {
                 me.keep_if_open(&fs, parent, &name).await?;
                 fs.unlink(parent, &name).await
             };
+            let change = me.dirs.begin(parent);
             let r = r.await;
+            me.dirs.end(change, None);
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
@@ -246,7 +261,11 @@ impl Filesystem for SealFuse {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
         let me = self.clone_view();
         self.spawn(async move {
+            let change = me.dirs.begin(parent);
             let r = fs.rmdir(parent, &name).await;
+            me.dirs.end(change, None);
+            // The folder removed may be one shown here.
+            me.dirs.forget_all();
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
@@ -299,7 +318,11 @@ impl Filesystem for SealFuse {
                 }
                 fs.rename(sp, &sn, dp, &dn, flags).await
             };
+            let (from, to) = (me.dirs.begin(sp), me.dirs.begin(dp));
             let r = r.await;
+            me.dirs.end(from, None);
+            me.dirs.end(to, None);
+            me.dirs.forget_all();
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
@@ -320,7 +343,9 @@ impl Filesystem for SealFuse {
         let name = newname.as_bytes().to_vec();
         let me = self.clone_view();
         self.spawn(async move {
+            let change = me.dirs.begin(parent);
             let r = fs.link(ino, parent, &name).await;
+            me.dirs.end(change, None);
             me.open.links_changed();
             match r {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
@@ -656,8 +681,12 @@ impl Filesystem for SealFuse {
         let (fs, ino) = (self.fs.clone(), self.ino(ino));
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         self.open.xattrs_changed(ino);
+        let change = self.dirs.begin(ino);
+        let dirs = self.dirs.clone();
         self.spawn(async move {
-            match fs.setxattr(ino, &name, &value, flags as u32).await {
+            let r = fs.setxattr(ino, &name, &value, flags as u32).await;
+            dirs.end(change, None);
+            match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -711,8 +740,12 @@ impl Filesystem for SealFuse {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, ino, name) = (self.fs.clone(), self.ino(ino), name.as_bytes().to_vec());
         self.open.xattrs_changed(ino);
+        let change = self.dirs.begin(ino);
+        let dirs = self.dirs.clone();
         self.spawn(async move {
-            match fs.removexattr(ino, &name).await {
+            let r = fs.removexattr(ino, &name).await;
+            dirs.end(change, None);
+            match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -742,20 +775,27 @@ impl Filesystem for SealFuse {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let me = self.clone_view();
         self.spawn(async move {
+            let change = me.dirs.begin(parent);
+            let made = fs
+                .create_in(
+                    parent,
+                    &name,
+                    FileKind::File,
+                    perm,
+                    uid,
+                    gid,
+                    0,
+                    b"",
+                    exclusive,
+                )
+                .await;
+            let (made, folder) = match made {
+                Ok((a, folder)) => (Ok(a), folder),
+                Err(e) => (Err(e), None),
+            };
+            me.dirs.end(change, folder);
             let r = async {
-                let mut a = fs
-                    .create(
-                        parent,
-                        &name,
-                        FileKind::File,
-                        perm,
-                        uid,
-                        gid,
-                        0,
-                        b"",
-                        exclusive,
-                    )
-                    .await?;
+                let mut a = made?;
                 if trunc && me.open.attr(a.clone()).size > 0 {
                     let zero = SetAttr {
                         size: Some(0),
@@ -798,6 +838,7 @@ impl SealFuse {
         View {
             root: self.fs.root(),
             open: self.open.clone(),
+            dirs: self.dirs.clone(),
         }
     }
 
@@ -818,8 +859,9 @@ impl SealFuse {
         let target = target.to_vec();
         let me = self.clone_view();
         self.spawn(async move {
-            match fs
-                .create(
+            let change = me.dirs.begin(parent);
+            let r = fs
+                .create_in(
                     parent,
                     &name,
                     k,
@@ -830,8 +872,13 @@ impl SealFuse {
                     &target,
                     true,
                 )
-                .await
-            {
+                .await;
+            let (r, folder) = match r {
+                Ok((a, folder)) => (Ok(a), folder),
+                Err(e) => (Err(e), None),
+            };
+            me.dirs.end(change, folder);
+            match r {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -843,6 +890,7 @@ impl SealFuse {
 struct View {
     root: u64,
     open: OpenFiles,
+    dirs: Arc<Dirs>,
 }
 
 impl View {

@@ -393,3 +393,79 @@ fn an_open_files_attributes_follow_what_is_done_to_it() {
     f.write_all(b"678").unwrap();
     assert_eq!(f.metadata().unwrap().len(), 8);
 }
+
+/// The mount shows a folder's attributes from the reply of a create made in it (the kernel
+/// asks for them after every create); every other change made in the folder shows too.
+#[test]
+fn a_folders_attributes_follow_each_change_made_in_it() {
+    use std::os::unix::fs::MetadataExt;
+    let up = Up::start();
+    let d = up.mnt.join("folder");
+    std::fs::create_dir(&d).unwrap();
+    let seen = || {
+        let m = std::fs::metadata(&d).unwrap();
+        (
+            (m.mtime(), m.mtime_nsec()),
+            (m.ctime(), m.ctime_nsec()),
+            m.nlink(),
+        )
+    };
+    let steps: [(&str, &dyn Fn(), u64); 8] = [
+        (
+            "create a",
+            &|| std::fs::write(d.join("a"), b"a").unwrap(),
+            2,
+        ),
+        (
+            "create b",
+            &|| std::fs::write(d.join("b"), b"b").unwrap(),
+            2,
+        ),
+        (
+            "mkdir sub",
+            &|| std::fs::create_dir(d.join("sub")).unwrap(),
+            3,
+        ),
+        (
+            "create c",
+            &|| std::fs::write(d.join("c"), b"c").unwrap(),
+            3,
+        ),
+        (
+            "unlink a",
+            &|| std::fs::remove_file(d.join("a")).unwrap(),
+            3,
+        ),
+        (
+            "rename c",
+            &|| std::fs::rename(d.join("c"), d.join("e")).unwrap(),
+            3,
+        ),
+        (
+            "rmdir sub",
+            &|| std::fs::remove_dir(d.join("sub")).unwrap(),
+            2,
+        ),
+        (
+            "link b",
+            &|| std::fs::hard_link(d.join("b"), d.join("f")).unwrap(),
+            2,
+        ),
+    ];
+    let mut last = seen();
+    for (step, run, nlink) in steps {
+        run();
+        let now = seen();
+        assert!(
+            now.0 > last.0 && now.1 > last.1,
+            "{step}: {last:?} then {now:?}"
+        );
+        assert_eq!(now.2, nlink, "{step}");
+        last = now;
+    }
+    let names: std::collections::BTreeSet<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["b", "e", "f"].map(String::from).into());
+}

@@ -1,0 +1,170 @@
+//! Folders' attributes as this mount's own creates left them: the kernel drops a folder's
+//! attributes after every create in it and asks for them again before the next path walk
+//! through it; a create's reply carries them, so the mount answers that GETATTR itself.
+//!
+//! A folder's attributes are shown from here only while no other change of it by this mount
+//! is in flight or has ended since the create that gave them, and for less than the attribute
+//! TTL (the staleness the kernel's own attribute cache allows for changes by other mounts).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sealfs_meta::Attr;
+
+/// Folders with nothing shown and no change in flight are dropped past this many entries.
+const KEPT_MAX: usize = 4096;
+
+#[derive(Default)]
+struct Dir {
+    /// Changes of the folder by this mount in flight.
+    busy: u32,
+    /// Counts the starts and ends of changes: a change's attributes are shown only if nothing
+    /// started or ended since it started.
+    turn: u64,
+    /// The attributes a create left, and when they came.
+    shown: Option<(Attr, Instant)>,
+}
+
+/// The folders this mount changes.
+#[derive(Default)]
+pub struct Dirs {
+    dirs: Mutex<HashMap<u64, Dir>>,
+}
+
+/// A change of a folder in flight: [`Dirs::end`] it.
+pub struct Change {
+    ino: u64,
+    turn: u64,
+}
+
+impl Dirs {
+    fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Dir>> {
+        // A panic elsewhere while holding this lock leaves plain data behind: go on with it.
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A change of folder `ino` (an entry added or removed, its attributes or xattrs set)
+    /// starts: nothing is shown for it until the change ends.
+    pub fn begin(&self, ino: u64) -> Change {
+        let mut dirs = self.dirs();
+        let d = dirs.entry(ino).or_default();
+        d.busy += 1;
+        d.turn += 1;
+        d.shown = None;
+        Change { ino, turn: d.turn }
+    }
+
+    /// The change ended; `after` is the folder's attributes just after it, if it gave them.
+    pub fn end(&self, c: Change, after: Option<Attr>) {
+        let mut dirs = self.dirs();
+        let Some(d) = dirs.get_mut(&c.ino) else {
+            return;
+        };
+        d.busy = d.busy.saturating_sub(1);
+        d.shown = match after {
+            Some(a) if d.busy == 0 && d.turn == c.turn && a.ino == c.ino => {
+                Some((a, Instant::now()))
+            }
+            _ => None,
+        };
+        d.turn += 1;
+        if dirs.len() > KEPT_MAX {
+            dirs.retain(|_, d| d.busy > 0 || d.shown.is_some());
+        }
+    }
+
+    /// Forgets every folder's attributes (a rename may have changed a folder this mount does
+    /// not know it touched: a moved folder's ctime and `..`).
+    pub fn forget_all(&self) {
+        for d in self.dirs().values_mut() {
+            d.shown = None;
+            d.turn += 1;
+        }
+    }
+
+    /// The attributes of folder `ino` as this mount's last create in it left them, if that was
+    /// less than `fresh` ago and nothing else changed it here since.
+    pub fn shown(&self, ino: u64, fresh: Duration) -> Option<Attr> {
+        let dirs = self.dirs();
+        let d = dirs.get(&ino)?;
+        match &d.shown {
+            Some((a, at)) if d.busy == 0 && at.elapsed() < fresh => Some(a.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(ino: u64, mtime: i64) -> Attr {
+        Attr {
+            ino,
+            kind: sealfs_meta::Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            nlink: 2,
+            rdev: 0,
+            flags: 0,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            generation: 0,
+            volume: 1,
+        }
+    }
+
+    const FRESH: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_create_alone_is_shown_until_the_next_change_starts() {
+        let d = Dirs::default();
+        let c = d.begin(7);
+        assert_eq!(d.shown(7, FRESH), None);
+        d.end(c, Some(dir(7, 1)));
+        assert_eq!(d.shown(7, FRESH).map(|a| a.mtime), Some(1));
+        assert_eq!(d.shown(7, Duration::ZERO), None, "older than fresh");
+        let c = d.begin(7);
+        assert_eq!(d.shown(7, FRESH), None, "a change in flight");
+        d.end(c, None);
+        assert_eq!(d.shown(7, FRESH), None, "a change that gave nothing");
+    }
+
+    #[test]
+    fn overlapping_changes_show_nothing() {
+        let d = Dirs::default();
+        // An unlink starts, a create starts, the unlink ends, the create ends: the create's
+        // answer may predate the unlink (the partition's order is not the replies').
+        let unlink = d.begin(7);
+        let create = d.begin(7);
+        d.end(unlink, None);
+        d.end(create, Some(dir(7, 2)));
+        assert_eq!(d.shown(7, FRESH), None);
+        // Two creates: the first to end sees the other in flight, the last started before the
+        // first ended.
+        let a = d.begin(7);
+        let b = d.begin(7);
+        d.end(a, Some(dir(7, 3)));
+        d.end(b, Some(dir(7, 4)));
+        assert_eq!(d.shown(7, FRESH), None);
+        // Alone again, it is shown.
+        let c = d.begin(7);
+        d.end(c, Some(dir(7, 5)));
+        assert_eq!(d.shown(7, FRESH).map(|a| a.mtime), Some(5));
+        d.forget_all();
+        assert_eq!(d.shown(7, FRESH), None);
+    }
+
+    #[test]
+    fn attributes_of_another_inode_are_not_shown_for_this_one() {
+        let d = Dirs::default();
+        let c = d.begin(7);
+        d.end(c, Some(dir(8, 1)));
+        assert_eq!(d.shown(7, FRESH), None);
+    }
+}
