@@ -438,6 +438,11 @@ impl Sealfs {
 
     /// Removes a file's entry (the inode goes with its last link).
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.unlink_in(parent, name).await.map(|_| ())
+    }
+
+    /// [`Self::unlink`], with the parent's attributes just after the entry was removed.
+    pub async fn unlink_in(&self, parent: u64, name: &[u8]) -> Result<Option<Attr>, Errno> {
         check_name(name)?;
         let op = Op::Unlink {
             parent,
@@ -445,8 +450,10 @@ impl Sealfs {
             dir: false,
             now: 0,
         };
-        self.meta.write(partition_of(parent), &op).await?.err()?;
-        Ok(())
+        match self.meta.write(partition_of(parent), &op).await?.err()? {
+            Reply::Removed { parent, .. } => Ok(Some(parent)),
+            _ => Ok(None),
+        }
     }
 
     /// Keeps `ino` past its last link while a mount has it open (see [`Op::Keep`]).

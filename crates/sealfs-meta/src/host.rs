@@ -200,7 +200,9 @@ impl MetaHost {
             Err(e) => return group_reply(e, g),
         };
         let intents = match &r {
-            Reply::Entry { intents, .. } | Reply::Intents(intents) => intents.clone(),
+            Reply::Entry { intents, .. }
+            | Reply::Removed { intents, .. }
+            | Reply::Intents(intents) => intents.clone(),
             _ => vec![],
         };
         for i in intents {

@@ -601,6 +601,14 @@ pub enum Reply {
         attr: Attr,
         parent: Attr,
     },
+    /// An entry removed (an unlink or rmdir): what it named, the intents to drive, and the
+    /// parent's attributes just after.
+    Removed {
+        ino: u64,
+        kind: Kind,
+        intents: Vec<Intent>,
+        parent: Attr,
+    },
 }
 
 /// Something the orphan scan must settle, and the entry that decides it.

@@ -1138,10 +1138,11 @@ impl W<'_> {
                 }
                 self.remove_entry(&mut p, &name, &e, now)?;
                 self.save(&p)?;
-                Ok(Reply::Entry {
+                Ok(Reply::Removed {
                     ino: e.ino,
                     kind: e.kind,
                     intents,
+                    parent: p.attr,
                 })
             }
             Op::Link {

@@ -1,9 +1,10 @@
-//! Folders' attributes as this mount's own creates left them: the kernel drops a folder's
-//! attributes after every create in it and asks for them again before the next path walk
-//! through it; a create's reply carries them, so the mount answers that GETATTR itself.
+//! Folders' attributes as this mount's own creates and unlinks left them: the kernel drops a
+//! folder's attributes after every entry made or removed in it and asks for them again before
+//! the next path walk through it; the create's or unlink's reply carries them, so the mount
+//! answers that GETATTR itself.
 //!
 //! A folder's attributes are shown from here only while no other change of it by this mount
-//! is in flight or has ended since the create that gave them, and for less than the attribute
+//! is in flight or has ended since the change that gave them, and for less than the attribute
 //! TTL (the staleness the kernel's own attribute cache allows for changes by other mounts).
 
 use std::collections::HashMap;

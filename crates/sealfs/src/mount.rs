@@ -244,11 +244,15 @@ impl Filesystem for SealFuse {
         self.spawn(async move {
             let r = async {
                 me.keep_if_open(&fs, parent, &name).await?;
-                fs.unlink(parent, &name).await
+                fs.unlink_in(parent, &name).await
             };
             let change = me.dirs.begin(parent);
             let r = r.await;
-            me.dirs.end(change, None);
+            let (r, folder) = match r {
+                Ok(folder) => (Ok(()), folder),
+                Err(e) => (Err(e), None),
+            };
+            me.dirs.end(change, folder);
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
