@@ -20,7 +20,7 @@ use fuser::{
 use sealfs_client::{Error, FileKind, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
 
-use crate::dirs::Dirs;
+use crate::dirs::{Change, Dirs};
 use crate::open::{Held, OpenFiles};
 
 /// How long the kernel may cache attributes and entries.
@@ -247,12 +247,7 @@ impl Filesystem for SealFuse {
                 fs.unlink_in(parent, &name).await
             };
             let change = me.dirs.begin(parent);
-            let r = r.await;
-            let (r, folder) = match r {
-                Ok(folder) => (Ok(()), folder),
-                Err(e) => (Err(e), None),
-            };
-            me.dirs.end(change, folder);
+            let r = me.ended(change, r.await.map(|folder| ((), folder)));
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
@@ -793,11 +788,7 @@ impl Filesystem for SealFuse {
                     exclusive,
                 )
                 .await;
-            let (made, folder) = match made {
-                Ok((a, folder)) => (Ok(a), folder),
-                Err(e) => (Err(e), None),
-            };
-            me.dirs.end(change, folder);
+            let made = me.ended(change, made);
             let r = async {
                 let mut a = made?;
                 if trunc && me.open.attr(a.clone()).size > 0 {
@@ -877,12 +868,7 @@ impl SealFuse {
                     true,
                 )
                 .await;
-            let (r, folder) = match r {
-                Ok((a, folder)) => (Ok(a), folder),
-                Err(e) => (Err(e), None),
-            };
-            me.dirs.end(change, folder);
-            match r {
+            match me.ended(change, r) {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -898,6 +884,21 @@ struct View {
 }
 
 impl View {
+    /// Ends a change of a folder with the folder's attributes its reply gave, if any, and
+    /// gives the rest of the reply.
+    fn ended<T>(&self, change: Change, r: Result<(T, Option<Attr>), Error>) -> Result<T, Error> {
+        match r {
+            Ok((t, folder)) => {
+                self.dirs.end(change, folder);
+                Ok(t)
+            }
+            Err(e) => {
+                self.dirs.end(change, None);
+                Err(e)
+            }
+        }
+    }
+
     /// Asks the cluster to keep the file `name` in `parent` past its last link if this mount
     /// has it open (POSIX: an unlinked file lives on until it is closed).
     async fn keep_if_open(&self, fs: &Sealfs, parent: u64, name: &[u8]) -> Result<(), Error> {
