@@ -14,8 +14,8 @@ use sealfs_raft::{Group, GroupError, Peers, RaftRouter};
 use sealfs_rpc::{Request, Response, Status};
 
 use crate::{
-    group_of, now_nanos, Errno, FollowUp, Intent, MetaClient, Nanos, Op, PartitionMachine, Query,
-    Reply, Unsettled, OP_META_READ, OP_META_WRITE,
+    group_of, now_nanos, Errno, Intent, MetaClient, Nanos, Op, PartitionMachine, Query, Reply,
+    Unsettled, OP_META_READ, OP_META_WRITE,
 };
 
 /// Settings of the partitions' background work.
@@ -207,19 +207,6 @@ impl MetaHost {
         };
         for i in intents {
             let id = i.id;
-            if matches!(i.op, FollowUp::Confirm { .. }) {
-                // A new directory's entry is in place, so it is whole: its inode leaving the
-                // pending state changes nothing anyone sees (only the orphan scan looks at it,
-                // and it keeps a pending directory whose entry is there). The reply need not
-                // wait for it; if this is lost, the background driver applies it.
-                let (client, g) = (self.client.clone(), g.clone());
-                tokio::spawn(async move {
-                    if follow_up(&client, i).await.is_ok() {
-                        let _ = forget_intent(&g, id).await;
-                    }
-                });
-                continue;
-            }
             match self.follow_up(i).await {
                 // The operation is whole once its follow-up is applied: the reply need not
                 // wait for the intent to be forgotten (if that is lost, the background driver
@@ -246,7 +233,11 @@ impl MetaHost {
 
     /// Applies an intent's follow-up on its partition (once, however often it is asked).
     async fn follow_up(&self, i: Intent) -> Result<(), Errno> {
-        follow_up(&self.client, i).await
+        self.client
+            .write(i.to, &Op::Apply { intent: i })
+            .await?
+            .err()?;
+        Ok(())
     }
 
     /// One pass of background work on the partitions led here: intents left behind are driven,
@@ -353,12 +344,6 @@ impl MetaHost {
 }
 
 /// Forgets intent `id` on the partition that recorded it (its follow-up is applied).
-/// Applies an intent's follow-up on its partition (once, however often it is asked).
-async fn follow_up(client: &MetaClient, i: Intent) -> Result<(), Errno> {
-    client.write(i.to, &Op::Apply { intent: i }).await?.err()?;
-    Ok(())
-}
-
 async fn forget_intent(g: &Group, id: u64) -> Result<(), Errno> {
     let b = postcard::to_stdvec(&Op::ClearIntent { id }).map_err(|_| Errno::INVAL)?;
     g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
