@@ -28,9 +28,10 @@ struct Dir {
 }
 
 /// The folders this mount changes.
-#[derive(Default)]
 pub struct Dirs {
     dirs: Mutex<HashMap<u64, Dir>>,
+    /// How long attributes are shown after they came (the attribute TTL).
+    fresh: Duration,
 }
 
 /// A change of a folder in flight: [`Dirs::end`] it.
@@ -40,6 +41,14 @@ pub struct Change {
 }
 
 impl Dirs {
+    /// Shows attributes for `fresh` after they came.
+    pub fn new(fresh: Duration) -> Self {
+        Dirs {
+            dirs: Mutex::default(),
+            fresh,
+        }
+    }
+
     fn dirs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Dir>> {
         // A panic elsewhere while holding this lock leaves plain data behind: go on with it.
         self.dirs.lock().unwrap_or_else(|e| e.into_inner())
@@ -71,7 +80,10 @@ impl Dirs {
         };
         d.turn += 1;
         if dirs.len() > KEPT_MAX {
-            dirs.retain(|_, d| d.busy > 0 || d.shown.is_some());
+            let fresh = self.fresh;
+            dirs.retain(|_, d| {
+                d.busy > 0 || d.shown.as_ref().is_some_and(|s| s.1.elapsed() < fresh)
+            });
         }
     }
 
@@ -84,13 +96,17 @@ impl Dirs {
         }
     }
 
-    /// The attributes of folder `ino` as this mount's last create in it left them, if that was
-    /// less than `fresh` ago and nothing else changed it here since.
-    pub fn shown(&self, ino: u64, fresh: Duration) -> Option<Attr> {
+    /// The attributes of folder `ino` as this mount's last create or unlink in it left them,
+    /// if nothing else changed it here since and they came less than the TTL ago, with what is
+    /// left of the TTL (the kernel keeps them that long, so that they are never shown older).
+    pub fn shown(&self, ino: u64) -> Option<(Attr, Duration)> {
         let dirs = self.dirs();
         let d = dirs.get(&ino)?;
         match &d.shown {
-            Some((a, at)) if d.busy == 0 && at.elapsed() < fresh => Some(a.clone()),
+            Some((a, at)) if d.busy == 0 => {
+                let left = self.fresh.checked_sub(at.elapsed())?;
+                (!left.is_zero()).then(|| (a.clone(), left))
+            }
             _ => None,
         }
     }
@@ -122,50 +138,63 @@ mod tests {
 
     const FRESH: Duration = Duration::from_secs(60);
 
+    fn shown(d: &Dirs, ino: u64) -> Option<Attr> {
+        d.shown(ino).map(|(a, _)| a)
+    }
+
     #[test]
     fn a_create_alone_is_shown_until_the_next_change_starts() {
-        let d = Dirs::default();
+        let d = Dirs::new(FRESH);
         let c = d.begin(7);
-        assert_eq!(d.shown(7, FRESH), None);
+        assert_eq!(shown(&d, 7), None);
         d.end(c, Some(dir(7, 1)));
-        assert_eq!(d.shown(7, FRESH).map(|a| a.mtime), Some(1));
-        assert_eq!(d.shown(7, Duration::ZERO), None, "older than fresh");
+        assert_eq!(shown(&d, 7).map(|a| a.mtime), Some(1));
+        let (_, left) = d.shown(7).unwrap();
+        assert!(
+            left <= FRESH && left > FRESH / 2,
+            "{left:?} of the TTL left"
+        );
+        let stale = Dirs::new(Duration::from_millis(1));
+        let c = stale.begin(7);
+        stale.end(c, Some(dir(7, 1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(shown(&stale, 7), None, "older than the TTL");
         let c = d.begin(7);
-        assert_eq!(d.shown(7, FRESH), None, "a change in flight");
+        assert_eq!(shown(&d, 7), None, "a change in flight");
         d.end(c, None);
-        assert_eq!(d.shown(7, FRESH), None, "a change that gave nothing");
+        assert_eq!(shown(&d, 7), None, "a change that gave nothing");
     }
 
     #[test]
     fn overlapping_changes_show_nothing() {
-        let d = Dirs::default();
+        let d = Dirs::new(FRESH);
         // An unlink starts, a create starts, the unlink ends, the create ends: the create's
         // answer may predate the unlink (the partition's order is not the replies').
         let unlink = d.begin(7);
         let create = d.begin(7);
         d.end(unlink, None);
         d.end(create, Some(dir(7, 2)));
-        assert_eq!(d.shown(7, FRESH), None);
+        assert_eq!(shown(&d, 7), None);
         // Two creates: the first to end sees the other in flight, the last started before the
         // first ended.
         let a = d.begin(7);
         let b = d.begin(7);
         d.end(a, Some(dir(7, 3)));
         d.end(b, Some(dir(7, 4)));
-        assert_eq!(d.shown(7, FRESH), None);
+        assert_eq!(shown(&d, 7), None);
         // Alone again, it is shown.
         let c = d.begin(7);
         d.end(c, Some(dir(7, 5)));
-        assert_eq!(d.shown(7, FRESH).map(|a| a.mtime), Some(5));
+        assert_eq!(shown(&d, 7).map(|a| a.mtime), Some(5));
         d.forget_all();
-        assert_eq!(d.shown(7, FRESH), None);
+        assert_eq!(shown(&d, 7), None);
     }
 
     #[test]
     fn attributes_of_another_inode_are_not_shown_for_this_one() {
-        let d = Dirs::default();
+        let d = Dirs::new(FRESH);
         let c = d.begin(7);
         d.end(c, Some(dir(8, 1)));
-        assert_eq!(d.shown(7, FRESH), None);
+        assert_eq!(shown(&d, 7), None);
     }
 }

@@ -76,7 +76,7 @@ impl SealFuse {
     pub fn new(fs: Sealfs, rt: tokio::runtime::Handle) -> Self {
         SealFuse {
             open: OpenFiles::new(fs.clone()),
-            dirs: Arc::default(),
+            dirs: Arc::new(Dirs::new(TTL)),
             fs,
             rt,
             next_fh: AtomicU64::new(1),
@@ -116,12 +116,12 @@ impl Filesystem for SealFuse {
         let (fs, ino) = (self.fs.clone(), self.ino(ino));
         // A file this mount made and holds open (the kernel asks again before a chown, and
         // after every write).
-        if let Some(a) = self.open.shown(ino, TTL) {
-            return reply.attr(&TTL, &self.clone_view().attr(&a));
+        if let Some((a, left)) = self.open.shown(ino, TTL) {
+            return reply.attr(&left, &self.clone_view().attr(&a));
         }
-        // A folder this mount just made an entry in (the kernel asks after every create).
-        if let Some(a) = self.dirs.shown(ino, TTL) {
-            return reply.attr(&TTL, &self.clone_view().attr(&a));
+        // A folder this mount just made or removed an entry in (the kernel asks after each).
+        if let Some((a, left)) = self.dirs.shown(ino) {
+            return reply.attr(&left, &self.clone_view().attr(&a));
         }
         let me = self.clone_view();
         self.spawn(async move {

@@ -158,7 +158,8 @@ impl OpenFiles {
 
     /// The cluster gave `a` for a file open here (at its open or create).
     pub fn known(&self, a: &Attr) {
-        if let Some(f) = self.files().get_mut(&a.ino) {
+        // Only for the file's one handle: another may have changed it since `a` was read.
+        if let Some(f) = self.files().get_mut(&a.ino).filter(|f| f.opens == 1) {
             f.base = Some(a.clone());
             f.base_at = Some(std::time::Instant::now());
         }
@@ -168,17 +169,23 @@ impl OpenFiles {
     /// the file is open here and the cluster gave them (at its create) less than `fresh` ago,
     /// and this mount has not changed the file since but by what it holds (laid over them).
     /// Within `fresh` the kernel's own attribute cache would show them unasked as well; past
-    /// it, or after any other change, `None`: ask the partition.
-    pub fn shown(&self, ino: u64, fresh: std::time::Duration) -> Option<Attr> {
-        let base = {
+    /// it, or after any other change, `None`: ask the partition. With them, what is left of
+    /// `fresh` (the kernel keeps them that long, so that they are never shown older).
+    pub fn shown(
+        &self,
+        ino: u64,
+        fresh: std::time::Duration,
+    ) -> Option<(Attr, std::time::Duration)> {
+        let (base, left) = {
             let files = self.files();
             let f = files.get(&ino)?;
-            if f.opens == 0 || f.base_at.is_none_or(|t| t.elapsed() >= fresh) {
+            if f.opens == 0 {
                 return None;
             }
-            f.base.clone()?
+            let left = fresh.checked_sub(f.base_at?.elapsed())?;
+            (f.base.clone()?, left)
         };
-        Some(self.attr(base))
+        (!left.is_zero()).then(|| (self.attr(base), left))
     }
 
     /// A link, unlink or rename changed the link count or ctime of some inode, maybe one
