@@ -50,7 +50,7 @@ const TABLES: [Table; 10] = [
 
 /// Follow-ups remembered this long (they are driven again only while their intent lives).
 const DONE_KEEP: Nanos = 3_600_000_000_000;
-/// Follow-ups applied are swept for old ones when the intent's id is a multiple of this.
+/// Follow-ups applied are swept for old ones once per this many applied here.
 const DONE_SWEEP_EVERY: u64 = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1363,9 +1363,9 @@ impl W<'_> {
                     self.follow_up(intent.op, intent.created)?;
                     self.put(DONE, &k, &enc(&intent.created)?)?;
                     // Forget follow-ups applied long ago (their intents are cleared by now):
-                    // a walk of the whole table, so once per DONE_SWEEP_EVERY intents of a
-                    // partition, not at each.
-                    if intent.id % DONE_SWEEP_EVERY == 0 {
+                    // a walk of the whole table, so once per DONE_SWEEP_EVERY follow-ups
+                    // applied here, not at each.
+                    if self.counter("done_applied", 0)? % DONE_SWEEP_EVERY == 0 {
                         let old = intent.created - DONE_KEEP;
                         self.tx.open_table(DONE)?.retain(|_, v| {
                             postcard::from_bytes::<Nanos>(v)

@@ -435,6 +435,36 @@ fn a_snapshot_carries_the_files_kept_for_their_mounts() {
     assert!(c.m.restore(&postcard::to_stdvec(&tables).unwrap()).is_err());
 }
 
+/// A follow-up is applied once however often it comes, for an hour: the partition remembers
+/// it that long, then forgets it (in a sweep once per 64 follow-ups applied).
+#[test]
+fn follow_ups_are_applied_once_and_forgotten_after_an_hour() {
+    use sealfs_meta::{FollowUp, Intent};
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    let hour = 3_600_000_000_000;
+    let touch = |id: u64, created: i64| Op::Apply {
+        intent: Intent {
+            id,
+            from: 1,
+            to: 0,
+            op: FollowUp::Touch { ino: f },
+            created,
+        },
+    };
+    assert_eq!(m.op(touch(1, 10)), Reply::Done);
+    assert_eq!(m.attr(f).unwrap().ctime, 10);
+    assert_eq!(m.op(touch(2, 20)), Reply::Done);
+    assert_eq!(m.op(touch(1, 10)), Reply::Done);
+    assert_eq!(m.attr(f).unwrap().ctime, 20, "applied once");
+    // 64 more follow-ups, an hour later: one of them sweeps the first two away.
+    for id in 3..67 {
+        m.op(touch(id, hour + 30));
+    }
+    assert_eq!(m.op(touch(1, 10)), Reply::Done);
+    assert_eq!(m.attr(f).unwrap().ctime, 10, "forgotten after an hour");
+}
+
 fn ext(offset: u64, len: u64, tag: u32) -> Extent {
     Extent {
         offset,
