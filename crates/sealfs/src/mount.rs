@@ -527,8 +527,15 @@ impl Filesystem for SealFuse {
                     while at < stop {
                         let n = (stop - at).min(sealfs_client::FROND_BYTES as u64);
                         let zeros = vec![0u8; n as usize];
-                        if let Held::Wait = me.open.write(ino, at, &zeros)? {
-                            me.open.flush(ino).await?;
+                        match me.open.write(ino, at, &zeros)? {
+                            Held::Done => {}
+                            // Marked as running: it must run, or writers waiting for room
+                            // would wait for ever.
+                            Held::Background => {
+                                let open = me.open.clone();
+                                tokio::spawn(async move { open.background(ino).await });
+                            }
+                            Held::Wait => me.open.flush(ino).await?,
                         }
                         at += n;
                     }

@@ -469,3 +469,39 @@ fn a_folders_attributes_follow_each_change_made_in_it() {
         .collect();
     assert_eq!(names, ["b", "e", "f"].map(String::from).into());
 }
+
+/// A hole punched in an open file (`fallocate`), then more written than the mount holds for
+/// a file: the writes go on and read back (the send the punch's zeros asked for is started,
+/// not left marked as running).
+#[test]
+fn writes_go_on_after_a_hole_is_punched_in_an_open_file() {
+    let up = Up::start();
+    let script = r#"
+import os, subprocess
+p = "holes"
+fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+os.write(fd, b"x" * (8 << 20))
+os.fsync(fd)
+subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(8 << 20), p], check=True)
+for i in range(24):
+    os.write(fd, bytes([i + 1]) * (1 << 20))
+os.fsync(fd)
+os.close(fd)
+with open(p, "rb") as f:
+    data = f.read()
+assert len(data) == 32 << 20, len(data)
+assert data[: 8 << 20] == bytes(8 << 20), "the hole reads as zeros"
+for i in range(24):
+    at = (8 + i) << 20
+    assert data[at : at + (1 << 20)] == bytes([i + 1]) * (1 << 20), i
+print("ok")
+"#;
+    // SIGKILL: a write stuck in the mount ignores a plain TERM.
+    let out = run(
+        &up.mnt,
+        120,
+        "timeout",
+        &["-s", "KILL", "90", "python3", "-c", script],
+    );
+    assert_eq!(out.trim(), "ok");
+}
