@@ -576,6 +576,16 @@ fn damaged(ino: u64, e: &Extent) -> Fail {
     Errno::IO.into()
 }
 
+/// A directory a rename moved had its entry (the rename's source): if it is still pending
+/// (its mkdir's `Confirm` not applied yet), it is confirmed now. The pending state remembers
+/// the name the directory was made under, and the orphan scan destroys a pending directory
+/// whose entry of that name is gone, which a rename makes so.
+fn confirm_moved(i: &mut Inode) {
+    if matches!(i.state, DirState::Pending { .. }) {
+        i.state = DirState::Normal;
+    }
+}
+
 /// The attributes of a new inode.
 fn new_attr(ino: u64, kind: Kind, perm: u16, uid: u32, gid: u32, volume: u32, now: Nanos) -> Attr {
     Attr {
@@ -871,12 +881,14 @@ impl W<'_> {
                 if let Ok(mut i) = self.inode(ino) {
                     i.parent = parent;
                     i.attr.ctime = now;
+                    confirm_moved(&mut i);
                     self.save(&i)?;
                 }
             }
             FollowUp::Touch { ino } => {
                 if let Ok(mut i) = self.inode(ino) {
                     i.attr.ctime = now;
+                    confirm_moved(&mut i);
                     self.save(&i)?;
                 }
             }
@@ -1502,7 +1514,20 @@ impl W<'_> {
             std::mem::swap(&mut a.kind, &mut b.kind);
             self.put(ENTRIES, &k_entry(sp, &sn), &enc(&a)?)?;
             self.put(ENTRIES, &k_entry(dp, &dn), &enc(&b)?)?;
-            if !same_dir {
+            if same_dir {
+                // No `..` changes, but a pending directory renamed must be confirmed (see
+                // `confirm_moved`).
+                for e in [&s, &v] {
+                    if e.kind == Kind::Dir {
+                        self.here_or_intent(
+                            e.ino,
+                            FollowUp::Confirm { ino: e.ino },
+                            now,
+                            &mut intents,
+                        )?;
+                    }
+                }
+            } else {
                 if s.kind == Kind::Dir {
                     self.reparent(s.ino, dp, now, &mut intents)?;
                 }

@@ -465,6 +465,79 @@ fn follow_ups_are_applied_once_and_forgotten_after_an_hour() {
     assert_eq!(m.attr(f).unwrap().ctime, 10, "forgotten after an hour");
 }
 
+/// A directory renamed before its mkdir's `Confirm` was applied (the `Confirm` lost with its
+/// partition) is confirmed by the rename, so the orphan scan, which looks for the name it was
+/// made under, keeps it: a rename in its folder, and an exchange with a file.
+#[test]
+fn a_pending_directory_renamed_is_kept_by_the_orphan_scan() {
+    pending_directory_renamed(&[("made", "moved", 0)]);
+    pending_directory_renamed(&[("made", "file", RENAME_EXCHANGE)]);
+}
+
+fn pending_directory_renamed(renames: &[(&str, &str, u32)]) {
+    use sealfs_meta::{FollowUp, Unsettled};
+    let mut parent = M::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = PartitionMachine::open(1, &dir.path().join("p1.redb")).unwrap();
+    let mut on_other = |op: Op| -> Reply {
+        let r = other.apply(&postcard::to_stdvec(&op).unwrap());
+        other.commit(b"pos", false).unwrap();
+        postcard::from_bytes(&r).unwrap()
+    };
+    let Reply::Attr(d) = on_other(Op::MkdirAlloc {
+        parent: ROOT,
+        name: b"made".to_vec(),
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        volume: 1,
+        now: 2,
+    }) else {
+        panic!()
+    };
+    let Reply::Entry { intents, .. } = parent.op(Op::MkdirLink {
+        parent: ROOT,
+        name: b"made".to_vec(),
+        ino: d.ino,
+        now: 2,
+    }) else {
+        panic!()
+    };
+    assert!(matches!(intents[..], [ref i] if i.op == FollowUp::Confirm { ino: d.ino }));
+    // The Confirm is lost; the directory is renamed.
+    parent.create(ROOT, "file", Kind::File).unwrap();
+    let mut told = vec![];
+    for &(from, to, flags) in renames {
+        let Reply::Intents(i) = parent.op(Op::Rename {
+            src_parent: ROOT,
+            src_name: from.into(),
+            dst_parent: ROOT,
+            dst_name: to.into(),
+            flags,
+            now: 3,
+        }) else {
+            panic!()
+        };
+        told.extend(i);
+    }
+    for intent in told.into_iter().filter(|i| i.to == 1) {
+        assert_eq!(on_other(Op::Apply { intent }), Reply::Done);
+    }
+    // The scan finds no entry "made" naming it: the directory is kept all the same.
+    on_other(Op::Settle {
+        item: Unsettled::PendingDir {
+            ino: d.ino,
+            parent: ROOT,
+            name: b"made".to_vec(),
+        },
+        entry_exists: false,
+        now: 4,
+    });
+    let q = postcard::to_stdvec(&Query::GetAttr { ino: d.ino }).unwrap();
+    let r: Reply = postcard::from_bytes(&other.query(&q)).unwrap();
+    assert!(matches!(r, Reply::Attr(_)), "{renames:?}: {r:?}");
+}
+
 fn ext(offset: u64, len: u64, tag: u32) -> Extent {
     Extent {
         offset,
