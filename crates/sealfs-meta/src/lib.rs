@@ -601,11 +601,9 @@ pub enum Reply {
         attr: Attr,
         parent: Attr,
     },
-    /// An entry removed (an unlink or rmdir): what it named, the intents to drive, and the
-    /// parent's attributes just after.
+    /// An entry removed (an unlink or rmdir): the intents to drive, and the parent's
+    /// attributes just after.
     Removed {
-        ino: u64,
-        kind: Kind,
         intents: Vec<Intent>,
         parent: Attr,
     },

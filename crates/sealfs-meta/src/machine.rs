@@ -3,9 +3,9 @@
 //! with them and is committed (not synced: the Raft log is, and Raft re-applies after a crash)
 //! at the end of the first batch after [`COMMIT_AFTER`], or of the [`COMMIT_BATCHES`]th, and
 //! before anything reads the store; a snapshot syncs it first. A quiet partition keeps its
-//! last batches open until the next batch or read; a crash loses them from this file only, and
-//! Raft applies them again from the position committed with the rest. One commit per batch cost each replica
-//! more than the commands it held.
+//! last batches open until the next batch or read; a crash loses them from this file only,
+//! and Raft applies them again from the position committed with the rest. One commit per
+//! batch cost each replica more than the commands it held.
 //!
 //! Every command checks all it needs before it writes anything, so a refused command leaves no
 //! trace in the shared transaction.
@@ -1151,8 +1151,6 @@ impl W<'_> {
                 self.remove_entry(&mut p, &name, &e, now)?;
                 self.save(&p)?;
                 Ok(Reply::Removed {
-                    ino: e.ino,
-                    kind: e.kind,
                     intents,
                     parent: p.attr,
                 })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sealfs_meta::Attr;
 
-/// Folders with nothing shown and no change in flight are dropped past this many entries.
+/// Folders whose attributes are past the TTL are dropped once there are more than this many.
 const KEPT_MAX: usize = 4096;
 
 #[derive(Default)]
@@ -79,7 +79,10 @@ impl Dirs {
             _ => None,
         };
         d.turn += 1;
-        if dirs.len() > KEPT_MAX {
+        if d.busy == 0 && d.shown.is_none() {
+            // Nothing in flight and nothing shown: nothing to remember.
+            dirs.remove(&c.ino);
+        } else if dirs.len() > KEPT_MAX {
             let fresh = self.fresh;
             dirs.retain(|_, d| {
                 d.busy > 0 || d.shown.as_ref().is_some_and(|s| s.1.elapsed() < fresh)
@@ -90,7 +93,9 @@ impl Dirs {
     /// Forgets every folder's attributes (a rename may have changed a folder this mount does
     /// not know it touched: a moved folder's ctime and `..`).
     pub fn forget_all(&self) {
-        for d in self.dirs().values_mut() {
+        let mut dirs = self.dirs();
+        dirs.retain(|_, d| d.busy > 0);
+        for d in dirs.values_mut() {
             d.shown = None;
             d.turn += 1;
         }
@@ -163,6 +168,21 @@ mod tests {
         assert_eq!(shown(&d, 7), None, "a change in flight");
         d.end(c, None);
         assert_eq!(shown(&d, 7), None, "a change that gave nothing");
+        assert!(d.dirs().is_empty(), "nothing is kept for an idle folder");
+    }
+
+    #[test]
+    fn folders_past_the_ttl_are_dropped_once_there_are_many() {
+        let d = Dirs::new(Duration::from_millis(1));
+        for ino in 0..KEPT_MAX as u64 {
+            let c = d.begin(ino);
+            d.end(c, Some(dir(ino, 1)));
+        }
+        assert_eq!(d.dirs().len(), KEPT_MAX);
+        std::thread::sleep(Duration::from_millis(5));
+        let c = d.begin(u64::MAX);
+        d.end(c, Some(dir(u64::MAX, 1)));
+        assert_eq!(d.dirs().len(), 1, "only the fresh one is left");
     }
 
     #[test]
