@@ -381,16 +381,23 @@ impl Sealfs {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, Errno> {
+        Ok(self.mkdir_in(parent, name, perm, uid, gid).await?.0)
+    }
+
+    /// [`Self::mkdir`], with the parent's attributes just after the new entry was added.
+    ///
+    /// The parent is not asked about first: the entry's step refuses a parent that is not a
+    /// directory or holds the name already, and the inode made for nothing is then removed.
+    pub async fn mkdir_in(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Attr, Attr), Errno> {
         check_name(name)?;
         self.check_quota(0).await?;
-        // The parent must be a directory of this cluster before anything is made.
-        let pa = self.getattr(parent).await?;
-        if pa.kind != Kind::Dir {
-            return Err(Errno::NOTDIR);
-        }
-        if self.lookup(parent, name).await.is_ok() {
-            return Err(Errno::EXIST);
-        }
         let child_p = dir_partition(parent, name, self.meta.partitions());
         let a = attr(
             self.meta
@@ -402,7 +409,7 @@ impl Sealfs {
                         perm,
                         uid,
                         gid,
-                        volume: pa.volume,
+                        volume: self.volume.id,
                         now: 0,
                     },
                 )
@@ -415,7 +422,8 @@ impl Sealfs {
             now: 0,
         };
         match self.cmd(partition_of(parent), &link).await {
-            Ok(_) => {}
+            Ok(Reply::Changed { parent, .. }) => Ok((a, parent)),
+            Ok(_) => Ok((a, self.getattr(parent).await?)),
             Err(e) => {
                 if e != Errno::UNAVAILABLE {
                     // Undo now rather than wait for the orphan scan.
@@ -430,10 +438,9 @@ impl Sealfs {
                     };
                     let _ = self.meta.write(child_p, &undo).await;
                 }
-                return Err(e);
+                Err(e)
             }
         }
-        Ok(Attr { ..a })
     }
 
     /// Removes a file's entry (the inode goes with its last link).
@@ -451,7 +458,7 @@ impl Sealfs {
             now: 0,
         };
         match self.meta.write(partition_of(parent), &op).await?.err()? {
-            Reply::Removed { parent, .. } => Ok(Some(parent)),
+            Reply::Changed { parent, .. } => Ok(Some(parent)),
             _ => Ok(None),
         }
     }

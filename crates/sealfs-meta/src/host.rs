@@ -14,8 +14,8 @@ use sealfs_raft::{Group, GroupError, Peers, RaftRouter};
 use sealfs_rpc::{Request, Response, Status};
 
 use crate::{
-    group_of, now_nanos, Errno, Intent, MetaClient, Nanos, Op, PartitionMachine, Query, Reply,
-    Unsettled, OP_META_READ, OP_META_WRITE,
+    group_of, now_nanos, Errno, FollowUp, Intent, MetaClient, Nanos, Op, PartitionMachine, Query,
+    Reply, Unsettled, OP_META_READ, OP_META_WRITE,
 };
 
 /// Settings of the partitions' background work.
@@ -201,12 +201,21 @@ impl MetaHost {
         };
         let intents = match &r {
             Reply::Entry { intents, .. }
-            | Reply::Removed { intents, .. }
+            | Reply::Changed { intents, .. }
             | Reply::Intents(intents) => intents.clone(),
             _ => vec![],
         };
         for i in intents {
             let id = i.id;
+            if after_reply(op, &i.op) {
+                let (client, g) = (self.client.clone(), g.clone());
+                tokio::spawn(async move {
+                    if follow_up(&client, i).await.is_ok() {
+                        let _ = forget_intent(&g, id).await;
+                    }
+                });
+                continue;
+            }
             match self.follow_up(i).await {
                 // The operation is whole once its follow-up is applied: the reply need not
                 // wait for the intent to be forgotten (if that is lost, the background driver
@@ -233,11 +242,7 @@ impl MetaHost {
 
     /// Applies an intent's follow-up on its partition (once, however often it is asked).
     async fn follow_up(&self, i: Intent) -> Result<(), Errno> {
-        self.client
-            .write(i.to, &Op::Apply { intent: i })
-            .await?
-            .err()?;
-        Ok(())
+        follow_up(&self.client, i).await
     }
 
     /// One pass of background work on the partitions led here: intents left behind are driven,
@@ -341,6 +346,26 @@ impl MetaHost {
         }
         self.log.lock().expect("log").take();
     }
+}
+
+/// Whether the follow-up `f` of `op` is driven after the reply instead of before it: when the
+/// operation is whole without it and what it changes is seen by no one but the orphan scan.
+///
+/// - A mkdir's `Confirm`: the new directory's entry is in place. Its inode leaving the pending
+///   state changes nothing a client sees; the orphan scan keeps a pending directory while the
+///   name it was made under holds it, and a rename that moves it confirms it before its own
+///   reply (the `Confirm` of two directories exchanged in one folder is driven before the
+///   rename's reply: after it, that name no longer holds the directory).
+///
+/// If such a follow-up is lost, the background driver applies it.
+fn after_reply(op: &Op, f: &FollowUp) -> bool {
+    matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. }))
+}
+
+/// Applies an intent's follow-up on its partition (once, however often it is asked).
+async fn follow_up(client: &MetaClient, i: Intent) -> Result<(), Errno> {
+    client.write(i.to, &Op::Apply { intent: i }).await?.err()?;
+    Ok(())
 }
 
 /// Forgets intent `id` on the partition that recorded it (its follow-up is applied).

@@ -601,9 +601,9 @@ pub enum Reply {
         attr: Attr,
         parent: Attr,
     },
-    /// An entry removed (an unlink or rmdir): the intents to drive, and the parent's
-    /// attributes just after.
-    Removed {
+    /// An entry removed (an unlink or rmdir) or a new directory's entry added (a mkdir's
+    /// link): the intents to drive, and the parent's attributes just after.
+    Changed {
         intents: Vec<Intent>,
         parent: Attr,
     },

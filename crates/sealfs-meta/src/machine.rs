@@ -1062,10 +1062,9 @@ impl W<'_> {
                 self.save(&p)?;
                 let mut intents = vec![];
                 self.here_or_intent(ino, FollowUp::Confirm { ino }, now, &mut intents)?;
-                Ok(Reply::Entry {
-                    ino,
-                    kind: Kind::Dir,
+                Ok(Reply::Changed {
                     intents,
+                    parent: p.attr,
                 })
             }
             Op::RmdirPrepare {
@@ -1150,7 +1149,7 @@ impl W<'_> {
                 }
                 self.remove_entry(&mut p, &name, &e, now)?;
                 self.save(&p)?;
-                Ok(Reply::Removed {
+                Ok(Reply::Changed {
                     intents,
                     parent: p.attr,
                 })

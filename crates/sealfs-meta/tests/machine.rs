@@ -75,14 +75,18 @@ impl M {
         let Reply::Attr(a) = self.op(mkdir_alloc(parent, name)) else {
             panic!()
         };
+        let before = self.attr(parent).unwrap();
         let r = self.op(Op::MkdirLink {
             parent,
             name: name.into(),
             ino: a.ino,
             now: 2,
         });
+        // The reply shows the folder as the new entry left it.
         assert!(
-            matches!(r, Reply::Entry { ref intents, .. } if intents.is_empty()),
+            matches!(r, Reply::Changed { ref intents, parent: ref p }
+                if intents.is_empty() && *p == self.attr(parent).unwrap()
+                    && p.nlink == before.nlink + 1 && p.mtime == 2),
             "{r:?}"
         );
         a.ino
@@ -225,7 +229,7 @@ fn namespace_operations_on_one_partition() {
         now: 5,
     });
     assert!(
-        matches!(r, Reply::Removed { ref parent, .. } if parent.ino == d && parent.mtime == 5),
+        matches!(r, Reply::Changed { ref parent, .. } if parent.ino == d && parent.mtime == 5),
         "{r:?}"
     );
     assert_eq!(m.attr(e), Err(Errno::NOENT));
@@ -489,7 +493,7 @@ fn pending_directory_renamed(renames: &[(&str, &str, u32)]) {
     let Reply::Attr(d) = other.op(mkdir_alloc(ROOT, "made")) else {
         panic!()
     };
-    let Reply::Entry { intents, .. } = parent.op(Op::MkdirLink {
+    let Reply::Changed { intents, .. } = parent.op(Op::MkdirLink {
         parent: ROOT,
         name: b"made".to_vec(),
         ino: d.ino,
@@ -809,7 +813,7 @@ fn a_lookup_with_attributes_answers_in_one_query_when_the_inode_is_here() {
         ino: far,
         now: 2,
     });
-    assert!(matches!(r, Reply::Entry { .. }), "{r:?}");
+    assert!(matches!(r, Reply::Changed { .. }), "{r:?}");
     assert!(
         matches!(la(&m, "far"), Reply::Entry { ino, kind: Kind::Dir, .. } if ino == far),
         "{:?}",

@@ -229,8 +229,8 @@ impl Filesystem for SealFuse {
         let perm = ((mode & !umask) & 0o7777) as u16;
         self.spawn(async move {
             let change = me.dirs.begin(parent);
-            let r = fs.mkdir(parent, &name, perm, uid, gid).await;
-            me.dirs.end(change, None);
+            let r = fs.mkdir_in(parent, &name, perm, uid, gid).await;
+            let r = me.ended(change, r.map(|(a, folder)| (a, Some(folder))));
             match r {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),

@@ -719,6 +719,20 @@ async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
     assert!(err.contains("too long"), "{err}");
     let (code, _, err) = c.cli(&["ls", "/../etc"]);
     assert_eq!(code, Some(2), "{err}");
+    // A mkdir its folder refuses (the name taken, a file for a folder, no such folder) leaves
+    // no directory inode behind: the client does not ask first, it undoes the inode it made.
+    let inodes = fs.usage().await.unwrap().1;
+    let file = fs.lookup(root, &ok).await.unwrap().0;
+    let missing = (3u64 << 40) | 999_999;
+    for (parent, name, want) in [
+        (root, &ok[..], Error::EXIST),
+        (file, b"d", Error::NOTDIR),
+        (missing, b"d", Error::NOENT),
+    ] {
+        let r = fs.mkdir(parent, name, 0o755, 0, 0).await;
+        assert_eq!(r.err(), Some(want), "mkdir in {parent:#x}");
+    }
+    assert_eq!(fs.usage().await.unwrap().1, inodes);
     // Only the one good name is there.
     let names = fs.readdir_all(root).await.unwrap();
     assert_eq!(names.len(), 1);
