@@ -479,6 +479,12 @@ impl Sealfs {
 
     /// Removes an empty directory.
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.rmdir_in(parent, name).await.map(|_| ())
+    }
+
+    /// [`Self::rmdir`], with the inode of the directory removed and the parent's attributes
+    /// just after.
+    pub async fn rmdir_in(&self, parent: u64, name: &[u8]) -> Result<(u64, Option<Attr>), Errno> {
         check_name(name)?;
         let (ino, kind) = self.lookup(parent, name).await?;
         if kind != Kind::Dir {
@@ -494,17 +500,19 @@ impl Sealfs {
             dir: true,
             now: 0,
         };
-        let r = self.cmd(partition_of(parent), &op).await;
-        if let Err(e) = r {
-            if remote && e != Errno::UNAVAILABLE {
-                let _ = self
-                    .meta
-                    .write(partition_of(ino), &Op::RmdirAbort { ino })
-                    .await;
+        match self.cmd(partition_of(parent), &op).await {
+            Ok(Reply::Changed { parent, .. }) => Ok((ino, Some(parent))),
+            Ok(_) => Ok((ino, None)),
+            Err(e) => {
+                if remote && e != Errno::UNAVAILABLE {
+                    let _ = self
+                        .meta
+                        .write(partition_of(ino), &Op::RmdirAbort { ino })
+                        .await;
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(())
     }
 
     async fn prepare_rmdir(&self, ino: u64, parent: u64, name: &[u8]) -> Result<(), Errno> {

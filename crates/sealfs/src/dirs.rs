@@ -90,6 +90,18 @@ impl Dirs {
         }
     }
 
+    /// Forgets folder `ino`'s attributes (it was removed).
+    pub fn forget(&self, ino: u64) {
+        let mut dirs = self.dirs();
+        if let Some(d) = dirs.get_mut(&ino) {
+            d.shown = None;
+            d.turn += 1;
+            if d.busy == 0 {
+                dirs.remove(&ino);
+            }
+        }
+    }
+
     /// Forgets every folder's attributes (a rename may have changed a folder this mount does
     /// not know it touched: a moved folder's ctime and `..`).
     pub fn forget_all(&self) {
@@ -208,6 +220,19 @@ mod tests {
         assert_eq!(shown(&d, 7).map(|a| a.mtime), Some(5));
         d.forget_all();
         assert_eq!(shown(&d, 7), None);
+        // A folder removed is forgotten, and only it; one with a change in flight shows
+        // nothing from a change that started before it was forgotten.
+        for ino in [7, 8] {
+            let c = d.begin(ino);
+            d.end(c, Some(dir(ino, 6)));
+        }
+        let c = d.begin(9);
+        d.forget(7);
+        d.forget(9);
+        d.end(c, Some(dir(9, 6)));
+        assert_eq!(shown(&d, 7), None);
+        assert_eq!(shown(&d, 8).map(|a| a.mtime), Some(6));
+        assert_eq!(shown(&d, 9), None);
     }
 
     #[test]

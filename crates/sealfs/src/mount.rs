@@ -261,10 +261,12 @@ impl Filesystem for SealFuse {
         let me = self.clone_view();
         self.spawn(async move {
             let change = me.dirs.begin(parent);
-            let r = fs.rmdir(parent, &name).await;
-            me.dirs.end(change, None);
-            // The folder removed may be one shown here.
-            me.dirs.forget_all();
+            let r = fs.rmdir_in(parent, &name).await.map(|(gone, folder)| {
+                // The folder removed may be one shown here.
+                me.dirs.forget(gone);
+                ((), folder)
+            });
+            let r = me.ended(change, r);
             me.open.links_changed();
             match r {
                 Ok(()) => reply.ok(),
