@@ -1391,21 +1391,24 @@ impl Sealfs {
         offset: u64,
         len: u64,
     ) -> Result<(Vec<u8>, u64), Errno> {
-        let q = Query::Extents { ino, offset, len };
-        let (extents, size) = match self.meta.read(partition_of(ino), &q).await?.err()? {
-            Reply::Extents(e, s) => (e, s),
-            _ => return Err(Errno::IO),
-        };
+        let (extents, size) = self.extents_in(ino, offset, len).await?;
         Ok((self.read_extents(&extents, size, offset, len).await?, size))
     }
 
     /// Every extent of file `ino` and its size (what a mount keeps while a file is open).
     pub async fn extents(&self, ino: u64) -> Result<(Vec<Extent>, u64), Errno> {
-        let q = Query::Extents {
-            ino,
-            offset: 0,
-            len: u64::MAX,
-        };
+        self.extents_in(ino, 0, u64::MAX).await
+    }
+
+    /// The extents of file `ino` that reach into `len` bytes at `offset`, and its size (FBIG:
+    /// more than one reply carries).
+    pub async fn extents_in(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<Extent>, u64), Errno> {
+        let q = Query::Extents { ino, offset, len };
         match self.meta.read(partition_of(ino), &q).await?.err()? {
             Reply::Extents(e, s) => Ok((e, s)),
             _ => Err(Errno::IO),

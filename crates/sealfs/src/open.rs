@@ -24,6 +24,17 @@ pub const HELD_BYTES_MAX: usize = 8 * sealfs_client::FROND_BYTES;
 /// send and of the reads that look through them).
 pub const RANGES_MAX: usize = 4096;
 
+/// Bytes of a file with more extents than one reply carries whose extents are read and kept
+/// together: 4,096 extents of 4 KiB, a quarter of what a reply carries.
+const WINDOW: u64 = 16 << 20;
+
+/// Windows of one file kept at most (about 200 KiB each at 4 KiB extents); past that they
+/// are all dropped and read again as reads need them.
+const WINDOWS_MAX: usize = 64;
+
+/// Extents of a file (all, or those of a window) and its size, as read from its partition.
+type Kept = Arc<(Vec<Extent>, u64)>;
+
 #[derive(Default)]
 struct File {
     /// Written and not yet sent.
@@ -54,10 +65,14 @@ struct File {
     kept: bool,
     /// The file's extents and size as last read from its partition, kept while it is open
     /// (close-to-open: an open reads them again), dropped when this mount changes the file.
-    extents: Option<Arc<(Vec<Extent>, u64)>>,
-    /// The file has more extents than one reply carries: reads ask for their range only
-    /// (until the file is opened again).
+    extents: Option<Kept>,
+    /// The file has more extents than one reply carries: reads use the extents of the
+    /// [`WINDOW`] they fall in (until the file is opened again).
     fragmented: bool,
+    /// For a fragmented file, the extents and size read for each [`WINDOW`]-aligned range a
+    /// read fell in (None: more than one reply carries; reads there ask for their range only),
+    /// dropped with `extents`.
+    windows: HashMap<u64, Option<Kept>>,
     /// The attributes the cluster last gave for the file while open here, until this mount
     /// changes it: a setattr held with bytes is answered from them (with what is held laid
     /// over them) without asking the partition.
@@ -76,6 +91,7 @@ impl File {
     /// This mount changed the file: what it knew of the extents is stale.
     fn changed(&mut self) {
         self.extents = None;
+        self.windows.clear();
         self.base = None;
         self.changes += 1;
     }
@@ -347,7 +363,7 @@ impl OpenFiles {
         if covered {
             return Ok(pieces.pop().map(|p| p.1).unwrap_or_default());
         }
-        let (mut out, size) = match self.extents(ino).await? {
+        let (mut out, size) = match self.extents(ino, offset, len).await? {
             Some(e) => (self.fs.read_extents(&e.0, e.1, offset, len).await?, e.1),
             None => self.fs.read_sized(ino, offset, len).await?,
         };
@@ -360,32 +376,55 @@ impl OpenFiles {
         Ok(out)
     }
 
-    /// The extents of open file `ino`: kept, or read once and kept (None: not open here, or
-    /// too many for one reply).
-    async fn extents(&self, ino: u64) -> Result<Option<Arc<(Vec<Extent>, u64)>>, Error> {
-        let changes = match self.files().get(&ino) {
+    /// Extents of open file `ino` that cover `len` bytes at `offset`: all of them, kept or
+    /// read once and kept; for a file with more than one reply carries, those of the
+    /// [`WINDOW`] the range falls in, kept likewise (None: not open here, a range across two
+    /// windows, or a window with more than one reply carries).
+    async fn extents(&self, ino: u64, offset: u64, len: u64) -> Result<Option<Kept>, Error> {
+        let window = offset - offset % WINDOW;
+        let (changes, fragmented) = match self.files().get(&ino) {
             None => return Ok(None),
-            Some(f) if f.fragmented => return Ok(None),
-            Some(f) if f.extents.is_some() => return Ok(f.extents.clone()),
-            Some(f) => f.changes,
-        };
-        let (e, size) = match self.fs.extents(ino).await {
-            Ok(r) => r,
-            Err(Error::FBIG) => {
-                if let Some(f) = self.files().get_mut(&ino) {
-                    f.fragmented = true;
+            Some(f) if f.fragmented => {
+                if offset.saturating_add(len) > window + WINDOW {
+                    return Ok(None);
                 }
-                return Ok(None);
+                if let Some(w) = f.windows.get(&window) {
+                    return Ok(w.clone());
+                }
+                (f.changes, true)
             }
+            Some(f) if f.extents.is_some() => return Ok(f.extents.clone()),
+            Some(f) => (f.changes, false),
+        };
+        let (at, span) = if fragmented {
+            (window, WINDOW)
+        } else {
+            (0, u64::MAX)
+        };
+        let got = match self.fs.extents_in(ino, at, span).await {
+            Ok(r) => Some(Arc::new(r)),
+            Err(Error::FBIG) => None,
             Err(e) => return Err(e),
         };
-        let e = Arc::new((e, size));
-        if let Some(f) = self.files().get_mut(&ino) {
-            if f.changes == changes {
-                f.extents = Some(e.clone());
+        let mut files = self.files();
+        let Some(f) = files.get_mut(&ino) else {
+            return Ok(got);
+        };
+        if f.changes != changes {
+            return Ok(got);
+        }
+        match (fragmented, &got) {
+            (false, Some(e)) => f.extents = Some(e.clone()),
+            // Too many for one reply: the window a read falls in, from the next read on.
+            (false, None) => f.fragmented = true,
+            (true, _) => {
+                if f.windows.len() >= WINDOWS_MAX {
+                    f.windows.clear();
+                }
+                f.windows.insert(window, got.clone());
             }
         }
-        Ok(Some(e))
+        Ok(got)
     }
 
     /// Waits until `ino` holds less than the bounds (a write past them waits for this): while a

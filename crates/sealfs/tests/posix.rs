@@ -505,3 +505,84 @@ print("ok")
     );
     assert_eq!(out.trim(), "ok");
 }
+
+/// A file in more pieces than one reply names (its extents read a 16 MiB window at a time)
+/// reads back right, across windows and within them, and a write made while it is open shows
+/// in the next read (what was kept of its extents is dropped).
+#[test]
+fn a_file_in_more_pieces_than_one_reply_names_reads_back_right() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const BLOCK: usize = 4096;
+    // 6 windows of 16 MiB; every other block rewritten: 24,576 extents, over the 16,384 one
+    // reply carries.
+    const BLOCKS: u64 = 6 * 4096;
+    const WINDOW: u64 = 16 << 20;
+    let block = |b: u64, round: u8| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..BLOCK)
+            .map(|i| (b as usize * 31 + i * 7 + round as usize * 101) as u8)
+            .collect();
+        v[..8].copy_from_slice(&b.to_le_bytes());
+        v[8] = round;
+        v
+    };
+    let up = Up::start();
+    let p = up.mnt.join("pieces");
+    {
+        let f = std::fs::File::create(&p).unwrap();
+        let mut chunk = Vec::with_capacity(1 << 20);
+        for b in 0..BLOCKS {
+            chunk.extend(block(b, 0));
+            if chunk.len() == 1 << 20 {
+                f.write_all_at(&chunk, (b + 1) * BLOCK as u64 - (1 << 20))
+                    .unwrap();
+                chunk.clear();
+            }
+        }
+        f.sync_all().unwrap();
+        for b in (0..BLOCKS).step_by(2) {
+            f.write_all_at(&block(b, 1), b * BLOCK as u64).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let want = |b: u64| block(b, b.is_multiple_of(2) as u8);
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o40000) // O_DIRECT: every read reaches the mount
+        .open(&p)
+        .unwrap();
+    // O_DIRECT wants an aligned buffer.
+    let mut space = vec![0u8; 3 * BLOCK];
+    let pad = space.as_ptr().align_offset(BLOCK);
+    let buf = &mut space[pad..pad + 2 * BLOCK];
+    let mut read = |at: u64, len: usize| -> Vec<u8> {
+        direct.read_exact_at(&mut buf[..len], at).unwrap();
+        buf[..len].to_vec()
+    };
+    let mut seed = 0x5EA1u64;
+    let mut blocks: Vec<u64> = (0..6).flat_map(|w| [w * 4096, w * 4096 + 4095]).collect();
+    for _ in 0..400 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        blocks.push((seed >> 33) % BLOCKS);
+    }
+    for &b in &blocks {
+        assert!(read(b * BLOCK as u64, BLOCK) == want(b), "block {b}");
+    }
+    // Two blocks across the first window's end.
+    let across = read(WINDOW - BLOCK as u64, 2 * BLOCK);
+    assert!(across[..BLOCK] == want(4095) && across[BLOCK..] == want(4096));
+    // Rewritten while open (and sent): the next reads see it.
+    let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    for b in [5, 3 * 4096 + 1] {
+        w.write_all_at(&block(b, 2), b * BLOCK as u64).unwrap();
+    }
+    w.sync_all().unwrap();
+    for b in [5, 3 * 4096 + 1] {
+        assert!(
+            read(b * BLOCK as u64, BLOCK) == block(b, 2),
+            "block {b} rewritten"
+        );
+    }
+    assert!(read(6 * BLOCK as u64, BLOCK) == want(6));
+}
