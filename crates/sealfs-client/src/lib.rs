@@ -421,26 +421,36 @@ impl Sealfs {
             ino: a.ino,
             now: 0,
         };
-        match self.cmd(partition_of(parent), &link).await {
-            Ok(Reply::Changed { parent, .. }) => Ok((a, parent)),
-            Ok(_) => Ok((a, self.getattr(parent).await?)),
-            Err(e) => {
-                if e != Errno::UNAVAILABLE {
-                    // Undo now rather than wait for the orphan scan.
-                    let undo = Op::Settle {
-                        item: Unsettled::PendingDir {
-                            ino: a.ino,
-                            parent,
-                            name: name.to_vec(),
-                        },
-                        entry_exists: false,
-                        now: 0,
-                    };
-                    let _ = self.meta.write(child_p, &undo).await;
-                }
-                Err(e)
-            }
+        let e = match self.cmd(partition_of(parent), &link).await {
+            Ok(Reply::Changed { parent, .. }) => return Ok((a, parent)),
+            Ok(_) => return Ok((a, self.getattr(parent).await?)),
+            Err(e) => e,
+        };
+        if e == Errno::UNAVAILABLE {
+            // The link may still be applied: the orphan scan decides by the entry.
+            return Err(e);
         }
+        // A link applied whose answer was lost is refused (EEXIST) when sent again: the entry
+        // decides what happened.
+        match self.lookup(parent, name).await {
+            Ok((ino, _)) if ino == a.ino => return Ok((a, self.getattr(parent).await?)),
+            Ok(_) | Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
+                // Not linked: undo now rather than wait for the orphan scan.
+                let undo = Op::Settle {
+                    item: Unsettled::PendingDir {
+                        ino: a.ino,
+                        parent,
+                        name: name.to_vec(),
+                    },
+                    entry_exists: false,
+                    now: 0,
+                };
+                let _ = self.meta.write(child_p, &undo).await;
+            }
+            // Unknown: the orphan scan decides by the entry.
+            Err(_) => {}
+        }
+        Err(e)
     }
 
     /// Removes a file's entry (the inode goes with its last link).
@@ -500,19 +510,26 @@ impl Sealfs {
             dir: true,
             now: 0,
         };
-        match self.cmd(partition_of(parent), &op).await {
-            Ok(Reply::Changed { parent, .. }) => Ok((ino, Some(parent))),
-            Ok(_) => Ok((ino, None)),
-            Err(e) => {
-                if remote && e != Errno::UNAVAILABLE {
-                    let _ = self
-                        .meta
-                        .write(partition_of(ino), &Op::RmdirAbort { ino })
-                        .await;
-                }
-                Err(e)
+        let e = match self.cmd(partition_of(parent), &op).await {
+            Ok(Reply::Changed { parent, .. }) => return Ok((ino, Some(parent))),
+            Ok(_) => return Ok((ino, None)),
+            Err(e) => e,
+        };
+        if remote {
+            // The dying mark is taken back only while the entry still names the directory:
+            // an Unlink applied whose answer was lost is refused (ENOENT) when sent again, and
+            // its Destroy is then on its way (the orphan scan's, when the lookup fails too).
+            // (Not after UNAVAILABLE: the Unlink may still be applied.)
+            if e != Errno::UNAVAILABLE
+                && matches!(self.lookup(parent, name).await, Ok((found, _)) if found == ino)
+            {
+                let _ = self
+                    .meta
+                    .write(partition_of(ino), &Op::RmdirAbort { ino })
+                    .await;
             }
         }
+        Err(e)
     }
 
     async fn prepare_rmdir(&self, ino: u64, parent: u64, name: &[u8]) -> Result<(), Errno> {

@@ -356,16 +356,12 @@ impl MetaHost {
 ///   name it was made under holds it, and a rename that moves it confirms it before its own
 ///   reply (the `Confirm` of two directories exchanged in one folder is driven before the
 ///   rename's reply: after it, that name no longer holds the directory).
-/// - An rmdir's `Destroy`: the entry is gone and the inode is dying, so nothing can be made in
-///   it and no name reaches it; the orphan scan destroys a dying directory whose entry is gone.
 ///
-/// If such a follow-up is lost, the background driver applies it.
+/// If such a follow-up is lost, the background driver applies it. (An rmdir's `Destroy` is
+/// driven before the reply: until it lands, the removed directory's inode still answers a
+/// `getattr` by its number.)
 fn after_reply(op: &Op, f: &FollowUp) -> bool {
-    matches!(
-        (op, f),
-        (Op::MkdirLink { .. }, FollowUp::Confirm { .. })
-            | (Op::Unlink { dir: true, .. }, FollowUp::Destroy { .. })
-    )
+    matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. }))
 }
 
 /// Applies an intent's follow-up on its partition (once, however often it is asked).
