@@ -28,9 +28,18 @@ pub const RANGES_MAX: usize = 4096;
 /// together: 4,096 extents of 4 KiB, a quarter of what a reply carries.
 const WINDOW: u64 = 16 << 20;
 
-/// Windows of one file kept at most (about 200 KiB each at 4 KiB extents); past that they
-/// are all dropped and read again as reads need them.
+/// Extents of one window kept at most (about 300 KiB): a window in smaller pieces is not
+/// kept, and reads there ask for their own range.
+const WINDOW_EXTENTS_MAX: usize = 4096;
+
+/// Windows of one file kept at most (about 19 MiB at most); past that they are all dropped
+/// and read again as reads need them.
 const WINDOWS_MAX: usize = 64;
+
+/// Windows read per open of a file at most: past that (a file larger than the windows kept,
+/// read at random, or rewritten between reads) reads ask for their own range, which costs
+/// less than reading a whole window for each.
+const WINDOW_READS_MAX: u32 = 2 * WINDOWS_MAX as u32;
 
 /// Extents of a file (all, or those of a window) and its size, as read from its partition.
 type Kept = Arc<(Vec<Extent>, u64)>;
@@ -73,6 +82,8 @@ struct File {
     /// read fell in (None: more than one reply carries; reads there ask for their range only),
     /// dropped with `extents`.
     windows: HashMap<u64, Option<Kept>>,
+    /// Windows read since the file was opened here.
+    window_reads: u32,
     /// The attributes the cluster last gave for the file while open here, until this mount
     /// changes it: a setattr held with bytes is answered from them (with what is held laid
     /// over them) without asking the partition.
@@ -167,6 +178,7 @@ impl OpenFiles {
         let f = files.entry(ino).or_default();
         f.opens += 1;
         f.fragmented = false;
+        f.window_reads = 0;
         f.changed();
         f.bare = false;
         f.absent.clear();
@@ -391,6 +403,9 @@ impl OpenFiles {
                 if let Some(w) = f.windows.get(&window) {
                     return Ok(w.clone());
                 }
+                if f.window_reads >= WINDOW_READS_MAX {
+                    return Ok(None);
+                }
                 (f.changes, true)
             }
             Some(f) if f.extents.is_some() => return Ok(f.extents.clone()),
@@ -402,6 +417,7 @@ impl OpenFiles {
             (0, u64::MAX)
         };
         let got = match self.fs.extents_in(ino, at, span).await {
+            Ok(r) if fragmented && r.0.len() > WINDOW_EXTENTS_MAX => None,
             Ok(r) => Some(Arc::new(r)),
             Err(Error::FBIG) => None,
             Err(e) => return Err(e),
@@ -410,6 +426,9 @@ impl OpenFiles {
         let Some(f) = files.get_mut(&ino) else {
             return Ok(got);
         };
+        if fragmented {
+            f.window_reads += 1;
+        }
         if f.changes != changes {
             return Ok(got);
         }

@@ -550,6 +550,8 @@ fn a_file_in_more_pieces_than_one_reply_names_reads_back_right() {
         .custom_flags(0o40000) // O_DIRECT: every read reaches the mount
         .open(&p)
         .unwrap();
+    // Opened now, before the reads keep anything (an open drops what is kept).
+    let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     // O_DIRECT wants an aligned buffer.
     let mut space = vec![0u8; 3 * BLOCK];
     let pad = space.as_ptr().align_offset(BLOCK);
@@ -573,7 +575,6 @@ fn a_file_in_more_pieces_than_one_reply_names_reads_back_right() {
     let across = read(WINDOW - BLOCK as u64, 2 * BLOCK);
     assert!(across[..BLOCK] == want(4095) && across[BLOCK..] == want(4096));
     // Rewritten while open (and sent): the next reads see it.
-    let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     for b in [5, 3 * 4096 + 1] {
         w.write_all_at(&block(b, 2), b * BLOCK as u64).unwrap();
     }
