@@ -426,10 +426,24 @@ impl Sealfs {
             Ok(_) => return Ok((a, self.getattr(parent).await?)),
             Err(e) => e,
         };
+        self.mkdir_link_failed(a, parent, name, e).await
+    }
+
+    /// What a mkdir does when its link step (`MkdirLink` of `a`, made by `MkdirAlloc`) failed
+    /// with `e`: the mkdir's answer. Public for the tests that stage the failure.
+    #[doc(hidden)]
+    pub async fn mkdir_link_failed(
+        &self,
+        a: Attr,
+        parent: u64,
+        name: &[u8],
+        e: Errno,
+    ) -> Result<(Attr, Attr), Errno> {
         if e == Errno::UNAVAILABLE {
             // The link may still be applied: the orphan scan decides by the entry.
             return Err(e);
         }
+        let child_p = dir_partition(parent, name, self.meta.partitions());
         // A link applied whose answer was lost is refused (EEXIST) when sent again: the entry
         // decides what happened.
         match self.lookup(parent, name).await {

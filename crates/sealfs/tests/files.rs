@@ -670,6 +670,66 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     fs.rmdir(sub.ino, b"d").await.unwrap();
     assert!(matches!(fs.getattr(d.ino).await, Err(Error::NOENT)));
     assert_eq!(fs.getattr(sub.ino).await.unwrap().nlink, 2);
+    // A mkdir whose link was applied but answered with an error (its answer lost, and the
+    // link refused when sent again): the entry names the new inode, so the mkdir succeeded and
+    // the directory stays.
+    let names = remote("lost");
+    let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
+    let Reply::Attr(made) = w(
+        p,
+        Op::MkdirAlloc {
+            parent: root,
+            name: names[0].as_bytes().to_vec(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            volume: 1,
+            now: 0,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!()
+    };
+    let link = Op::MkdirLink {
+        parent: root,
+        name: names[0].as_bytes().to_vec(),
+        ino: made.ino,
+        now: 0,
+    };
+    w(partition_of(root), link.clone()).await.unwrap();
+    assert_eq!(w(partition_of(root), link).await.err(), Some(Error::EXIST));
+    let (a, _) = fs
+        .mkdir_link_failed(made.clone(), root, names[0].as_bytes(), Error::EXIST)
+        .await
+        .unwrap();
+    assert_eq!(a.ino, made.ino);
+    assert_eq!(fs.getattr(made.ino).await.unwrap().kind, FileKind::Dir);
+    fs.create(made.ino, b"in", FileKind::File, 0o644, 0, 0, 0, b"", true)
+        .await
+        .expect("the directory is whole");
+    // The same failure with the name another's: the inode made for nothing goes.
+    let Reply::Attr(spare) = w(
+        p,
+        Op::MkdirAlloc {
+            parent: root,
+            name: names[0].as_bytes().to_vec(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            volume: 1,
+            now: 0,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!()
+    };
+    let r = fs
+        .mkdir_link_failed(spare.clone(), root, names[0].as_bytes(), Error::EXIST)
+        .await;
+    assert_eq!(r.err(), Some(Error::EXIST));
+    assert_eq!(fs.getattr(spare.ino).await.err(), Some(Error::NOENT));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
