@@ -101,6 +101,16 @@ impl SealFuse {
 }
 
 impl Filesystem for SealFuse {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Lookups and readdirs in one folder run side by side (the kernel otherwise takes the
+        // folder's lock for each): each is a query of its own here. A kernel without it
+        // serializes them, which is slower but right.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::debug!("the kernel lacks {missing:?}: lookups in a folder one at a time");
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (fs, parent, name) = (self.fs.clone(), self.ino(parent), name.as_bytes().to_vec());
         let me = self.clone_view();
