@@ -750,6 +750,37 @@ impl Sealfs {
         }
     }
 
+    /// As [`Self::readdir`], with each entry's attributes: those of files come with the
+    /// entries, a directory's (its inode elsewhere) are asked for, several at a time. An entry
+    /// removed meanwhile is left out.
+    pub async fn readdir_plus(
+        &self,
+        ino: u64,
+        after: u64,
+        max: u32,
+    ) -> Result<Vec<(DirEntry, Attr)>, Errno> {
+        let q = Query::ReadDirPlus { ino, after, max };
+        let list = match self.meta.read(partition_of(ino), &q).await?.err()? {
+            Reply::EntriesPlus(e) => e,
+            _ => return Err(Errno::IO),
+        };
+        let got: Vec<Option<(DirEntry, Attr)>> = stream::iter(list)
+            .map(|(e, a)| async move {
+                match a {
+                    Some(a) => Ok(Some((e, a))),
+                    None => match self.getattr(e.ino).await {
+                        Ok(a) => Ok(Some((e, a))),
+                        Err(Errno::NOENT) => Ok(None),
+                        Err(err) => Err(err),
+                    },
+                }
+            })
+            .buffered(16)
+            .try_collect()
+            .await?;
+        Ok(got.into_iter().flatten().collect())
+    }
+
     /// Every entry of directory `ino`.
     pub async fn readdir_all(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
         let mut out = Vec::new();

@@ -568,6 +568,13 @@ pub enum Query {
         parent: u64,
         name: Vec<u8>,
     },
+    /// As [`Query::ReadDir`], with each entry's attributes when its inode is in this
+    /// partition (every file's is).
+    ReadDirPlus {
+        ino: u64,
+        after: u64,
+        max: u32,
+    },
 }
 
 /// What a partition answered.
@@ -607,6 +614,8 @@ pub enum Reply {
         intents: Vec<Intent>,
         parent: Attr,
     },
+    /// Entries, each with its attributes when its inode is in the partition that answered.
+    EntriesPlus(Vec<(DirEntry, Option<Attr>)>),
 }
 
 /// Something the orphan scan must settle, and the entry that decides it.

@@ -335,6 +335,21 @@ impl PartitionMachine {
                 }
                 Reply::Entries(out)
             }
+            Query::ReadDirPlus { ino, after, max } => {
+                let Reply::Entries(list) = self.ask(Query::ReadDir { ino, after, max })? else {
+                    return Err(Errno::IO.into());
+                };
+                let mut out = Vec::with_capacity(list.len());
+                for e in list {
+                    let a = if partition_of(e.ino) == self.partition {
+                        inode(e.ino).ok().map(|i| i.attr)
+                    } else {
+                        None
+                    };
+                    out.push((e, a));
+                }
+                Reply::EntriesPlus(out)
+            }
             Query::Extents { ino, offset, len } => {
                 let i = inode(ino)?;
                 let t = tx.open_table(EXTENTS)?;

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno as FErr, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use sealfs_client::{Error, FileKind, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
@@ -107,6 +107,12 @@ impl Filesystem for SealFuse {
         // serializes them, which is slower but right.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::debug!("the kernel lacks {missing:?}: lookups in a folder one at a time");
+        }
+        // Entries with their attributes where the kernel finds it pays (a folder listed and
+        // then looked through: `ls -l`, `rm -r`), so that it need not look up each name.
+        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        if let Err(missing) = config.add_capabilities(plus) {
+            tracing::debug!("the kernel lacks {missing:?}: plain readdir only");
         }
         Ok(())
     }
@@ -653,6 +659,68 @@ impl Filesystem for SealFuse {
                             e.cookie + 2,
                             kind(e.kind),
                             OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (fs, dir) = (self.fs.clone(), self.ino(ino));
+        let root = self.fs.root();
+        let me = self.clone_view();
+        self.spawn(async move {
+            // As readdir. The kernel takes no attributes from `.` and `..`: theirs are a
+            // placeholder.
+            let here = FileAttr {
+                ino,
+                size: 0,
+                blocks: 0,
+                atime: UNIX_EPOCH,
+                mtime: UNIX_EPOCH,
+                ctime: UNIX_EPOCH,
+                crtime: UNIX_EPOCH,
+                kind: FileType::Directory,
+                perm: 0o755,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                blksize: 1 << 20,
+                flags: 0,
+            };
+            if offset == 0 && reply.add(ino, 1, ".", &TTL, &here, Generation(0)) {
+                return reply.ok();
+            }
+            if offset <= 1 && reply.add(ino, 2, "..", &TTL, &here, Generation(0)) {
+                return reply.ok();
+            }
+            let after = offset.saturating_sub(2);
+            match fs.readdir_plus(dir, after, 256).await {
+                Ok(list) => {
+                    for (e, a) in list {
+                        let i = if e.ino == root { 1 } else { e.ino };
+                        // What this mount holds for an open file shows, as in lookup.
+                        let attr = me.attr(&me.open.attr(a));
+                        if reply.add(
+                            INodeNo(i),
+                            e.cookie + 2,
+                            OsStr::from_bytes(&e.name),
+                            &TTL,
+                            &attr,
+                            Generation(0),
                         ) {
                             break;
                         }

@@ -587,3 +587,47 @@ fn a_file_in_more_pieces_than_one_reply_names_reads_back_right() {
     }
     assert!(read(6 * BLOCK as u64, BLOCK) == want(6));
 }
+
+/// A folder's listing brings its entries' attributes (readdirplus): each shows as a stat of
+/// it would, files, folders (their inodes in other partitions), a symlink, and an open file
+/// whose bytes the mount still holds; the listing goes on across batches.
+#[test]
+fn a_listing_shows_each_entry_as_a_stat_would() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let up = Up::start();
+    let d = up.mnt.join("listed");
+    std::fs::create_dir(&d).unwrap();
+    let mut want = BTreeMap::new();
+    for i in 0..300u64 {
+        std::fs::write(d.join(format!("f{i}")), vec![7u8; i as usize]).unwrap();
+        want.insert(format!("f{i}"), ('f', i));
+    }
+    for i in 0..5 {
+        std::fs::create_dir(d.join(format!("s{i}"))).unwrap();
+        want.insert(format!("s{i}"), ('d', 0));
+    }
+    std::os::unix::fs::symlink("f1", d.join("l")).unwrap();
+    want.insert("l".into(), ('l', 2));
+    let mut open = std::fs::File::create(d.join("open")).unwrap();
+    open.write_all(&[1; 10]).unwrap();
+    want.insert("open".into(), ('f', 10));
+    // Past the attribute TTL, so that what the stats below see is what the listing brought.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let listed: BTreeMap<String, (char, u64)> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            let kind = match m.mode() & 0o170000 {
+                0o040000 => 'd',
+                0o120000 => 'l',
+                _ => 'f',
+            };
+            let size = if kind == 'd' { 0 } else { m.len() };
+            (e.file_name().into_string().unwrap(), (kind, size))
+        })
+        .collect();
+    assert_eq!(listed, want);
+    drop(open);
+}
