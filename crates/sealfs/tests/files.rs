@@ -449,26 +449,30 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         let fs = fs.clone();
         async move { fs.meta().write(p, &op).await.and_then(Reply::err) }
     };
-
-    // mkdir stopped after step 1 (pending inode, no entry): the scan removes the inode.
-    let names = remote("mk");
-    let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
-    let Reply::Attr(orphan) = w(
-        p,
-        Op::MkdirAlloc {
+    // A mkdir's first step alone: a pending directory `name` of the root, on partition `p`.
+    let alloc = |p: u32, name: &str| {
+        let op = Op::MkdirAlloc {
             parent: root,
-            name: names[0].as_bytes().to_vec(),
+            name: name.as_bytes().to_vec(),
             perm: 0o755,
             uid: 0,
             gid: 0,
             volume: 1,
             now: 0,
-        },
-    )
-    .await
-    .unwrap() else {
-        panic!()
+        };
+        let w = w(p, op);
+        async move {
+            match w.await.unwrap() {
+                Reply::Attr(a) => a,
+                r => panic!("{r:?}"),
+            }
+        }
     };
+
+    // mkdir stopped after step 1 (pending inode, no entry): the scan removes the inode.
+    let names = remote("mk");
+    let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
+    let orphan = alloc(p, &names[0]).await;
     // mkdir complete, then rmdir stopped after step 1 (dying, entry still there): the scan
     // brings the directory back to life.
     let kept = fs
@@ -675,22 +679,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     // the directory stays.
     let names = remote("lost");
     let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
-    let Reply::Attr(made) = w(
-        p,
-        Op::MkdirAlloc {
-            parent: root,
-            name: names[0].as_bytes().to_vec(),
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            volume: 1,
-            now: 0,
-        },
-    )
-    .await
-    .unwrap() else {
-        panic!()
-    };
+    let made = alloc(p, &names[0]).await;
     let link = Op::MkdirLink {
         parent: root,
         name: names[0].as_bytes().to_vec(),
@@ -709,22 +698,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .await
         .expect("the directory is whole");
     // The same failure with the name another's: the inode made for nothing goes.
-    let Reply::Attr(spare) = w(
-        p,
-        Op::MkdirAlloc {
-            parent: root,
-            name: names[0].as_bytes().to_vec(),
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            volume: 1,
-            now: 0,
-        },
-    )
-    .await
-    .unwrap() else {
-        panic!()
-    };
+    let spare = alloc(p, &names[0]).await;
     let r = fs
         .mkdir_link_failed(spare.clone(), root, names[0].as_bytes(), Error::EXIST)
         .await;
