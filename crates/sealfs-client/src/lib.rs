@@ -750,35 +750,20 @@ impl Sealfs {
         }
     }
 
-    /// As [`Self::readdir`], with each entry's attributes: those of files come with the
-    /// entries, a directory's (its inode elsewhere) are asked for, several at a time. An entry
-    /// removed meanwhile is left out.
+    /// As [`Self::readdir`], with the attributes of each entry whose inode is in the
+    /// directory's partition (a file's, unless it came by a rename or link from another); the
+    /// others' are for the caller to ask ([`Self::getattr`]).
     pub async fn readdir_plus(
         &self,
         ino: u64,
         after: u64,
         max: u32,
-    ) -> Result<Vec<(DirEntry, Attr)>, Errno> {
+    ) -> Result<Vec<(DirEntry, Option<Attr>)>, Errno> {
         let q = Query::ReadDirPlus { ino, after, max };
-        let list = match self.meta.read(partition_of(ino), &q).await?.err()? {
-            Reply::EntriesPlus(e) => e,
-            _ => return Err(Errno::IO),
-        };
-        let got: Vec<Option<(DirEntry, Attr)>> = stream::iter(list)
-            .map(|(e, a)| async move {
-                match a {
-                    Some(a) => Ok(Some((e, a))),
-                    None => match self.getattr(e.ino).await {
-                        Ok(a) => Ok(Some((e, a))),
-                        Err(Errno::NOENT) => Ok(None),
-                        Err(err) => Err(err),
-                    },
-                }
-            })
-            .buffered(16)
-            .try_collect()
-            .await?;
-        Ok(got.into_iter().flatten().collect())
+        match self.meta.read(partition_of(ino), &q).await?.err()? {
+            Reply::EntriesPlus(e) => Ok(e),
+            _ => Err(Errno::IO),
+        }
     }
 
     /// Every entry of directory `ino`.

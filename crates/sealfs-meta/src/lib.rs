@@ -569,7 +569,7 @@ pub enum Query {
         name: Vec<u8>,
     },
     /// As [`Query::ReadDir`], with each entry's attributes when its inode is in this
-    /// partition (every file's is).
+    /// partition (a file's, unless a rename or link brought it from another).
     ReadDirPlus {
         ino: u64,
         after: u64,

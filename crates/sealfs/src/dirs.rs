@@ -113,6 +113,11 @@ impl Dirs {
         }
     }
 
+    /// Whether a change of folder `ino` by this mount is in flight.
+    pub fn changing(&self, ino: u64) -> bool {
+        self.dirs().get(&ino).is_some_and(|d| d.busy > 0)
+    }
+
     /// The attributes of folder `ino` as this mount's last create or unlink in it left them,
     /// if nothing else changed it here since and they came less than the TTL ago, with what is
     /// left of the TTL (the kernel keeps them that long, so that they are never shown older).
@@ -227,6 +232,7 @@ mod tests {
             d.end(c, Some(dir(ino, 6)));
         }
         let c = d.begin(9);
+        assert!(d.changing(9) && !d.changing(8));
         d.forget(7);
         d.forget(9);
         d.end(c, Some(dir(9, 6)));

@@ -679,7 +679,6 @@ impl Filesystem for SealFuse {
         mut reply: ReplyDirectoryPlus,
     ) {
         let (fs, dir) = (self.fs.clone(), self.ino(ino));
-        let root = self.fs.root();
         let me = self.clone_view();
         self.spawn(async move {
             // As readdir. The kernel takes no attributes from `.` and `..`: theirs are a
@@ -708,27 +707,50 @@ impl Filesystem for SealFuse {
                 return reply.ok();
             }
             let after = offset.saturating_sub(2);
-            match fs.readdir_plus(dir, after, 256).await {
-                Ok(list) => {
-                    for (e, a) in list {
-                        let i = if e.ino == root { 1 } else { e.ino };
-                        // What this mount holds for an open file shows, as in lookup.
-                        let attr = me.attr(&me.open.attr(a));
-                        if reply.add(
-                            INodeNo(i),
-                            e.cookie + 2,
-                            OsStr::from_bytes(&e.name),
-                            &TTL,
-                            &attr,
-                            Generation(0),
-                        ) {
-                            break;
+            let list = match fs.readdir_plus(dir, after, 256).await {
+                Ok(list) => list,
+                Err(e) => return reply.error(errno(e)),
+            };
+            // Entries in this reply: `.` and `..` above.
+            let mut added = 2 - offset.min(2) as usize;
+            // The attributes the partition did not give (folders') are asked for 16 at a
+            // time, and only as long as the kernel's buffer takes entries.
+            for chunk in list.chunks(16) {
+                let got = futures::future::join_all(chunk.iter().map(|(e, a)| {
+                    let fs = fs.clone();
+                    async move {
+                        match a {
+                            Some(a) => Ok(a.clone()),
+                            None => fs.getattr(e.ino).await,
                         }
                     }
-                    reply.ok()
+                }))
+                .await;
+                for ((e, _), a) in chunk.iter().zip(got) {
+                    let (a, ttl) = match a {
+                        Ok(a) => me.listed(a),
+                        // Removed meanwhile: not listed.
+                        Err(Error::NOENT) => continue,
+                        // The rest from the next call, which answers the error if this entry
+                        // comes first.
+                        Err(err) if added == 0 => return reply.error(errno(err)),
+                        Err(_) => return reply.ok(),
+                    };
+                    let attr = me.attr(&a);
+                    if reply.add(
+                        attr.ino,
+                        e.cookie + 2,
+                        OsStr::from_bytes(&e.name),
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        return reply.ok();
+                    }
+                    added += 1;
                 }
-                Err(e) => reply.error(errno(e)),
             }
+            reply.ok()
         });
     }
 
@@ -971,6 +993,25 @@ struct View {
 }
 
 impl View {
+    /// The attributes and TTL a listing gives for an entry: what this mount holds for an open
+    /// file laid over (as a lookup shows it); for a folder this mount is changing, a TTL of
+    /// zero (the partition's answer may predate the change), or the attributes the change
+    /// left.
+    fn listed(&self, a: Attr) -> (Attr, Duration) {
+        if a.kind != FileKind::Dir {
+            return (self.open.attr(a), TTL);
+        }
+        if let Some(shown) = self.dirs.shown(a.ino) {
+            return shown;
+        }
+        let ttl = if self.dirs.changing(a.ino) {
+            Duration::ZERO
+        } else {
+            TTL
+        };
+        (a, ttl)
+    }
+
     /// Ends a change of a folder with the folder's attributes its reply gave, if any, and
     /// gives the rest of the reply.
     fn ended<T>(&self, change: Change, r: Result<(T, Option<Attr>), Error>) -> Result<T, Error> {
