@@ -529,19 +529,17 @@ impl Sealfs {
             Ok(_) => return Ok((ino, None)),
             Err(e) => e,
         };
-        if remote {
-            // The dying mark is taken back only while the entry still names the directory:
-            // an Unlink applied whose answer was lost is refused (ENOENT) when sent again, and
-            // its Destroy is then on its way (the orphan scan's, when the lookup fails too).
-            // (Not after UNAVAILABLE: the Unlink may still be applied.)
-            if e != Errno::UNAVAILABLE
-                && matches!(self.lookup(parent, name).await, Ok((found, _)) if found == ino)
-            {
-                let _ = self
-                    .meta
-                    .write(partition_of(ino), &Op::RmdirAbort { ino })
-                    .await;
-            }
+        if remote && e != Errno::UNAVAILABLE {
+            // The dying mark is taken back (not after UNAVAILABLE: the Unlink may still be
+            // applied). That is so even when the entry no longer names the directory: another
+            // client may have renamed it away meanwhile, and a dying directory whose entry is
+            // gone is destroyed by the orphan scan. The cost is the other case, an Unlink
+            // applied whose answer was lost and refused (ENOENT) when sent again, with its
+            // Destroy not yet applied: the directory, empty, is then left with no entry.
+            let _ = self
+                .meta
+                .write(partition_of(ino), &Op::RmdirAbort { ino })
+                .await;
         }
         Err(e)
     }
