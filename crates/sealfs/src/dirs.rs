@@ -190,13 +190,16 @@ mod tests {
 
     #[test]
     fn folders_past_the_ttl_are_dropped_once_there_are_many() {
-        let d = Dirs::new(Duration::from_millis(1));
+        // A TTL long enough that the last folder is still fresh when the others are swept,
+        // however slowly a loaded machine runs the sweep (with 1 ms it was not, once in CI).
+        let ttl = Duration::from_millis(300);
+        let d = Dirs::new(ttl);
         for ino in 0..KEPT_MAX as u64 {
             let c = d.begin(ino);
             d.end(c, Some(dir(ino, 1)));
         }
         assert_eq!(d.dirs().len(), KEPT_MAX);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(ttl + Duration::from_millis(50));
         let c = d.begin(u64::MAX);
         d.end(c, Some(dir(u64::MAX, 1)));
         assert_eq!(d.dirs().len(), 1, "only the fresh one is left");
