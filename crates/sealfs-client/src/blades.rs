@@ -2,7 +2,7 @@
 //! server runs for the blades whose shard 0 it holds, and the data operations on the wire.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,12 +72,38 @@ pub struct Appended {
     pub seq: u32,
 }
 
-/// The layout of `blade` from `map`: shards on server `me` use `local`, the others are reached
-/// through `peers`.
+/// The shard stores of the servers that run in this process (`sealfs up` runs all of them
+/// beside the mount), by the address each listens on. A layout reaches these directly rather
+/// than over a loopback connection to itself.
+#[derive(Clone, Default)]
+pub struct InProcess(Arc<RwLock<HashMap<String, Arc<dyn ShardStore>>>>);
+
+impl InProcess {
+    /// Adds the store of the server listening on `addr`.
+    pub fn add(&self, addr: String, store: Arc<dyn ShardStore>) {
+        self.0
+            .write()
+            .expect("in-process stores")
+            .insert(addr, store);
+    }
+
+    /// Removes the store of the server listening on `addr` (it stopped).
+    pub fn remove(&self, addr: &str) {
+        self.0.write().expect("in-process stores").remove(addr);
+    }
+
+    fn get(&self, addr: &str) -> Option<Arc<dyn ShardStore>> {
+        self.0.read().expect("in-process stores").get(addr).cloned()
+    }
+}
+
+/// The layout of `blade` from `map`: shards on server `me` use its own store, those on other
+/// servers in this process (`near`) theirs, and the rest are reached through `peers`.
 pub fn layout_for(
     map: &ClusterMap,
     blade: u32,
     me: Option<(u64, &Arc<dyn ShardStore>)>,
+    near: &InProcess,
     peers: &Peers,
 ) -> kelp::Result<BladeLayout> {
     let b = map
@@ -87,19 +113,23 @@ pub fn layout_for(
     let profile = Profile::new(b.k, b.m, b.w)?;
     let mut shards = Vec::with_capacity(b.shards.len());
     for h in &b.shards {
-        let store: Arc<dyn ShardStore> = match me {
-            Some((id, local)) if id == h.server => local.clone(),
-            _ => {
-                let addr = map
-                    .servers
-                    .get(&h.server)
-                    .map(|s| s.addr.clone())
-                    .ok_or_else(|| {
-                        KelpError::invalid(format!("server {} is not in the map", h.server))
-                    })?;
-                Arc::new(RemoteStore::new(peers.client(&addr), SHARD_DEADLINE))
+        if let Some((id, own)) = me {
+            if id == h.server {
+                shards.push(ShardPlacement {
+                    store: own.clone(),
+                    disk: h.disk,
+                });
+                continue;
             }
-        };
+        }
+        let addr = map
+            .servers
+            .get(&h.server)
+            .map(|s| s.addr.as_str())
+            .ok_or_else(|| KelpError::invalid(format!("server {} is not in the map", h.server)))?;
+        let store = near.get(addr).unwrap_or_else(|| {
+            Arc::new(RemoteStore::new(peers.client(addr), SHARD_DEADLINE)) as Arc<dyn ShardStore>
+        });
         shards.push(ShardPlacement {
             store,
             disk: h.disk,
@@ -113,6 +143,7 @@ pub struct BladeHost {
     maps: MapCache,
     peers: Peers,
     local: Arc<dyn ShardStore>,
+    near: InProcess,
     me: Mutex<Option<u64>>,
     /// Each blade's holdfast, opened once (an open reads the blade's tail: one slow open must
     /// not hold up the others).
@@ -136,12 +167,14 @@ fn appended(r: kelp::Reference) -> Response {
 }
 
 impl BladeHost {
-    /// The holdfasts of the server whose own disks are `local`.
-    pub fn new(maps: MapCache, peers: Peers, local: Arc<dyn ShardStore>) -> Self {
+    /// The holdfasts of the server whose own disks are `local`, beside the servers `near` in
+    /// the same process.
+    pub fn new(maps: MapCache, peers: Peers, local: Arc<dyn ShardStore>, near: InProcess) -> Self {
         BladeHost {
             maps,
             peers,
             local,
+            near,
             me: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
         }
@@ -214,7 +247,13 @@ impl BladeHost {
         let Ok(map) = self.maps.refresh().await else {
             return false;
         };
-        let Ok(layout) = layout_for(&map, blade, Some((me, &self.local)), &self.peers) else {
+        let Ok(layout) = layout_for(
+            &map,
+            blade,
+            Some((me, &self.local)),
+            &self.near,
+            &self.peers,
+        ) else {
             return false;
         };
         futures::stream::iter(0..layout.shards.len())
@@ -272,8 +311,14 @@ impl BladeHost {
             r.epoch = map.epoch;
             return Err(r);
         }
-        let layout = layout_for(&map, blade, Some((me, &self.local)), &self.peers)
-            .map_err(|e| err(Status::Internal, e.to_string()))?;
+        let layout = layout_for(
+            &map,
+            blade,
+            Some((me, &self.local)),
+            &self.near,
+            &self.peers,
+        )
+        .map_err(|e| err(Status::Internal, e.to_string()))?;
         Holdfast::open(layout, HoldfastConfig::default())
             .await
             .map_err(|e| err(Status::Unavailable, format!("blade {blade:08x}: {e}")))
@@ -357,5 +402,83 @@ impl BladeHost {
             }
         }
         fixed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sealfs_manager::map::{Command, Disk, Outcome};
+    use sealfs_rpc::ClusterKey;
+
+    fn remote(peers: &Peers, addr: &str) -> Arc<dyn ShardStore> {
+        Arc::new(RemoteStore::new(peers.client(addr), SHARD_DEADLINE))
+    }
+
+    #[tokio::test]
+    async fn layouts_reach_stores_in_this_process_directly_and_the_rest_over_the_network() {
+        let mut map = ClusterMap::default();
+        for s in 0..4 {
+            map.apply(Command::Register {
+                addr: format!("127.0.0.1:{}", 7000 + s),
+                zone: String::new(),
+                disks: vec![
+                    Disk {
+                        capacity: 1 << 40,
+                        free: 1 << 40,
+                    };
+                    4
+                ],
+                now_ms: 0,
+            });
+        }
+        let Outcome::Blade(blade, _) = map.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 })
+        else {
+            panic!("no blade")
+        };
+        let peers = Peers::new(ClusterKey::from_secret(b"test"));
+        let id_of = |addr: &str| {
+            *map.servers
+                .iter()
+                .find(|(_, s)| s.addr == addr)
+                .expect("registered")
+                .0
+        };
+        let (own_id, own) = (id_of("127.0.0.1:7000"), remote(&peers, "127.0.0.1:7000"));
+        let (near_id, near_store) = (id_of("127.0.0.1:7001"), remote(&peers, "127.0.0.1:7001"));
+        let near = InProcess::default();
+        near.add("127.0.0.1:7001".into(), near_store.clone());
+        let b = &map.blades[&blade];
+
+        // A server's holdfast: its own shards on its own store, those of the server beside
+        // it in this process on that one's, the others each on a store of its own.
+        let layout = layout_for(&map, blade, Some((own_id, &own)), &near, &peers).expect("layout");
+        for (h, p) in b.shards.iter().zip(&layout.shards) {
+            assert_eq!(p.disk, h.disk);
+            assert_eq!(Arc::ptr_eq(&p.store, &own), h.server == own_id);
+            assert_eq!(Arc::ptr_eq(&p.store, &near_store), h.server == near_id);
+        }
+
+        // A client in the same process: only the registered store is reached directly; a
+        // server that stopped is reached over the network again.
+        let layout = layout_for(&map, blade, None, &near, &peers).expect("layout");
+        let direct = layout
+            .shards
+            .iter()
+            .filter(|p| Arc::ptr_eq(&p.store, &near_store))
+            .count();
+        assert_eq!(
+            direct,
+            b.shards.iter().filter(|h| h.server == near_id).count()
+        );
+        assert!(direct > 0);
+        near.remove("127.0.0.1:7001");
+        let layout = layout_for(&map, blade, None, &near, &peers).expect("layout");
+        assert!(layout
+            .shards
+            .iter()
+            .all(|p| !Arc::ptr_eq(&p.store, &near_store)
+                && !Arc::ptr_eq(&p.store, &own)
+                && p.store.name().starts_with("127.0.0.1:700")));
     }
 }

@@ -25,7 +25,9 @@ use sealfs_rpc::{ClusterKey, Request};
 
 pub use sealfs_meta::{Errno as Error, Kind as FileKind};
 
-use blades::{AppendReq, Appended, BladeReq, UpdateReq, OP_APPEND, OP_BLADE_SYNC, OP_UPDATE};
+use blades::{
+    AppendReq, Appended, BladeReq, InProcess, UpdateReq, OP_APPEND, OP_BLADE_SYNC, OP_UPDATE,
+};
 
 /// Data bytes per frond the client writes (the last frond of a write may be shorter).
 pub const FROND_BYTES: usize = 2 << 20;
@@ -121,6 +123,8 @@ pub struct Sealfs {
     allocating: Arc<tokio::sync::Mutex<()>>,
     usage: Arc<Mutex<Option<(Instant, u64, u64)>>>,
     fronds: Arc<Mutex<std::collections::VecDeque<(u64, Bytes)>>>,
+    /// Shard stores of servers in this process, read without the network.
+    near: InProcess,
     _watch: Arc<WatchGuard>,
 }
 
@@ -203,6 +207,7 @@ impl Sealfs {
             allocating: Arc::default(),
             usage: Arc::default(),
             fronds: Arc::default(),
+            near: InProcess::default(),
             _watch: Arc::new(WatchGuard(watch)),
         };
         let op = Op::EnsureRoot {
@@ -225,6 +230,14 @@ impl Sealfs {
             }
         }
         Ok(fs)
+    }
+
+    /// Reads the shards of the servers in `near` (servers in this process) directly rather
+    /// than over the network.
+    pub fn with_in_process(mut self, near: InProcess) -> Sealfs {
+        self.near = near;
+        self.readers.lock().expect("readers").clear();
+        self
     }
 
     /// The volume's root inode.
@@ -1321,7 +1334,8 @@ impl Sealfs {
             return Ok(r.clone());
         }
         let map = self.maps.get();
-        let layout = blades::layout_for(&map, blade, None, &self.peers).map_err(io("layout"))?;
+        let layout =
+            blades::layout_for(&map, blade, None, &self.near, &self.peers).map_err(io("layout"))?;
         let r = Arc::new(BladeReader::new(layout, HedgeConfig::default()));
         self.readers
             .lock()

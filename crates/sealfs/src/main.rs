@@ -400,6 +400,7 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
             orphan_grace: std::time::Duration::from_millis(a.orphan_grace_ms),
             ..Default::default()
         },
+        near: Default::default(),
     })
     .await?;
     // Scripts and tests read this line to learn the address (useful with port 0).
@@ -514,6 +515,8 @@ async fn up(a: UpArgs) -> Result<(), String> {
         &[],
     )
     .await?;
+    // The mount reads the servers' disks directly, and their holdfasts one another's.
+    let near = sealfs_client::blades::InProcess::default();
     let mut nodes = Vec::new();
     for s in 0..a.servers {
         let disks: Vec<PathBuf> = (0..a.disks)
@@ -531,6 +534,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
                 key: key.clone(),
                 manager: Some(addrs[0].clone()),
                 host: Default::default(),
+                near: near.clone(),
             })
             .await?,
         );
@@ -541,7 +545,8 @@ async fn up(a: UpArgs) -> Result<(), String> {
         "default",
         std::time::Duration::from_secs(60),
     )
-    .await?;
+    .await?
+    .with_in_process(near);
     let mp = &a.mountpoint;
     if let Err(e) = std::fs::metadata(mp) {
         if e.raw_os_error() == Some(107) {

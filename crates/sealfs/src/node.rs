@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kelp::{LocalStore, LocalStoreConfig, ShardStore};
-use sealfs_client::blades::BladeHost;
+use sealfs_client::blades::{BladeHost, InProcess};
 use sealfs_manager::MapCache;
 use sealfs_meta::{HostConfig, MetaClient, MetaHost};
 use sealfs_raft::{Peers, RaftRouter};
@@ -26,6 +26,9 @@ pub struct NodeSettings {
     pub key: ClusterKey,
     pub manager: Option<String>,
     pub host: HostConfig,
+    /// The servers in this process: this one adds its store to them, and its holdfasts reach
+    /// theirs directly.
+    pub near: InProcess,
 }
 
 struct Dispatch {
@@ -58,6 +61,7 @@ pub struct Node {
     handle: ServerHandle,
     meta: Option<Arc<MetaHost>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    near: InProcess,
     /// Shard files found on the disks at start.
     pub found: usize,
 }
@@ -113,11 +117,16 @@ impl Node {
                 s.host.clone(),
             )
         });
-        let blades = maps
-            .as_ref()
-            .map(|maps| Arc::new(BladeHost::new(maps.clone(), peers.clone(), store.clone())));
+        let blades = maps.as_ref().map(|maps| {
+            Arc::new(BladeHost::new(
+                maps.clone(),
+                peers.clone(),
+                store.clone(),
+                s.near.clone(),
+            ))
+        });
         let dispatch = Arc::new(Dispatch {
-            shards: ShardService::new(store),
+            shards: ShardService::new(store.clone()),
             router,
             meta: meta.clone(),
             blades: blades.clone(),
@@ -125,6 +134,7 @@ impl Node {
         let handle = Server::bind(&s.listen, s.key.clone(), ServerConfig::default(), dispatch)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
+        s.near.add(handle.addr().to_string(), store);
         let mut tasks = Vec::new();
         if let (Some(maps), Some(meta), Some(blades)) = (maps, meta.clone(), blades) {
             tasks.push(tokio::spawn(take_part(
@@ -150,6 +160,7 @@ impl Node {
             handle,
             meta,
             tasks,
+            near: s.near,
             found,
         })
     }
@@ -161,6 +172,7 @@ impl Node {
 
     /// Stops it: background work, partitions, then the listener.
     pub async fn shutdown(self) {
+        self.near.remove(&self.handle.addr().to_string());
         for t in &self.tasks {
             t.abort();
         }
