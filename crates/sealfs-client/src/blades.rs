@@ -11,7 +11,7 @@ use kelp::{BladeLayout, Holdfast, HoldfastConfig, KelpError, Profile, ShardPlace
 use sealfs_manager::map::ClusterMap;
 use sealfs_manager::MapCache;
 use sealfs_raft::Peers;
-use sealfs_rpc::{Request, Response, Status};
+use sealfs_rpc::{Handler, Request, Response, Status};
 use sealfs_shard::RemoteStore;
 use serde::{Deserialize, Serialize};
 
@@ -72,28 +72,43 @@ pub struct Appended {
     pub seq: u32,
 }
 
-/// The shard stores of the servers that run in this process (`sealfs up` runs all of them
-/// beside the mount), by the address each listens on. A layout reaches these directly rather
-/// than over a loopback connection to itself.
+/// The servers that run in this process (`sealfs up` runs all of them beside the mount), by
+/// the address each listens on: their shard stores, which layouts use directly, and their
+/// request handlers, which [`Peers`] made with [`InProcess::servers`] call directly, rather
+/// than either over a loopback connection to this same process.
 #[derive(Clone, Default)]
-pub struct InProcess(Arc<RwLock<HashMap<String, Arc<dyn ShardStore>>>>);
+pub struct InProcess {
+    stores: Arc<RwLock<HashMap<String, Arc<dyn ShardStore>>>>,
+    servers: sealfs_rpc::InProcess,
+}
 
 impl InProcess {
-    /// Adds the store of the server listening on `addr`.
-    pub fn add(&self, addr: String, store: Arc<dyn ShardStore>) {
-        self.0
+    /// Adds the server listening on `addr`: its shard store and its handler.
+    pub fn add(&self, addr: String, store: Arc<dyn ShardStore>, handler: Arc<dyn Handler>) {
+        self.servers.add(addr.clone(), handler);
+        self.stores
             .write()
             .expect("in-process stores")
             .insert(addr, store);
     }
 
-    /// Removes the store of the server listening on `addr` (it stopped).
+    /// Removes the server listening on `addr` (it stops).
     pub fn remove(&self, addr: &str) {
-        self.0.write().expect("in-process stores").remove(addr);
+        self.servers.remove(addr);
+        self.stores.write().expect("in-process stores").remove(addr);
     }
 
-    fn get(&self, addr: &str) -> Option<Arc<dyn ShardStore>> {
-        self.0.read().expect("in-process stores").get(addr).cloned()
+    /// The handlers, for [`Peers::with_in_process`].
+    pub fn servers(&self) -> sealfs_rpc::InProcess {
+        self.servers.clone()
+    }
+
+    fn store(&self, addr: &str) -> Option<Arc<dyn ShardStore>> {
+        self.stores
+            .read()
+            .expect("in-process stores")
+            .get(addr)
+            .cloned()
     }
 }
 
@@ -127,7 +142,7 @@ pub fn layout_for(
             .get(&h.server)
             .map(|s| s.addr.as_str())
             .ok_or_else(|| KelpError::invalid(format!("server {} is not in the map", h.server)))?;
-        let store = near.get(addr).unwrap_or_else(|| {
+        let store = near.store(addr).unwrap_or_else(|| {
             Arc::new(RemoteStore::new(peers.client(addr), SHARD_DEADLINE)) as Arc<dyn ShardStore>
         });
         shards.push(ShardPlacement {
@@ -411,6 +426,15 @@ mod tests {
     use sealfs_manager::map::{Command, Disk, Outcome};
     use sealfs_rpc::ClusterKey;
 
+    struct NoServer;
+
+    #[async_trait::async_trait]
+    impl Handler for NoServer {
+        async fn handle(&self, _: Request) -> Response {
+            err(Status::Unavailable, "not a server")
+        }
+    }
+
     fn remote(peers: &Peers, addr: &str) -> Arc<dyn ShardStore> {
         Arc::new(RemoteStore::new(peers.client(addr), SHARD_DEADLINE))
     }
@@ -447,7 +471,11 @@ mod tests {
         let (own_id, own) = (id_of("127.0.0.1:7000"), remote(&peers, "127.0.0.1:7000"));
         let (near_id, near_store) = (id_of("127.0.0.1:7001"), remote(&peers, "127.0.0.1:7001"));
         let near = InProcess::default();
-        near.add("127.0.0.1:7001".into(), near_store.clone());
+        near.add(
+            "127.0.0.1:7001".into(),
+            near_store.clone(),
+            Arc::new(NoServer),
+        );
         let b = &map.blades[&blade];
 
         // A server's holdfast: its own shards on its own store, those of the server beside

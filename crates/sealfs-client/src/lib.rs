@@ -166,6 +166,18 @@ impl Sealfs {
         volume: &str,
         wait: Duration,
     ) -> Result<Sealfs, String> {
+        Sealfs::connect_beside(manager, key, volume, wait, InProcess::default()).await
+    }
+
+    /// As [`Sealfs::connect`], in a process that also runs the servers `near`: their disks
+    /// are read, and their handlers called, directly rather than over the network.
+    pub async fn connect_beside(
+        manager: &str,
+        key: ClusterKey,
+        volume: &str,
+        wait: Duration,
+        near: InProcess,
+    ) -> Result<Sealfs, String> {
         let maps = MapCache::new(manager, key.clone());
         let start = Instant::now();
         let map = loop {
@@ -191,7 +203,7 @@ impl Sealfs {
             let names: Vec<&String> = map.volumes.keys().collect();
             return Err(format!("no volume {volume:?} (volumes: {names:?})"));
         };
-        let peers = Peers::new(key);
+        let peers = Peers::with_in_process(key, near.servers());
         let meta = MetaClient::new(maps.clone(), peers.clone());
         let root = root_ino(v.id, map.partitions.len() as u32);
         let watch = maps.watch(Duration::from_secs(1));
@@ -207,7 +219,7 @@ impl Sealfs {
             allocating: Arc::default(),
             usage: Arc::default(),
             fronds: Arc::default(),
-            near: InProcess::default(),
+            near,
             _watch: Arc::new(WatchGuard(watch)),
         };
         let op = Op::EnsureRoot {
@@ -230,14 +242,6 @@ impl Sealfs {
             }
         }
         Ok(fs)
-    }
-
-    /// Reads the shards of the servers in `near` (servers in this process) directly rather
-    /// than over the network.
-    pub fn with_in_process(mut self, near: InProcess) -> Sealfs {
-        self.near = near;
-        self.readers.lock().expect("readers").clear();
-        self
     }
 
     /// The volume's root inode.

@@ -17,7 +17,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
-use sealfs_rpc::{Client, ClientConfig, ClusterKey, Handler, Request, Response, Status};
+use sealfs_rpc::{Client, ClientConfig, ClusterKey, Handler, InProcess, Request, Response, Status};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{NodeId, TypeConfig};
@@ -34,14 +34,22 @@ pub const OP_SNAPSHOT: u16 = 0x0203;
 pub struct Peers {
     key: ClusterKey,
     clients: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+    near: InProcess,
 }
 
 impl Peers {
     /// Peers reached with the cluster key.
     pub fn new(key: ClusterKey) -> Self {
+        Peers::with_in_process(key, InProcess::default())
+    }
+
+    /// Peers reached with the cluster key; those running in this process (`near`) are
+    /// called directly.
+    pub fn with_in_process(key: ClusterKey, near: InProcess) -> Self {
         Peers {
             key,
             clients: Arc::default(),
+            near,
         }
     }
 
@@ -54,7 +62,10 @@ impl Peers {
                     backoff_max: Duration::from_millis(500),
                     ..Default::default()
                 };
-                Arc::new(Client::new(addr.to_string(), self.key.clone(), cfg))
+                Arc::new(
+                    Client::new(addr.to_string(), self.key.clone(), cfg)
+                        .with_in_process(self.near.clone()),
+                )
             })
             .clone()
     }

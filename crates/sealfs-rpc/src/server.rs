@@ -19,7 +19,7 @@ use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, Status};
 
 /// Time a handler gets past the request's deadline before the server gives up on it.
-const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+pub(crate) const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// What serves requests.
 #[async_trait]

@@ -413,3 +413,94 @@ async fn metadata_that_does_not_parse_is_an_error() {
     assert!(sealfs_rpc::decode_meta::<Lookup>(&m[..m.len() - 1]).is_err());
     assert!(sealfs_rpc::decode_meta::<Lookup>(&[0xff; 40]).is_err());
 }
+
+/// Counts the requests its handler finished.
+struct Finishing(Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait]
+impl Handler for Finishing {
+    async fn handle(&self, req: Request) -> Response {
+        let r = Echo.handle(req).await;
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+}
+
+/// A server in the client's own process is called directly: no connection, the bulk bytes not
+/// copied, the same deadlines (the handler not cancelled halfway when the caller gives up, but
+/// stopped a little past the deadline); once it is removed, calls go over the network again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_in_this_process_are_called_directly_with_the_same_deadlines() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let srv = server().await;
+    let addr = srv.addr().to_string();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let near = sealfs_rpc::InProcess::default();
+    near.add(addr.clone(), Arc::new(Finishing(finished.clone())));
+    let client =
+        Client::new(addr.clone(), key(), ClientConfig::default()).with_in_process(near.clone());
+    let data = Bytes::from(vec![7u8; 1 << 20]);
+    let r = client
+        .call(echo(b"near", data.clone()), SECOND)
+        .await
+        .unwrap()
+        .into_result()
+        .unwrap();
+    assert_eq!(&r.meta[..], b"near");
+    assert_eq!(r.data.as_ptr(), data.as_ptr(), "the bytes were not copied");
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+
+    let sleep = |ms: u64| Request {
+        op: SLEEP,
+        epoch: 0,
+        meta: sealfs_rpc::encode_meta(&ms).unwrap(),
+        data: Bytes::new(),
+    };
+    // Given up on at its deadline, finished by the handler within the grace.
+    let err = client
+        .call(sleep(130), Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RpcError::Timeout {
+                op: SLEEP,
+                ms: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        2,
+        "the handler ran to its end"
+    );
+    // Far past the deadline: stopped.
+    let started = std::time::Instant::now();
+    assert!(client
+        .call(sleep(3000), Duration::from_millis(100))
+        .await
+        .is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        2,
+        "the handler was stopped"
+    );
+    assert_eq!(client.connects(), 0);
+    assert_eq!(srv.accepted(), 0);
+
+    near.remove(&addr);
+    let r = client
+        .call(echo(b"far", data.clone()), SECOND)
+        .await
+        .unwrap();
+    assert_eq!(r.data, data);
+    assert_eq!(client.connects(), 1);
+    assert_eq!(srv.accepted(), 1);
+    assert_eq!(finished.load(Ordering::SeqCst), 2);
+}

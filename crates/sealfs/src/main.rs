@@ -515,7 +515,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
         &[],
     )
     .await?;
-    // The mount reads the servers' disks directly, and their holdfasts one another's.
+    // The mount and the servers reach one another's disks and handlers directly.
     let near = sealfs_client::blades::InProcess::default();
     let mut nodes = Vec::new();
     for s in 0..a.servers {
@@ -539,14 +539,14 @@ async fn up(a: UpArgs) -> Result<(), String> {
             .await?,
         );
     }
-    let fs = sealfs_client::Sealfs::connect(
+    let fs = sealfs_client::Sealfs::connect_beside(
         &addrs[0],
         key,
         "default",
         std::time::Duration::from_secs(60),
+        near,
     )
-    .await?
-    .with_in_process(near);
+    .await?;
     let mp = &a.mountpoint;
     if let Err(e) = std::fs::metadata(mp) {
         if e.raw_os_error() == Some(107) {

@@ -106,7 +106,7 @@ impl Node {
         let found = report.found;
         let store: Arc<dyn ShardStore> = Arc::new(store);
         let router = Arc::new(RaftRouter::default());
-        let peers = Peers::new(s.key.clone());
+        let peers = Peers::with_in_process(s.key.clone(), s.near.servers());
         let maps = s.manager.as_ref().map(|m| MapCache::new(m, s.key.clone()));
         let meta = maps.as_ref().map(|maps| {
             MetaHost::new(
@@ -131,10 +131,15 @@ impl Node {
             meta: meta.clone(),
             blades: blades.clone(),
         });
-        let handle = Server::bind(&s.listen, s.key.clone(), ServerConfig::default(), dispatch)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
-        s.near.add(handle.addr().to_string(), store);
+        let handle = Server::bind(
+            &s.listen,
+            s.key.clone(),
+            ServerConfig::default(),
+            dispatch.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
+        s.near.add(handle.addr().to_string(), store, dispatch);
         let mut tasks = Vec::new();
         if let (Some(maps), Some(meta), Some(blades)) = (maps, meta.clone(), blades) {
             tasks.push(tokio::spawn(take_part(
