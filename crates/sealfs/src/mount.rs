@@ -35,6 +35,30 @@ pub struct SealFuse {
     next_fh: AtomicU64,
 }
 
+/// What readdirplus does with an entry, given its attributes as asked for and the entries
+/// already in the reply.
+#[derive(Debug, PartialEq)]
+enum Listing {
+    /// List it with these.
+    Add(Attr),
+    /// Removed meanwhile: not listed.
+    Skip,
+    /// The first entry failed: the call answers the error.
+    Fail(Error),
+    /// A later one failed: the reply ends before it, and the next call (which starts at it)
+    /// answers the error if it fails again.
+    Stop,
+}
+
+fn listing(got: Result<Attr, Error>, added: usize) -> Listing {
+    match got {
+        Ok(a) => Listing::Add(a),
+        Err(Error::NOENT) => Listing::Skip,
+        Err(e) if added == 0 => Listing::Fail(e),
+        Err(_) => Listing::Stop,
+    }
+}
+
 fn errno(e: Error) -> FErr {
     if e.0 > 0 {
         FErr::from_i32(e.0)
@@ -727,14 +751,11 @@ impl Filesystem for SealFuse {
                 }))
                 .await;
                 for ((e, _), a) in chunk.iter().zip(got) {
-                    let (a, ttl) = match a {
-                        Ok(a) => me.listed(a),
-                        // Removed meanwhile: not listed.
-                        Err(Error::NOENT) => continue,
-                        // The rest from the next call, which answers the error if this entry
-                        // comes first.
-                        Err(err) if added == 0 => return reply.error(errno(err)),
-                        Err(_) => return reply.ok(),
+                    let (a, ttl) = match listing(a, added) {
+                        Listing::Add(a) => me.listed(a),
+                        Listing::Skip => continue,
+                        Listing::Fail(err) => return reply.error(errno(err)),
+                        Listing::Stop => return reply.ok(),
                     };
                     let attr = me.attr(&a);
                     if reply.add(
@@ -1077,4 +1098,43 @@ pub fn mount(
     cfg.acl = fuser::SessionACL::All;
     cfg.n_threads = Some(4);
     fuser::spawn_mount(SealFuse::new(fs, rt), mountpoint, &cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder() -> Attr {
+        Attr {
+            ino: 42,
+            kind: FileKind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            nlink: 2,
+            rdev: 0,
+            flags: 0,
+            atime: 0,
+            mtime: 0,
+            ctime: 0,
+            crtime: 0,
+            generation: 0,
+            volume: 1,
+        }
+    }
+
+    /// A folder whose attributes cannot be had: in the reply's first place the call fails
+    /// with the error, later the reply ends before it (the next call starts there); a folder
+    /// removed meanwhile is left out, wherever it is.
+    #[test]
+    fn readdirplus_lists_what_it_can_and_fails_only_on_its_first_entry() {
+        assert_eq!(listing(Ok(folder()), 0), Listing::Add(folder()));
+        assert_eq!(listing(Ok(folder()), 7), Listing::Add(folder()));
+        assert_eq!(listing(Err(Error::NOENT), 0), Listing::Skip);
+        assert_eq!(listing(Err(Error::NOENT), 3), Listing::Skip);
+        assert_eq!(listing(Err(Error::IO), 0), Listing::Fail(Error::IO));
+        assert_eq!(listing(Err(Error::IO), 1), Listing::Stop);
+        assert_eq!(listing(Err(Error::ACCES), 5), Listing::Stop);
+    }
 }
