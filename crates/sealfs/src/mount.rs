@@ -59,6 +59,23 @@ fn listing(got: Result<Attr, Error>, added: usize) -> Listing {
     }
 }
 
+/// Runs `f` on the calling thread (a FUSE thread) as far as it goes without waiting, and hands
+/// it to the runtime `rt` only if it must wait: a read of cells in the page cache is answered
+/// there, without waking another thread and being woken back. A future moved to the runtime
+/// after a first poll is polled again at once there, with the runtime's waker, so nothing it
+/// waits for is missed.
+fn run_or_spawn<F>(rt: &tokio::runtime::Handle, f: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _runtime = rt.enter();
+    let mut f = Box::pin(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if f.as_mut().poll(&mut cx).is_pending() {
+        rt.spawn(f);
+    }
+}
+
 fn errno(e: Error) -> FErr {
     if e.0 > 0 {
         FErr::from_i32(e.0)
@@ -121,6 +138,14 @@ impl SealFuse {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(f);
+    }
+
+    /// [`run_or_spawn`] on the mount's runtime.
+    fn run_or_spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        run_or_spawn(&self.rt, f)
     }
 }
 
@@ -437,7 +462,7 @@ impl Filesystem for SealFuse {
     ) {
         let ino = self.ino(ino);
         let me = self.clone_view();
-        self.spawn(async move {
+        self.run_or_spawn(async move {
             match me.open.read(ino, offset, size as u64).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
@@ -1122,6 +1147,43 @@ mod tests {
             generation: 0,
             volume: 1,
         }
+    }
+
+    /// A future that needs no wait ends on the calling thread; one that waits (on another
+    /// task, a timer, the blocking pool) ends on the runtime, woken as usual.
+    #[test]
+    fn futures_run_here_until_they_must_wait_and_then_on_the_runtime() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let here = std::thread::current().id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = tx.clone();
+        run_or_spawn(rt.handle(), async move {
+            t.send(("ready", std::thread::current().id()))
+                .expect("send");
+        });
+        assert_eq!(rx.try_recv().expect("done at once"), ("ready", here));
+
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let t = tx.clone();
+        run_or_spawn(rt.handle(), async move {
+            wait.await.expect("signal");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let v = tokio::task::spawn_blocking(|| 7).await.expect("blocking");
+            assert_eq!(v, 7);
+            t.send(("waited", std::thread::current().id()))
+                .expect("send");
+        });
+        assert!(rx.try_recv().is_err(), "it waits for the signal");
+        rt.spawn(async move { go.send(()).expect("waiting") });
+        let (what, on) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("woken on the runtime");
+        assert_eq!(what, "waited");
+        assert_ne!(on, here);
     }
 
     /// A folder whose attributes cannot be had: in the reply's first place the call fails
