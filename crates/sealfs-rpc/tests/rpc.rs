@@ -64,6 +64,21 @@ fn echo(meta: &[u8], data: Bytes) -> Request {
 
 const SECOND: Duration = Duration::from_secs(10);
 
+/// A SLEEP call with a 100 ms deadline ended by it.
+fn assert_sleep_timed_out_at_100_ms(err: &RpcError) {
+    assert!(
+        matches!(
+            err,
+            RpcError::Timeout {
+                op: SLEEP,
+                ms: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_share_one_connection() {
     let srv = server().await;
@@ -178,17 +193,7 @@ async fn deadlines_end_calls_and_late_responses_are_dropped() {
         .call(slow, Duration::from_millis(100))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RpcError::Timeout {
-                op: SLEEP,
-                ms: 100,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_sleep_timed_out_at_100_ms(&err);
     // The connection is still good, and the late response (in 500 ms) is dropped quietly.
     for _ in 0..10 {
         client.call(echo(b"x", Bytes::new()), SECOND).await.unwrap();
@@ -461,17 +466,7 @@ async fn servers_in_this_process_are_called_directly_with_the_same_deadlines() {
         .call(sleep(130), Duration::from_millis(100))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RpcError::Timeout {
-                op: SLEEP,
-                ms: 100,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_sleep_timed_out_at_100_ms(&err);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         finished.load(Ordering::SeqCst),

@@ -135,10 +135,11 @@ impl Dirs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn dir(ino: u64, mtime: i64) -> Attr {
+    /// The attributes of a folder, for tests.
+    pub(crate) fn dir(ino: u64, mtime: i64) -> Attr {
         Attr {
             ino,
             kind: sealfs_meta::Kind::Dir,

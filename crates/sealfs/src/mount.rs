@@ -1130,23 +1130,7 @@ mod tests {
     use super::*;
 
     fn folder() -> Attr {
-        Attr {
-            ino: 42,
-            kind: FileKind::Dir,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            nlink: 2,
-            rdev: 0,
-            flags: 0,
-            atime: 0,
-            mtime: 0,
-            ctime: 0,
-            crtime: 0,
-            generation: 0,
-            volume: 1,
-        }
+        crate::dirs::tests::dir(42, 0)
     }
 
     /// A future that needs no wait ends on the calling thread; one that waits (on another
