@@ -2,7 +2,7 @@
 //! server runs for the blades whose shard 0 it holds, and the data operations on the wire.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,7 +78,7 @@ pub struct Appended {
 /// than either over a loopback connection to this same process.
 #[derive(Clone, Default)]
 pub struct InProcess {
-    stores: Arc<RwLock<HashMap<String, Arc<dyn ShardStore>>>>,
+    stores: sealfs_rpc::Registry<dyn ShardStore>,
     servers: sealfs_rpc::InProcess,
 }
 
@@ -86,38 +86,26 @@ impl InProcess {
     /// Adds the server listening on `addr`: its shard store and its handler.
     pub fn add(&self, addr: String, store: Arc<dyn ShardStore>, handler: Arc<dyn Handler>) {
         self.servers.add(addr.clone(), handler);
-        self.stores
-            .write()
-            .expect("in-process stores")
-            .insert(addr, store);
+        self.stores.add(addr, store);
     }
 
     /// Removes the server listening on `addr` (it stops).
     pub fn remove(&self, addr: &str) {
         self.servers.remove(addr);
-        self.stores.write().expect("in-process stores").remove(addr);
+        self.stores.remove(addr);
     }
 
     /// The handlers, for [`Peers::with_in_process`].
     pub fn servers(&self) -> sealfs_rpc::InProcess {
         self.servers.clone()
     }
-
-    fn store(&self, addr: &str) -> Option<Arc<dyn ShardStore>> {
-        self.stores
-            .read()
-            .expect("in-process stores")
-            .get(addr)
-            .cloned()
-    }
 }
 
-/// The layout of `blade` from `map`: shards on server `me` use its own store, those on other
-/// servers in this process (`near`) theirs, and the rest are reached through `peers`.
+/// The layout of `blade` from `map`: shards on servers in this process (`near`, a server's
+/// own among them) use their stores directly, the rest are reached through `peers`.
 pub fn layout_for(
     map: &ClusterMap,
     blade: u32,
-    me: Option<(u64, &Arc<dyn ShardStore>)>,
     near: &InProcess,
     peers: &Peers,
 ) -> kelp::Result<BladeLayout> {
@@ -128,21 +116,12 @@ pub fn layout_for(
     let profile = Profile::new(b.k, b.m, b.w)?;
     let mut shards = Vec::with_capacity(b.shards.len());
     for h in &b.shards {
-        if let Some((id, own)) = me {
-            if id == h.server {
-                shards.push(ShardPlacement {
-                    store: own.clone(),
-                    disk: h.disk,
-                });
-                continue;
-            }
-        }
         let addr = map
             .servers
             .get(&h.server)
             .map(|s| s.addr.as_str())
             .ok_or_else(|| KelpError::invalid(format!("server {} is not in the map", h.server)))?;
-        let store = near.store(addr).unwrap_or_else(|| {
+        let store = near.stores.get(addr).unwrap_or_else(|| {
             Arc::new(RemoteStore::new(peers.client(addr), SHARD_DEADLINE)) as Arc<dyn ShardStore>
         });
         shards.push(ShardPlacement {
@@ -157,7 +136,6 @@ pub fn layout_for(
 pub struct BladeHost {
     maps: MapCache,
     peers: Peers,
-    local: Arc<dyn ShardStore>,
     near: InProcess,
     me: Mutex<Option<u64>>,
     /// Each blade's holdfast, opened once (an open reads the blade's tail: one slow open must
@@ -182,13 +160,12 @@ fn appended(r: kelp::Reference) -> Response {
 }
 
 impl BladeHost {
-    /// The holdfasts of the server whose own disks are `local`, beside the servers `near` in
-    /// the same process.
-    pub fn new(maps: MapCache, peers: Peers, local: Arc<dyn ShardStore>, near: InProcess) -> Self {
+    /// The holdfasts of a server whose own store, with those of any other server in the same
+    /// process, is in `near` (by the address it registers with).
+    pub fn new(maps: MapCache, peers: Peers, near: InProcess) -> Self {
         BladeHost {
             maps,
             peers,
-            local,
             near,
             me: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
@@ -241,7 +218,7 @@ impl BladeHost {
                 // Every shard answering first: servers starting beside this one may not
                 // listen yet, and an open without them marks the blade's tail for repair.
                 for _ in 0..OPEN_WAIT_TRIES {
-                    if self.all_shards_answer(blade, me).await {
+                    if self.all_shards_answer(blade).await {
                         break;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -258,17 +235,11 @@ impl BladeHost {
     }
 
     /// True if every shard store of `blade`, as the map now places them, answers.
-    async fn all_shards_answer(&self, blade: u32, me: u64) -> bool {
+    async fn all_shards_answer(&self, blade: u32) -> bool {
         let Ok(map) = self.maps.refresh().await else {
             return false;
         };
-        let Ok(layout) = layout_for(
-            &map,
-            blade,
-            Some((me, &self.local)),
-            &self.near,
-            &self.peers,
-        ) else {
+        let Ok(layout) = layout_for(&map, blade, &self.near, &self.peers) else {
             return false;
         };
         futures::stream::iter(0..layout.shards.len())
@@ -326,14 +297,8 @@ impl BladeHost {
             r.epoch = map.epoch;
             return Err(r);
         }
-        let layout = layout_for(
-            &map,
-            blade,
-            Some((me, &self.local)),
-            &self.near,
-            &self.peers,
-        )
-        .map_err(|e| err(Status::Internal, e.to_string()))?;
+        let layout = layout_for(&map, blade, &self.near, &self.peers)
+            .map_err(|e| err(Status::Internal, e.to_string()))?;
         Holdfast::open(layout, HoldfastConfig::default())
             .await
             .map_err(|e| err(Status::Unavailable, format!("blade {blade:08x}: {e}")))
@@ -470,43 +435,32 @@ mod tests {
         };
         let (own_id, own) = (id_of("127.0.0.1:7000"), remote(&peers, "127.0.0.1:7000"));
         let (near_id, near_store) = (id_of("127.0.0.1:7001"), remote(&peers, "127.0.0.1:7001"));
+        // A server's own store is registered like the others (`Node::start` does so).
         let near = InProcess::default();
-        near.add(
-            "127.0.0.1:7001".into(),
-            near_store.clone(),
-            Arc::new(NoServer),
-        );
+        for (addr, store) in [("127.0.0.1:7000", &own), ("127.0.0.1:7001", &near_store)] {
+            near.add(addr.into(), store.clone(), Arc::new(NoServer));
+        }
         let b = &map.blades[&blade];
 
-        // A server's holdfast: its own shards on its own store, those of the server beside
-        // it in this process on that one's, the others each on a store of its own.
-        let layout = layout_for(&map, blade, Some((own_id, &own)), &near, &peers).expect("layout");
+        // Shards of the servers in this process on their stores, the others each on a store
+        // of its own.
+        let layout = layout_for(&map, blade, &near, &peers).expect("layout");
         for (h, p) in b.shards.iter().zip(&layout.shards) {
             assert_eq!(p.disk, h.disk);
             assert_eq!(Arc::ptr_eq(&p.store, &own), h.server == own_id);
             assert_eq!(Arc::ptr_eq(&p.store, &near_store), h.server == near_id);
         }
+        assert!(b.shards.iter().any(|h| h.server == near_id));
 
-        // A client in the same process: only the registered store is reached directly; a
-        // server that stopped is reached over the network again.
-        let layout = layout_for(&map, blade, None, &near, &peers).expect("layout");
-        let direct = layout
-            .shards
-            .iter()
-            .filter(|p| Arc::ptr_eq(&p.store, &near_store))
-            .count();
-        assert_eq!(
-            direct,
-            b.shards.iter().filter(|h| h.server == near_id).count()
-        );
-        assert!(direct > 0);
+        // A server that stopped is reached over the network again.
         near.remove("127.0.0.1:7001");
-        let layout = layout_for(&map, blade, None, &near, &peers).expect("layout");
-        assert!(layout
-            .shards
-            .iter()
-            .all(|p| !Arc::ptr_eq(&p.store, &near_store)
-                && !Arc::ptr_eq(&p.store, &own)
-                && p.store.name().starts_with("127.0.0.1:700")));
+        let layout = layout_for(&map, blade, &near, &peers).expect("layout");
+        for (h, p) in b.shards.iter().zip(&layout.shards) {
+            assert!(!Arc::ptr_eq(&p.store, &near_store));
+            assert_eq!(Arc::ptr_eq(&p.store, &own), h.server == own_id);
+            if h.server != own_id {
+                assert!(p.store.name().starts_with("127.0.0.1:700"));
+            }
+        }
     }
 }

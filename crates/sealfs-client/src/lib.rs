@@ -1339,7 +1339,7 @@ impl Sealfs {
         }
         let map = self.maps.get();
         let layout =
-            blades::layout_for(&map, blade, None, &self.near, &self.peers).map_err(io("layout"))?;
+            blades::layout_for(&map, blade, &self.near, &self.peers).map_err(io("layout"))?;
         let r = Arc::new(BladeReader::new(layout, HedgeConfig::default()));
         self.readers
             .lock()

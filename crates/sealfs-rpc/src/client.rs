@@ -16,34 +16,42 @@ use crate::server::{Handler, DEADLINE_GRACE};
 use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, RpcError, Status};
 
-/// The servers running in this process, by the address each listens on. A client of one of
-/// them hands its requests to the server's handler directly (a task of its own, with the same
-/// deadlines) instead of through a loopback connection to its own process.
-#[derive(Clone, Default)]
-pub struct InProcess(Arc<RwLock<HashMap<String, Arc<dyn Handler>>>>);
+/// What the servers running in this process offer, by the address each listens on.
+pub struct Registry<T: ?Sized>(Arc<RwLock<HashMap<String, Arc<T>>>>);
 
-impl InProcess {
-    /// Adds the server listening on `addr`.
-    pub fn add(&self, addr: String, handler: Arc<dyn Handler>) {
-        self.0
-            .write()
-            .expect("in-process servers")
-            .insert(addr, handler);
+impl<T: ?Sized> Clone for Registry<T> {
+    fn clone(&self) -> Self {
+        Registry(self.0.clone())
+    }
+}
+
+impl<T: ?Sized> Default for Registry<T> {
+    fn default() -> Self {
+        Registry(Arc::default())
+    }
+}
+
+impl<T: ?Sized> Registry<T> {
+    /// Adds what the server listening on `addr` offers.
+    pub fn add(&self, addr: String, what: Arc<T>) {
+        self.0.write().expect("registry").insert(addr, what);
     }
 
     /// Removes the server listening on `addr` (it stops).
     pub fn remove(&self, addr: &str) {
-        self.0.write().expect("in-process servers").remove(addr);
+        self.0.write().expect("registry").remove(addr);
     }
 
-    fn get(&self, addr: &str) -> Option<Arc<dyn Handler>> {
-        self.0
-            .read()
-            .expect("in-process servers")
-            .get(addr)
-            .cloned()
+    /// What the server listening on `addr` offers, if it runs in this process.
+    pub fn get(&self, addr: &str) -> Option<Arc<T>> {
+        self.0.read().expect("registry").get(addr).cloned()
     }
 }
+
+/// The request handlers of the servers running in this process. A client of one of them hands
+/// its requests to the handler directly (a task of its own, with the same deadlines) instead of
+/// through a loopback connection to its own process.
+pub type InProcess = Registry<dyn Handler>;
 
 /// Settings of a client.
 #[derive(Clone, Debug)]

@@ -13,7 +13,7 @@ mod wire;
 use bytes::Bytes;
 
 pub use auth::ClusterKey;
-pub use client::{Client, ClientConfig, InProcess};
+pub use client::{Client, ClientConfig, InProcess, Registry};
 pub use frame::{Frame, FrameError, Header, Kind};
 pub use server::{Handler, Server, ServerConfig, ServerHandle};
 

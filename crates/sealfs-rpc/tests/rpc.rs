@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 
 const ECHO: u16 = 1;
 const SLEEP: u16 = 2;
+/// Makes the in-process test's handler panic.
+const FAIL: u16 = 3;
 
 struct Echo;
 
@@ -425,6 +427,7 @@ struct Finishing(Arc<std::sync::atomic::AtomicUsize>);
 #[async_trait]
 impl Handler for Finishing {
     async fn handle(&self, req: Request) -> Response {
+        assert_ne!(req.op, FAIL, "a handler that fails");
         let r = Echo.handle(req).await;
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         r
@@ -486,6 +489,23 @@ async fn servers_in_this_process_are_called_directly_with_the_same_deadlines() {
         2,
         "the handler was stopped"
     );
+    // A handler that panics fails its call at once (its task is lost, as a connection would
+    // be), and the next call is answered.
+    let started = std::time::Instant::now();
+    let failed = Request {
+        op: FAIL,
+        epoch: 0,
+        meta: Bytes::new(),
+        data: Bytes::new(),
+    };
+    let err = client.call(failed, SECOND).await.unwrap_err();
+    assert!(matches!(err, RpcError::ConnectionLost(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    client
+        .call(echo(b"again", Bytes::new()), SECOND)
+        .await
+        .unwrap();
+    assert_eq!(finished.load(Ordering::SeqCst), 3);
     assert_eq!(client.connects(), 0);
     assert_eq!(srv.accepted(), 0);
 
@@ -497,5 +517,5 @@ async fn servers_in_this_process_are_called_directly_with_the_same_deadlines() {
     assert_eq!(r.data, data);
     assert_eq!(client.connects(), 1);
     assert_eq!(srv.accepted(), 1);
-    assert_eq!(finished.load(Ordering::SeqCst), 2);
+    assert_eq!(finished.load(Ordering::SeqCst), 3);
 }

@@ -26,8 +26,9 @@ pub struct NodeSettings {
     pub key: ClusterKey,
     pub manager: Option<String>,
     pub host: HostConfig,
-    /// The servers in this process: this one adds its store to them, and its holdfasts reach
-    /// theirs directly.
+    /// The servers in this process: this one adds its store and handler to them by the
+    /// address it listens on (and registers with), and its holdfasts reach their stores, its
+    /// own among them, directly.
     pub near: InProcess,
 }
 
@@ -117,14 +118,9 @@ impl Node {
                 s.host.clone(),
             )
         });
-        let blades = maps.as_ref().map(|maps| {
-            Arc::new(BladeHost::new(
-                maps.clone(),
-                peers.clone(),
-                store.clone(),
-                s.near.clone(),
-            ))
-        });
+        let blades = maps
+            .as_ref()
+            .map(|maps| Arc::new(BladeHost::new(maps.clone(), peers.clone(), s.near.clone())));
         let dispatch = Arc::new(Dispatch {
             shards: ShardService::new(store.clone()),
             router,
