@@ -3,6 +3,8 @@
 
 use std::cmp::Ordering;
 
+use bytes::{Buf, BufMut, BytesMut};
+
 /// Bytes in a cell.
 pub const CELL_BYTES: usize = 4096;
 /// Bytes in a cell header.
@@ -125,6 +127,22 @@ pub fn make_cell(id: CellId, seq: u32, payload: &[u8]) -> [u8; CELL_BYTES] {
     cell[CELL_HEADER_BYTES..CELL_HEADER_BYTES + payload.len()].copy_from_slice(payload);
     seal_cell(&mut cell, id, seq);
     cell
+}
+
+/// Whether `bytes` starts on a cell boundary of memory (what direct IO needs of a buffer).
+pub fn cell_aligned(bytes: &[u8]) -> bool {
+    bytes.as_ptr().addr().is_multiple_of(CELL_BYTES)
+}
+
+/// An empty buffer with room for `capacity` bytes, starting on a cell boundary of memory, so
+/// that cells built in it can go to the disk by direct IO without a copy. It stays aligned
+/// while it grows within `capacity`.
+pub fn aligned_buffer(capacity: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(capacity + CELL_BYTES);
+    let pad = (CELL_BYTES - b.as_ptr().addr() % CELL_BYTES) % CELL_BYTES;
+    b.put_bytes(0, pad);
+    b.advance(pad);
+    b
 }
 
 /// The identity and sequence a cell's header claims, without checking anything.

@@ -27,7 +27,7 @@ pub mod sync;
 pub use address::{Address, Reference, BLADE_PAYLOAD_BYTES_MAX};
 pub use error::{KelpError, Result};
 pub use holdfast::{Holdfast, HoldfastConfig, RepairReport};
-pub use local::{LocalStore, LocalStoreConfig};
+pub use local::{LocalStore, LocalStoreConfig, DIRECT_WRITE_BYTES_MIN};
 pub use profile::Profile;
 pub use read::{BladeLayout, BladeReader, HedgeConfig, ShardPlacement};
 pub use store::{ShardInfo, ShardKey, ShardStore, WriteMode};

@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use crate::cell::{check_cell, seq_cmp, CellCheck, CellId, CELL_BYTES, STIPE_INDEX_MAX};
+use crate::cell::{
+    aligned_buffer, cell_aligned, check_cell, seq_cmp, CellCheck, CellId, CELL_BYTES,
+    STIPE_INDEX_MAX,
+};
 use crate::error::{KelpError, Result};
 use crate::layout::{self, ScanReport};
 use crate::scratch::{Scratch, FILE_IDS};
@@ -22,6 +25,12 @@ pub const INLINE_WRITE_BYTES_MAX: usize = 64 * 1024;
 
 /// Reads up to this size are first tried on the calling task, from the page cache only.
 pub const INLINE_READ_BYTES_MAX: usize = 64 * 1024;
+
+/// Runs of cells at least this long are written by direct IO, past the page cache: a long
+/// sequential write then goes at the disk's pace instead of copying every byte into the page
+/// cache and flushing it later (which, past the kernel's dirty limit, throttled writes to a
+/// fraction of the disk). Shorter runs (updates, the tail of an append) stay buffered.
+pub const DIRECT_WRITE_BYTES_MIN: usize = 64 * 1024;
 
 /// Cells one read or write may carry (16 MiB).
 pub const CELLS_PER_CALL_MAX: u32 = 4096;
@@ -59,6 +68,18 @@ struct ShardFile {
     cells: AtomicU32,
     /// Serialises the check-then-write of `IfNewer` writes.
     io: Mutex<()>,
+    /// The file opened for direct IO (taken only under `io`).
+    direct: Mutex<Direct>,
+}
+
+/// How a shard file takes long runs of cells.
+enum Direct {
+    /// Not opened for direct IO yet (at the first long run).
+    Untried,
+    Open(File),
+    /// The file system takes no direct IO with cell alignment: every run goes through the page
+    /// cache.
+    Refused,
 }
 
 impl ShardFile {
@@ -145,6 +166,7 @@ impl LocalStore {
                             found.len.div_ceil(CELL_BYTES as u64).min(u32::MAX as u64) as u32,
                         ),
                         io: Mutex::new(()),
+                        direct: Mutex::new(Direct::Untried),
                     }),
                 );
             }
@@ -234,6 +256,7 @@ impl Inner {
             sync_id: FILE_IDS.fetch_add(1, Ordering::Relaxed),
             cells: AtomicU32::new(0),
             io: Mutex::new(()),
+            direct: Mutex::new(Direct::Untried),
         });
         shards.insert(key, f.clone());
         Ok(f)
@@ -296,6 +319,70 @@ impl Inner {
         .unwrap_or(0)
     }
 
+    /// Writes whole cells at `off` (a cell boundary): a long run by direct IO where the file
+    /// system takes it, from the buffer itself when it is aligned in memory (as the runs the
+    /// holdfast builds are), else from an aligned copy; anything else through the page cache.
+    /// Called under the file's `io` lock.
+    fn write_run(f: &ShardFile, run: &[u8], off: u64) -> std::io::Result<()> {
+        if run.len() >= DIRECT_WRITE_BYTES_MIN {
+            let mut direct = f.direct.lock().expect("direct lock");
+            if let Direct::Untried = *direct {
+                *direct = Self::open_direct(f);
+            }
+            if let Direct::Open(file) = &*direct {
+                if cell_aligned(run) {
+                    return file.write_all_at(run, off);
+                }
+                let mut copy = aligned_buffer(run.len());
+                copy.extend_from_slice(run);
+                return file.write_all_at(&copy, off);
+            }
+        }
+        f.file.write_all_at(run, off)
+    }
+
+    /// Opens the file for direct IO if its file system takes it with buffers, offsets and
+    /// lengths aligned to a cell (what it says with `statx`, where it says).
+    fn open_direct(f: &ShardFile) -> Direct {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = f.path.lock().expect("path lock").clone();
+        let opened = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::info!(
+                    "{}: no direct IO ({e}); writing through the page cache",
+                    path.display()
+                );
+                return Direct::Refused;
+            }
+        };
+        // The same file still, not one put in its place since it was opened.
+        if !same_file(&file, &f.file) {
+            return Direct::Refused;
+        }
+        use rustix::fs::{statx, AtFlags, StatxFlags};
+        if let Ok(st) = statx(&file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+            let fits = |align: u32| align != 0 && CELL_BYTES.is_multiple_of(align as usize);
+            if StatxFlags::from_bits_truncate(st.stx_mask).contains(StatxFlags::DIOALIGN)
+                && !(fits(st.stx_dio_mem_align) && fits(st.stx_dio_offset_align))
+            {
+                tracing::info!(
+                    "{}: direct IO wants {}-byte buffers and {}-byte offsets; writing through \
+                     the page cache",
+                    path.display(),
+                    st.stx_dio_mem_align,
+                    st.stx_dio_offset_align
+                );
+                return Direct::Refused;
+            }
+        }
+        Direct::Open(file)
+    }
+
     fn write_blocking(
         f: &ShardFile,
         key: ShardKey,
@@ -353,13 +440,20 @@ impl Inner {
                 i += 1;
             }
             let off = (first as u64 + start as u64) * CELL_BYTES as u64;
-            f.file
-                .write_all_at(&cells[start * CELL_BYTES..i * CELL_BYTES], off)
+            Self::write_run(f, &cells[start * CELL_BYTES..i * CELL_BYTES], off)
                 .map_err(|e| KelpError::io(format!("write {}", f.path()), e))?;
         }
         f.cells.fetch_max(first + count, Ordering::AcqRel);
         syncer.mark_dirty(f.sync_id, &f.file, || f.path());
         Ok(())
+    }
+}
+
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 

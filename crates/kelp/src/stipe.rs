@@ -7,7 +7,9 @@ use std::num::NonZeroUsize;
 use bytes::{Bytes, BytesMut};
 use erasure_isa_l::erasure::{DecodeTable, ErasureCode};
 
-use crate::cell::{seal_cell, CellId, CELL_BYTES, CELL_HEADER_BYTES, CELL_PAYLOAD_BYTES};
+use crate::cell::{
+    aligned_buffer, seal_cell, CellId, CELL_BYTES, CELL_HEADER_BYTES, CELL_PAYLOAD_BYTES,
+};
 use crate::error::{KelpError, Result};
 use crate::profile::Profile;
 
@@ -112,8 +114,13 @@ impl StipeCodec {
         let (k, n) = (p.k as usize, p.n());
         let count = seqs.len();
         assert_eq!(data.len(), count * p.stipe_payload_bytes());
+        // Aligned, so that a local disk takes them by direct IO as they are.
         let mut shards: Vec<BytesMut> = (0..n)
-            .map(|_| BytesMut::zeroed(count * CELL_BYTES))
+            .map(|_| {
+                let mut b = aligned_buffer(count * CELL_BYTES);
+                b.resize(count * CELL_BYTES, 0);
+                b
+            })
             .collect();
         for (i, stipe_data) in data.chunks_exact(p.stipe_payload_bytes()).enumerate() {
             let at = i * CELL_BYTES + CELL_HEADER_BYTES;

@@ -4,32 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use common::{check_all, fill, Forest, Rng};
-
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then(|| Mount(at.to_path_buf()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        // Lazily: a store that still has the disk open keeps writing into the detached tmpfs.
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use common::{check_all, fill, Forest, Mount, Rng};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_nothing_and_is_rebuilt_when_replaced() {
@@ -37,7 +12,7 @@ async fn a_full_disk_loses_nothing_and_is_rebuilt_when_replaced() {
     // Shard 9 lives on server 1, disk 2.
     assert_eq!(forest.placement(9), (1, 2));
     let disk = forest.disks[1][2].clone();
-    let Some(mount) = Mount::tmpfs(&disk, "1m") else {
+    let Some(mount) = Mount::new("tmpfs", &disk, "size=1m") else {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     };

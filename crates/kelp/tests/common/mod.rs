@@ -2,7 +2,8 @@
 //! blade's shards over all of their disks, and a seeded random source.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 
 use kelp::fault::{FaultPlan, FaultyStore};
@@ -202,5 +203,30 @@ pub async fn check_all(h: &Holdfast, fronds: &[(kelp::Reference, Vec<u8>)]) {
             .await
             .unwrap_or_else(|e| panic!("read {:?}: {e}", r));
         assert!(got == data[..], "frond at {} differs", r.address);
+    }
+}
+
+/// A file system mounted for a test (root only), unmounted when dropped.
+pub struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a `fstype` (tmpfs, ramfs) with `options` at `at`; `None` where that is not
+    /// allowed (not root).
+    pub fn new(fstype: &str, at: &Path, options: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", fstype, "-o", options, fstype])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // Lazily: a store that still has the disk open keeps writing into the detached mount.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
