@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -57,6 +57,8 @@ struct Disk {
     root: PathBuf,
     syncer: DiskSyncer,
     scratch: Mutex<Scratch>,
+    /// Bytes of cells written to this disk by direct IO.
+    direct_bytes: AtomicU64,
 }
 
 struct ShardFile {
@@ -142,6 +144,7 @@ impl LocalStore {
                 root: root.clone(),
                 syncer: DiskSyncer::default(),
                 scratch: Mutex::new(scratch),
+                direct_bytes: AtomicU64::new(0),
             }));
             for found in layout::scan_disk(root, &mut report)? {
                 if let Some(have) = shards.get(&found.key) {
@@ -199,6 +202,14 @@ impl Inner {
         self.disks
             .iter()
             .map(|d| d.scratch.lock().expect("scratch lock").pending())
+            .sum()
+    }
+
+    /// Bytes of cells this store has written by direct IO, past the page cache.
+    pub fn direct_write_bytes(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| d.direct_bytes.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -323,7 +334,7 @@ impl Inner {
     /// system takes it, from the buffer itself when it is aligned in memory (as the runs the
     /// holdfast builds are), else from an aligned copy; anything else through the page cache.
     /// Called under the file's `io` lock.
-    fn write_run(f: &ShardFile, run: &[u8], off: u64) -> std::io::Result<()> {
+    fn write_run(f: &ShardFile, run: &[u8], off: u64, disk: &Disk) -> std::io::Result<()> {
         if run.len() >= DIRECT_WRITE_BYTES_MIN {
             let mut direct = f.direct.lock().expect("direct lock");
             if let Direct::Untried = *direct {
@@ -331,11 +342,15 @@ impl Inner {
             }
             if let Direct::Open(file) = &*direct {
                 if cell_aligned(run) {
-                    return file.write_all_at(run, off);
+                    file.write_all_at(run, off)?;
+                } else {
+                    let mut copy = aligned_buffer(run.len());
+                    copy.extend_from_slice(run);
+                    file.write_all_at(&copy, off)?;
                 }
-                let mut copy = aligned_buffer(run.len());
-                copy.extend_from_slice(run);
-                return file.write_all_at(&copy, off);
+                disk.direct_bytes
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                return Ok(());
             }
         }
         f.file.write_all_at(run, off)
@@ -440,7 +455,7 @@ impl Inner {
                 i += 1;
             }
             let off = (first as u64 + start as u64) * CELL_BYTES as u64;
-            Self::write_run(f, &cells[start * CELL_BYTES..i * CELL_BYTES], off)
+            Self::write_run(f, &cells[start * CELL_BYTES..i * CELL_BYTES], off, disk)
                 .map_err(|e| KelpError::io(format!("write {}", f.path()), e))?;
         }
         f.cells.fetch_max(first + count, Ordering::AcqRel);

@@ -1,5 +1,7 @@
 //! Long runs of cells go to the disk by direct IO, past the page cache; short ones through it;
-//! a disk whose file system refuses direct IO is written through the page cache instead.
+//! a disk whose file system refuses direct IO is written through the page cache instead. Either
+//! way every cell reads back current, also after cells read into the page cache are rewritten
+//! and after a reopen.
 
 mod common;
 
@@ -63,17 +65,18 @@ async fn long_runs_go_past_the_page_cache_and_read_back_current() {
     let long = (DIRECT_WRITE_BYTES_MIN / 4096) as u32;
     for (first, aligned) in [(0, true), (long, false)] {
         let cells = run(first, long, 1, aligned);
+        let before = store.direct_write_bytes();
         store
             .write_cells(KEY, 0, first, cells.clone(), WriteMode::Force)
             .await
             .unwrap();
+        assert_eq!(
+            store.direct_write_bytes() - before,
+            cells.len() as u64,
+            "a long run (aligned: {aligned}) goes by direct IO"
+        );
         let path = store.shard_path(KEY).unwrap();
         let off = first as u64 * 4096;
-        assert_eq!(
-            cached(&path, off, cells.len()),
-            0,
-            "a long run (aligned: {aligned}) is not left in the page cache"
-        );
         let got = store.read_cells(KEY, first, long).await.unwrap();
         assert_eq!(got, cells, "read back (aligned: {aligned})");
         // Now in the page cache: a new version written past it must replace what it holds.
@@ -83,17 +86,22 @@ async fn long_runs_go_past_the_page_cache_and_read_back_current() {
             .write_cells(KEY, 0, first, newer.clone(), WriteMode::IfNewer)
             .await
             .unwrap();
+        assert_eq!(store.direct_write_bytes() - before, 2 * cells.len() as u64);
         let got = store.read_cells(KEY, first, long).await.unwrap();
         assert_eq!(got, newer, "the newer cells read back (aligned: {aligned})");
     }
     // A short run goes through the page cache.
     let short = run(2 * long, 2, 1, true);
+    let before = store.direct_write_bytes();
     store
         .write_cells(KEY, 0, 2 * long, short.clone(), WriteMode::Force)
         .await
         .unwrap();
-    let path = store.shard_path(KEY).unwrap();
-    assert_eq!(cached(&path, 2 * long as u64 * 4096, 8192), 8192);
+    assert_eq!(
+        store.direct_write_bytes(),
+        before,
+        "a short run is buffered"
+    );
     // Everything is there after a restart.
     drop(store);
     let store = LocalStore::open(
@@ -138,6 +146,7 @@ async fn a_disk_that_refuses_direct_io_is_written_through_the_page_cache() {
         .write_cells(KEY, 0, 0, newer.clone(), WriteMode::IfNewer)
         .await
         .unwrap();
+    assert_eq!(store.direct_write_bytes(), 0, "nothing went by direct IO");
     store.sync(KEY).await.unwrap();
     drop(store);
     let store = LocalStore::open("s", &[disk], LocalStoreConfig::default()).unwrap();
