@@ -289,15 +289,50 @@ impl Holdfast {
         self.sh.clone().update(r, encoded).await
     }
 
-    /// Makes every acknowledged append and update durable on k + w shards.
+    /// Makes every acknowledged append and update durable on k + w shards. Returns as soon as
+    /// k + w shards have synced (or too many failed); the others' syncs go on in the
+    /// background, so a slow or hung shard does not hold it up.
     pub async fn sync(&self) -> Result<()> {
         self.sh.state.lock().expect("state").syncs_started += 1;
         let sh = &self.sh;
-        let results = sh
-            .each_shard(|st, key, _| async move { st.sync(key).await })
-            .await;
+        let (n, needed, t) = (
+            sh.layout.profile.n(),
+            sh.layout.profile.quorum(),
+            sh.cfg.op_timeout,
+        );
+        let mut syncing: FuturesUnordered<_> = (0..n)
+            .map(|j| {
+                let (store, key) = (sh.layout.shards[j].store.clone(), sh.layout.key(j));
+                let task = tokio::spawn(tokio::time::timeout(
+                    t,
+                    async move { store.sync(key).await },
+                ));
+                async move {
+                    let r = match task.await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(KelpError::Timeout {
+                            what: format!("shard {j}"),
+                            ms: t.as_millis() as u64,
+                        }),
+                        Err(e) => Err(KelpError::Stopped(format!("shard {j} sync: {e}"))),
+                    };
+                    (j, r)
+                }
+            })
+            .collect();
+        let mut results: Shards = Vec::with_capacity(n);
+        while let Some(done) = syncing.next().await {
+            results.push(done);
+            let synced = results.iter().filter(|(_, r)| r.is_ok()).count();
+            if synced >= needed || n - (results.len() - synced) < needed {
+                break;
+            }
+        }
         sh.quorum("sync", &results)?;
-        sh.flush_releases().await;
+        // The scratch copies the synced versions no longer need are dropped in the background
+        // (each shard syncs before it drops its own), a slow shard's with them.
+        let sh = self.sh.clone();
+        tokio::spawn(async move { sh.flush_releases().await });
         Ok(())
     }
 

@@ -265,6 +265,10 @@ async fn a_hung_store_does_not_stall_appends() {
         .await
         .expect("appends go on at the pace of the other 15 shards");
     fronds.extend(more);
+    tokio::time::timeout(Duration::from_secs(10), h.sync())
+        .await
+        .expect("a sync waits for k + w shards, not for the hung one")
+        .unwrap();
     assert!(
         !h.degraded().is_empty(),
         "the stipes the hung shard missed are marked for repair"
