@@ -25,6 +25,36 @@ use sealfs_rpc::{ClusterKey, Request};
 
 pub use sealfs_meta::{Errno as Error, Kind as FileKind};
 
+/// A file, symlink or special file for [`Sealfs::create`] to make.
+#[derive(Clone, Debug)]
+pub struct NewFile<'a> {
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// The device number of a character or block device.
+    pub rdev: u32,
+    /// What a symlink points to.
+    pub target: &'a [u8],
+    /// Whether a name already taken fails with EEXIST (else the file there is returned).
+    pub exclusive: bool,
+}
+
+impl NewFile<'static> {
+    /// A regular file with `perm`, owned by root, made only where the name is free.
+    pub fn file(perm: u16) -> Self {
+        NewFile {
+            kind: Kind::File,
+            perm,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: b"",
+            exclusive: true,
+        }
+    }
+}
+
 use blades::{
     AppendReq, Appended, BladeReq, InProcess, UpdateReq, OP_APPEND, OP_BLADE_SYNC, OP_UPDATE,
 };
@@ -332,53 +362,32 @@ impl Sealfs {
         Ok((ino, last))
     }
 
-    /// Makes a file, symlink (with `target`) or special file.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create(
-        &self,
-        parent: u64,
-        name: &[u8],
-        kind: Kind,
-        perm: u16,
-        uid: u32,
-        gid: u32,
-        rdev: u32,
-        target: &[u8],
-        exclusive: bool,
-    ) -> Result<Attr, Errno> {
-        let (a, _) = self
-            .create_in(parent, name, kind, perm, uid, gid, rdev, target, exclusive)
-            .await?;
+    /// Makes a file, symlink or special file: `new` says which.
+    pub async fn create(&self, parent: u64, name: &[u8], new: &NewFile<'_>) -> Result<Attr, Errno> {
+        let (a, _) = self.create_in(parent, name, new).await?;
         Ok(a)
     }
 
     /// [`Self::create`], with the parent's attributes just after the new entry was added when
     /// the inode is new (`None` when `create` found a file of that name).
-    #[allow(clippy::too_many_arguments)]
     pub async fn create_in(
         &self,
         parent: u64,
         name: &[u8],
-        kind: Kind,
-        perm: u16,
-        uid: u32,
-        gid: u32,
-        rdev: u32,
-        target: &[u8],
-        exclusive: bool,
+        new: &NewFile<'_>,
     ) -> Result<(Attr, Option<Attr>), Errno> {
         check_name(name)?;
         self.check_quota(0).await?;
         let op = Op::Create {
             parent,
             name: name.to_vec(),
-            kind,
-            perm,
-            uid,
-            gid,
-            rdev,
-            target: target.to_vec(),
-            exclusive,
+            kind: new.kind,
+            perm: new.perm,
+            uid: new.uid,
+            gid: new.gid,
+            rdev: new.rdev,
+            target: new.target.to_vec(),
+            exclusive: new.exclusive,
             now: 0,
         };
         match self.meta.write(partition_of(parent), &op).await?.err()? {

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealfs_client::{FileKind, Sealfs};
+use sealfs_client::{NewFile, Sealfs};
 use sealfs_rpc::ClusterKey;
 
 const SECRET: &str = "metadata benchmark secret";
@@ -152,19 +152,9 @@ async fn main() {
                                 let name = format!("f{i}");
                                 match what {
                                     0 => {
-                                        fs.create(
-                                            d,
-                                            name.as_bytes(),
-                                            FileKind::File,
-                                            0o644,
-                                            0,
-                                            0,
-                                            0,
-                                            b"",
-                                            true,
-                                        )
-                                        .await
-                                        .expect("create");
+                                        fs.create(d, name.as_bytes(), &NewFile::file(0o644))
+                                            .await
+                                            .expect("create");
                                     }
                                     1 => {
                                         let (ino, _) =

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use sealfs_client::{Error, FileKind, Sealfs};
+use sealfs_client::{Error, FileKind, NewFile, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
 use sealfs_rpc::ClusterKey;
 
@@ -289,13 +289,10 @@ pub async fn put(manager: Option<String>, a: PutArgs) -> Result<(), String> {
         .create(
             parent,
             name.as_bytes(),
-            FileKind::File,
-            0o644,
-            0,
-            0,
-            0,
-            b"",
-            false,
+            &NewFile {
+                exclusive: false,
+                ..NewFile::file(0o644)
+            },
         )
         .await
         .map_err(say(&a.path))?;

@@ -17,7 +17,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use sealfs_client::{Error, FileKind, Sealfs};
+use sealfs_client::{Error, FileKind, NewFile, Sealfs};
 use sealfs_meta::{Attr, SetAttr};
 
 use crate::dirs::{Change, Dirs};
@@ -934,13 +934,13 @@ impl Filesystem for SealFuse {
                 .create_in(
                     parent,
                     &name,
-                    FileKind::File,
-                    perm,
-                    uid,
-                    gid,
-                    0,
-                    b"",
-                    exclusive,
+                    &NewFile {
+                        perm,
+                        uid,
+                        gid,
+                        exclusive,
+                        ..NewFile::file(0)
+                    },
                 )
                 .await;
             let made = me.ended(change, made);
@@ -1014,13 +1014,15 @@ impl SealFuse {
                 .create_in(
                     parent,
                     &name,
-                    k,
-                    (mode & 0o7777) as u16,
-                    uid,
-                    gid,
-                    rdev,
-                    &target,
-                    true,
+                    &NewFile {
+                        kind: k,
+                        perm: (mode & 0o7777) as u16,
+                        uid,
+                        gid,
+                        rdev,
+                        target: &target,
+                        exclusive: true,
+                    },
                 )
                 .await;
             match me.ended(change, r) {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealfs_client::{Error, FileKind, Sealfs};
+use sealfs_client::{Error, FileKind, NewFile, Sealfs};
 use sealfs_meta::{partition_of, Op, Reply};
 
 mod common;
@@ -30,17 +30,7 @@ async fn connect(c: &Cluster) -> Sealfs {
 
 async fn put(fs: &Sealfs, name: &str, data: &[u8]) -> Result<u64, Error> {
     let a = fs
-        .create(
-            fs.root(),
-            name.as_bytes(),
-            FileKind::File,
-            0o644,
-            0,
-            0,
-            0,
-            b"",
-            true,
-        )
+        .create(fs.root(), name.as_bytes(), &NewFile::file(0o644))
         .await?;
     fs.write(a.ino, 0, data).await?;
     Ok(a.ino)
@@ -302,17 +292,7 @@ async fn two_servers_killed_reads_go_on_where_a_majority_is_left_and_the_rest_fa
             let i = d * 10 + j;
             let len = ((i * 7919) as usize % (1 << 20)) + 1;
             let a = fs
-                .create(
-                    di,
-                    format!("f{j}").as_bytes(),
-                    FileKind::File,
-                    0o644,
-                    0,
-                    0,
-                    0,
-                    b"",
-                    true,
-                )
+                .create(di, format!("f{j}").as_bytes(), &NewFile::file(0o644))
                 .await
                 .unwrap();
             fs.write(a.ino, 0, &contents(i, len)).await.unwrap();
@@ -497,7 +477,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .await
         .unwrap();
     let file = fs
-        .create(sub.ino, b"file", FileKind::File, 0o644, 0, 0, 0, b"", true)
+        .create(sub.ino, b"file", &NewFile::file(0o644))
         .await
         .unwrap();
     assert_ne!(partition_of(file.ino), partition_of(root));
@@ -515,17 +495,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     // A rename across partitions stopped after step 2 (locked source, destination made):
     // the scan finishes it.
     let moved = fs
-        .create(
-            sub.ino,
-            b"moving",
-            FileKind::File,
-            0o644,
-            0,
-            0,
-            0,
-            b"",
-            true,
-        )
+        .create(sub.ino, b"moving", &NewFile::file(0o644))
         .await
         .unwrap();
     w(
@@ -564,19 +534,9 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     .await
     .unwrap();
     // And a rename locked whose destination never came: the scan unlocks it.
-    fs.create(
-        sub.ino,
-        b"staying",
-        FileKind::File,
-        0o644,
-        0,
-        0,
-        0,
-        b"",
-        true,
-    )
-    .await
-    .unwrap();
+    fs.create(sub.ino, b"staying", &NewFile::file(0o644))
+        .await
+        .unwrap();
     w(
         partition_of(sub.ino),
         Op::RenameLock {
@@ -625,19 +585,9 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The revived directory takes entries again; the unlocked file can be removed.
-    fs.create(
-        kept.ino,
-        b"inside",
-        FileKind::File,
-        0o644,
-        0,
-        0,
-        0,
-        b"",
-        true,
-    )
-    .await
-    .unwrap();
+    fs.create(kept.ino, b"inside", &NewFile::file(0o644))
+        .await
+        .unwrap();
     // No entry lost or duplicated; link counts right.
     let root_names: BTreeSet<Vec<u8>> = fs
         .readdir_all(root)
@@ -694,7 +644,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .unwrap();
     assert_eq!(a.ino, made.ino);
     assert_eq!(fs.getattr(made.ino).await.unwrap().kind, FileKind::Dir);
-    fs.create(made.ino, b"in", FileKind::File, 0o644, 0, 0, 0, b"", true)
+    fs.create(made.ino, b"in", &NewFile::file(0o644))
         .await
         .expect("the directory is whole");
     // The same failure with the name another's: the inode made for nothing goes.
@@ -721,9 +671,7 @@ async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
         (b"..", Error::INVAL),
         (&long[..], Error::NAMETOOLONG),
     ] {
-        let r = fs
-            .create(root, name, FileKind::File, 0o644, 0, 0, 0, b"", true)
-            .await;
+        let r = fs.create(root, name, &NewFile::file(0o644)).await;
         assert_eq!(r.err(), Some(want), "create {name:?}");
         assert_eq!(fs.mkdir(root, name, 0o755, 0, 0).await.err(), Some(want));
         // Straight to the partition, past the client's checks: refused there too.
@@ -743,7 +691,7 @@ async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
         assert_eq!(r, Reply::Error(want));
     }
     let ok = vec![b'a'; 255];
-    fs.create(root, &ok, FileKind::File, 0o644, 0, 0, 0, b"", true)
+    fs.create(root, &ok, &NewFile::file(0o644))
         .await
         .expect("255 bytes is allowed");
     let path = "/x".repeat(2049);
@@ -820,17 +768,7 @@ async fn volumes_have_their_own_root_quota_and_statfs() {
     );
     // Past the quota: EDQUOT, and nothing recorded.
     let b = small
-        .create(
-            small.root(),
-            b"b",
-            FileKind::File,
-            0o644,
-            0,
-            0,
-            0,
-            b"",
-            true,
-        )
+        .create(small.root(), b"b", &NewFile::file(0o644))
         .await
         .unwrap();
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sealfs_client::{FileKind, Sealfs};
+use sealfs_client::{NewFile, Sealfs};
 
 mod common;
 use common::{free_addr, start_listening, Proc};
@@ -67,17 +67,7 @@ async fn three_managers_survive_the_loss_of_any_one() {
         let fs = fs.clone();
         async move {
             let a = fs
-                .create(
-                    fs.root(),
-                    name.as_bytes(),
-                    FileKind::File,
-                    0o644,
-                    0,
-                    0,
-                    0,
-                    b"",
-                    true,
-                )
+                .create(fs.root(), name.as_bytes(), &NewFile::file(0o644))
                 .await?;
             fs.write(a.ino, 0, &vec![7u8; 3 << 20]).await
         }
