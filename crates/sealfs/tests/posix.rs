@@ -588,6 +588,98 @@ fn a_file_in_more_pieces_than_one_reply_names_reads_back_right() {
     assert!(read(6 * BLOCK as u64, BLOCK) == want(6));
 }
 
+/// The bounds on what the mount keeps of a file's extents: a window in more pieces than it
+/// keeps (4,096), more windows than it keeps (64) and more window reads than it makes per
+/// open (128). Reads there ask for their own range instead, and every one reads back right,
+/// holes as zeros.
+#[test]
+fn reads_past_what_the_mount_keeps_of_a_file_read_back_right() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const WINDOW: u64 = 16 << 20;
+    const WINDOWS: u64 = 136;
+    // The first window in 1 KiB pieces 2 KiB apart (8,192 extents); the others in 64 pieces
+    // of 4 KiB each: 16,832 extents, more than one reply names.
+    const SMALL: u64 = 1024;
+    const PIECES_SMALL: u64 = 8192;
+    const PIECES: u64 = 64;
+    // The byte written at `x` (0 in the holes).
+    let byte = |x: u64| ((x as usize * 131 / 7) % 251) as u8;
+    let written = |x: u64| {
+        let (w, off) = (x / WINDOW, x % WINDOW);
+        if w == 0 {
+            off % (2 * SMALL) < SMALL
+        } else {
+            w < WINDOWS && off % (WINDOW / PIECES) < 4096
+        }
+    };
+    let want = |at: u64, len: u64| -> Vec<u8> {
+        (at..at + len)
+            .map(|x| if written(x) { byte(x) } else { 0 })
+            .collect()
+    };
+    let piece = |at: u64, len: u64| -> Vec<u8> { (at..at + len).map(byte).collect() };
+    let big_at = |w: u64, i: u64| w * WINDOW + i * (WINDOW / PIECES);
+    let up = Up::start();
+    let p = up.mnt.join("sparse");
+    // O_DIRECT: each 1 KiB write reaches the mount as it is (not merged into pages).
+    let mut space = vec![0u8; 3 * 4096];
+    let pad = space.as_ptr().align_offset(4096);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(0o40000)
+            .open(&p)
+            .unwrap();
+        for i in 0..PIECES_SMALL {
+            let at = i * 2 * SMALL;
+            let buf = &mut space[pad..pad + SMALL as usize];
+            buf.copy_from_slice(&piece(at, SMALL));
+            f.write_all_at(buf, at).unwrap();
+        }
+        for w in 1..WINDOWS {
+            for i in 0..PIECES {
+                let at = big_at(w, i);
+                let buf = &mut space[pad..pad + 4096];
+                buf.copy_from_slice(&piece(at, 4096));
+                f.write_all_at(buf, at).unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o40000) // every read reaches the mount
+        .open(&p)
+        .unwrap();
+    let mut read = |at: u64, len: usize| -> Vec<u8> {
+        let buf = &mut space[pad..pad + len];
+        direct.read_exact_at(buf, at).unwrap();
+        buf.to_vec()
+    };
+    // The first window: pieces and the holes between them, and a page across its end.
+    for i in [0, 1, 4095, 8191] {
+        let at = i * 2 * SMALL;
+        assert!(read(at, 4096) == want(at, 4096), "first window, piece {i}");
+    }
+    // Every other window twice over: 270 window reads, past what one open keeps and makes.
+    for pass in 0..2 {
+        for w in 1..WINDOWS {
+            let i = (w * 7 + pass * 3) % PIECES;
+            let at = big_at(w, i);
+            assert!(
+                read(at, 4096) == piece(at, 4096),
+                "window {w} piece {i} pass {pass}"
+            );
+            assert!(
+                read(at + 4096, 4096).iter().all(|&b| b == 0),
+                "the hole after window {w} piece {i}"
+            );
+        }
+    }
+}
+
 /// A folder's listing brings its entries' attributes (readdirplus): each shows as a stat of
 /// it would, files, folders (their inodes in other partitions), a symlink, and an open file
 /// whose bytes the mount still holds; the listing goes on across batches.
