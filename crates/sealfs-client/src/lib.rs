@@ -1357,7 +1357,7 @@ impl Sealfs {
         Ok(r)
     }
 
-    async fn read_extent(&self, e: Extent, from: u64, to: u64) -> Result<Bytes, Errno> {
+    async fn read_extent(&self, e: &Extent, from: u64, to: u64) -> Result<Bytes, Errno> {
         if e.is_inline() {
             if !e.inline_intact() {
                 tracing::warn!(
@@ -1574,17 +1574,21 @@ impl Sealfs {
             .windows(2)
             .all(|w| w[0].offset + w[0].len <= w[1].offset));
         let first = extents.partition_point(|e| e.offset + e.len <= offset);
-        let parts: Vec<(Extent, u64, u64)> = extents[first..]
+        // By index, not a copy of each extent (a small file's carries its bytes).
+        let parts: Vec<(usize, u64, u64)> = extents[first..]
             .iter()
-            .take_while(|e| e.offset < end)
-            .filter_map(|e| {
+            .enumerate()
+            .take_while(|(_, e)| e.offset < end)
+            .filter_map(|(i, e)| {
                 let a = e.offset.max(offset);
                 let b = (e.offset + e.len).min(end);
-                (a < b).then(|| (e.clone(), a, b))
+                (a < b).then_some((first + i, a, b))
             })
             .collect();
         let got: Vec<(u64, Bytes)> = stream::iter(parts)
-            .map(|(e, a, b)| async move { Ok::<_, Errno>((a, self.read_extent(e, a, b).await?)) })
+            .map(|(i, a, b)| async move {
+                Ok::<_, Errno>((a, self.read_extent(&extents[i], a, b).await?))
+            })
             .buffered(FRONDS_IN_FLIGHT)
             .try_collect()
             .await?;
