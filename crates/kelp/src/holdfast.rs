@@ -179,6 +179,10 @@ struct Shared {
     inflight: Arc<Semaphore>,
     tasks: AtomicUsize,
     idle: Notify,
+    /// Per shard, its syncs still running after the sync that started them returned.
+    syncs_behind: Vec<AtomicUsize>,
+    /// True while scratch copies are being dropped in the background.
+    releasing: std::sync::atomic::AtomicBool,
     /// True once the frond index covers the blade (it is rebuilt after an open).
     index_built: watch::Sender<bool>,
 }
@@ -191,6 +195,25 @@ pub struct Holdfast {
 }
 
 type Shards = Vec<(usize, Result<()>)>;
+
+/// Syncs of one shard that may still run after the syncs that started them returned (a slow or
+/// hung shard): past that, a sync does not ask that shard again until one of them ends.
+pub const SYNCS_BEHIND_MAX: usize = 8;
+
+/// `fut` (a call to shard `j`) bounded by `t`: past it, a timeout error.
+async fn within<F: std::future::Future<Output = Result<()>>>(
+    j: usize,
+    t: Duration,
+    fut: F,
+) -> Result<()> {
+    match tokio::time::timeout(t, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(KelpError::Timeout {
+            what: format!("shard {j}"),
+            ms: t.as_millis() as u64,
+        }),
+    }
+}
 
 impl Holdfast {
     /// Opens the holdfast of `layout`: recovers the blade from its cells (interrupted updates
@@ -217,6 +240,10 @@ impl Holdfast {
             inflight: Arc::new(Semaphore::new(cfg.batches_inflight_max)),
             tasks: AtomicUsize::new(0),
             idle: Notify::new(),
+            syncs_behind: (0..layout.profile.n())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            releasing: std::sync::atomic::AtomicBool::new(false),
             index_built: watch::Sender::new(false),
             layout,
             cfg,
@@ -303,18 +330,27 @@ impl Holdfast {
         let mut syncing: FuturesUnordered<_> = (0..n)
             .map(|j| {
                 let (store, key) = (sh.layout.shards[j].store.clone(), sh.layout.key(j));
-                let task = tokio::spawn(tokio::time::timeout(
-                    t,
-                    async move { store.sync(key).await },
-                ));
+                let behind = sh.clone();
+                let task = (sh.syncs_behind[j].fetch_add(1, Ordering::AcqRel) < SYNCS_BEHIND_MAX)
+                    .then(|| {
+                        tokio::spawn(async move {
+                            let r = within(j, t, store.sync(key)).await;
+                            behind.syncs_behind[j].fetch_sub(1, Ordering::AcqRel);
+                            r
+                        })
+                    });
+                let sh = sh.clone();
                 async move {
-                    let r = match task.await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err(KelpError::Timeout {
-                            what: format!("shard {j}"),
-                            ms: t.as_millis() as u64,
+                    let r = match task {
+                        Some(task) => task.await.unwrap_or_else(|e| {
+                            Err(KelpError::Stopped(format!("shard {j} sync: {e}")))
                         }),
-                        Err(e) => Err(KelpError::Stopped(format!("shard {j} sync: {e}"))),
+                        None => {
+                            sh.syncs_behind[j].fetch_sub(1, Ordering::AcqRel);
+                            Err(KelpError::Stopped(format!(
+                                "shard {j}: {SYNCS_BEHIND_MAX} syncs still running"
+                            )))
+                        }
                     };
                     (j, r)
                 }
@@ -330,9 +366,15 @@ impl Holdfast {
         }
         sh.quorum("sync", &results)?;
         // The scratch copies the synced versions no longer need are dropped in the background
-        // (each shard syncs before it drops its own), a slow shard's with them.
-        let sh = self.sh.clone();
-        tokio::spawn(async move { sh.flush_releases().await });
+        // (each shard syncs before it drops its own), a slow shard's with them; one such drop
+        // at a time (what waits goes with the next).
+        if !sh.releasing.swap(true, Ordering::AcqRel) {
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                sh.flush_releases().await;
+                sh.releasing.store(false, Ordering::Release);
+            });
+        }
         Ok(())
     }
 
@@ -420,6 +462,16 @@ impl Holdfast {
     /// What recovery found and did when the holdfast opened.
     pub fn recovery_report(&self) -> RepairReport {
         self.sh.state.lock().expect("state").recovery.clone()
+    }
+
+    /// Shard syncs still running after the syncs that started them returned (at most
+    /// [`SYNCS_BEHIND_MAX`] per shard).
+    pub fn syncs_behind(&self) -> usize {
+        self.sh
+            .syncs_behind
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .sum()
     }
 
     /// Stipes waiting for repair.
@@ -638,16 +690,7 @@ impl Shared {
         let futs = (0..self.layout.profile.n()).map(|j| {
             let pl = &self.layout.shards[j];
             let fut = f(pl.store.clone(), self.layout.key(j), pl.disk);
-            async move {
-                let r = match tokio::time::timeout(t, fut).await {
-                    Ok(r) => r,
-                    Err(_) => Err(KelpError::Timeout {
-                        what: format!("shard {j}"),
-                        ms: t.as_millis() as u64,
-                    }),
-                };
-                (j, r)
-            }
+            async move { (j, within(j, t, fut).await) }
         });
         futures::future::join_all(futs).await
     }
