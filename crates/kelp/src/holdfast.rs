@@ -367,12 +367,18 @@ impl Holdfast {
         sh.quorum("sync", &results)?;
         // The scratch copies the synced versions no longer need are dropped in the background
         // (each shard syncs before it drops its own), a slow shard's with them; one such drop
-        // at a time (what waits goes with the next).
+        // at a time, which takes what came while it ran before it ends.
         if !sh.releasing.swap(true, Ordering::AcqRel) {
             let sh = sh.clone();
             tokio::spawn(async move {
-                sh.flush_releases().await;
-                sh.releasing.store(false, Ordering::Release);
+                loop {
+                    sh.flush_releases().await;
+                    sh.releasing.store(false, Ordering::Release);
+                    let more = !sh.state.lock().expect("state").releases.is_empty();
+                    if !more || sh.releasing.swap(true, Ordering::AcqRel) {
+                        break;
+                    }
+                }
             });
         }
         Ok(())
