@@ -1195,6 +1195,7 @@ impl Sealfs {
             });
         }
         let fronds = pack(ranges);
+        let started = std::time::Instant::now();
         let extents: Vec<Vec<Extent>> = stream::iter(fronds)
             .map(|(bytes, pieces)| async move {
                 let r = self.append(&bytes).await?;
@@ -1219,6 +1220,10 @@ impl Sealfs {
             .try_collect()
             .await?;
         let extents: Vec<Extent> = extents.into_iter().flatten().collect();
+        tracing::debug!(
+            "write of file {ino}: {total} bytes appended in {:?}",
+            started.elapsed()
+        );
         let blades = extents.iter().map(|e| e.blade).collect();
         Ok(Staged {
             ino,
@@ -1239,9 +1244,17 @@ impl Sealfs {
         if staged.ino != ino || then.as_ref().is_some_and(|t| t.size.is_some()) {
             return Err(Errno::INVAL);
         }
+        let started = std::time::Instant::now();
         self.sync_blades(&staged.blades).await?;
-        self.record_extents(ino, staged.extents, staged.total, then)
-            .await
+        let synced = started.elapsed();
+        let a = self
+            .record_extents(ino, staged.extents, staged.total, then)
+            .await?;
+        tracing::debug!(
+            "write of file {ino}: synced in {synced:?}, recorded in {:?}",
+            started.elapsed() - synced
+        );
+        Ok(a)
     }
 
     /// Records `extents` (`total` bytes) as file `ino`'s, then sets `then`, synced by a Raft
