@@ -11,7 +11,7 @@
 //! forward or back and finds the append pointer again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -197,7 +197,8 @@ pub struct Holdfast {
 type Shards = Vec<(usize, Result<()>)>;
 
 /// Syncs of one shard that may still run after the syncs that started them returned (a slow or
-/// hung shard): past that, a sync does not ask that shard again until one of them ends.
+/// hung shard): past that, a sync does not ask that shard again until one of them ends. Syncs
+/// that are awaited are not counted: callers bound those.
 pub const SYNCS_BEHIND_MAX: usize = 8;
 
 /// `fut` (a call to shard `j`) bounded by `t`: past it, a timeout error.
@@ -327,41 +328,55 @@ impl Holdfast {
             sh.layout.profile.quorum(),
             sh.cfg.op_timeout,
         );
-        let mut syncing: FuturesUnordered<_> = (0..n)
-            .map(|j| {
-                let (store, key) = (sh.layout.shards[j].store.clone(), sh.layout.key(j));
-                let behind = sh.clone();
-                let task = (sh.syncs_behind[j].fetch_add(1, Ordering::AcqRel) < SYNCS_BEHIND_MAX)
-                    .then(|| {
-                        tokio::spawn(async move {
-                            let r = within(j, t, store.sync(key)).await;
-                            behind.syncs_behind[j].fetch_sub(1, Ordering::AcqRel);
-                            r
-                        })
-                    });
-                let sh = sh.clone();
-                async move {
-                    let r = match task {
-                        Some(task) => task.await.unwrap_or_else(|e| {
-                            Err(KelpError::Stopped(format!("shard {j} sync: {e}")))
-                        }),
-                        None => {
-                            sh.syncs_behind[j].fetch_sub(1, Ordering::AcqRel);
-                            Err(KelpError::Stopped(format!(
-                                "shard {j}: {SYNCS_BEHIND_MAX} syncs still running"
-                            )))
-                        }
-                    };
-                    (j, r)
+        // Each shard's sync runs in a task of its own, so that it can go on after this call
+        // returns; `left` marks one this call left running (0 awaited, 1 left, 2 ended).
+        let mut left: Vec<Option<Arc<AtomicU8>>> = Vec::with_capacity(n);
+        let mut syncing: FuturesUnordered<_> = FuturesUnordered::new();
+        for j in 0..n {
+            if sh.syncs_behind[j].load(Ordering::Acquire) >= SYNCS_BEHIND_MAX {
+                left.push(None);
+                syncing.push(futures::future::Either::Left(futures::future::ready((
+                    j,
+                    Err(KelpError::Stopped(format!(
+                        "shard {j}: {SYNCS_BEHIND_MAX} syncs still running"
+                    ))),
+                ))));
+                continue;
+            }
+            let (store, key) = (sh.layout.shards[j].store.clone(), sh.layout.key(j));
+            let state = Arc::new(AtomicU8::new(0));
+            left.push(Some(state.clone()));
+            let behind = sh.clone();
+            let task = tokio::spawn(async move {
+                let r = within(j, t, store.sync(key)).await;
+                if state.swap(2, Ordering::AcqRel) == 1 {
+                    behind.syncs_behind[j].fetch_sub(1, Ordering::AcqRel);
                 }
-            })
-            .collect();
+                r
+            });
+            syncing.push(futures::future::Either::Right(async move {
+                let r = task
+                    .await
+                    .unwrap_or_else(|e| Err(KelpError::Stopped(format!("shard {j} sync: {e}"))));
+                (j, r)
+            }));
+        }
         let mut results: Shards = Vec::with_capacity(n);
         while let Some(done) = syncing.next().await {
             results.push(done);
             let synced = results.iter().filter(|(_, r)| r.is_ok()).count();
             if synced >= needed || n - (results.len() - synced) < needed {
                 break;
+            }
+        }
+        for (j, state) in left.iter().enumerate() {
+            if let Some(state) = state {
+                if state
+                    .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    sh.syncs_behind[j].fetch_add(1, Ordering::AcqRel);
+                }
             }
         }
         sh.quorum("sync", &results)?;
