@@ -5,9 +5,11 @@
 //! state file, on its own loopback socket) and creates files, printing each one acknowledged;
 //! it is SIGKILLed in the middle. The model of a power loss: one replica's state file goes back
 //! to its last synced content (the state machine commits without syncing, so everything it
-//! applied is lost), and the Raft files keep only what they synced (appends and votes are
-//! synced before they are acknowledged; the committed index is not, and is found again). The
-//! replicas restart from those files: every acknowledged create is there, on every replica.
+//! applied is lost). The Raft files are kept as they are: a follower syncs its appends before
+//! it answers, votes are synced, the committed index is not (it is found again), and a
+//! leader's own entries, synced beside its followers', are applied and acknowledged only once
+//! synced (`sealfs-raft`'s test of a held sync shows that part). The replicas restart from
+//! those files: every acknowledged create is there, on every replica.
 //!
 //! It found a real bug: a leader restarted in its own term served a linearizable read before
 //! it had re-applied the entries it acknowledged before the crash (see `Group::read`).

@@ -1,12 +1,13 @@
-//! Raft groups for sealfs (DESIGN 5.1, 5.4): the manager's cluster map and each metadata
-//! partition are a group of 1 or 3 (R) replicas running openraft. A group keeps its log, vote
-//! and snapshots in its server's log (our own segment files, [`wal`]; every append synced
-//! before it is acknowledged), sends its messages on the sealfs wire (one connection per pair
-//! of servers, shared by all groups), and applies committed commands to the application's
-//! [`Machine`].
+//! Raft groups for sealfs (DESIGN 5.1, 5.4): the manager's cluster map and each metadata partition
+//! are a group of 1 or 3 (R) replicas running openraft. A group keeps its log, vote and snapshots
+//! in its server's log (our own segment files, [`wal`]; every append synced before a client is
+//! answered: a follower's before it answers its leader, a leader's own beside its followers', see
+//! `unsynced.rs`), sends its messages on the sealfs wire (one connection per pair of servers,
+//! shared by all groups), and applies committed commands to the application's [`Machine`].
 
 pub mod network;
 pub mod store;
+mod unsynced;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -146,14 +147,20 @@ impl Group {
         peers: Peers,
     ) -> Result<Group, GroupError> {
         let unavailable = |e: String| GroupError::Unavailable(format!("group {id}: {e}"));
-        let sm = StateMachineStore::open(log.clone(), id, machine)
+        let unsynced = Arc::new(unsynced::Unsynced::default());
+        let sm = StateMachineStore::open(log.clone(), id, machine, unsynced.clone())
             .map_err(|e| unavailable(e.to_string()))?;
-        let net = network::NetFactory { group: id, peers };
+        let net = network::NetFactory {
+            group: id,
+            peers,
+            log: log.clone(),
+            unsynced: unsynced.clone(),
+        };
         let raft = Raft::new(
             node,
             config(),
             net,
-            LogStore::new(log.clone(), id),
+            LogStore::new(log.clone(), id, node, unsynced),
             sm.clone(),
         )
         .await
@@ -331,5 +338,135 @@ impl Group {
     pub async fn shutdown(&self) {
         self.router.remove(self.id);
         let _ = self.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    use sealfs_rpc::{ClusterKey, Server, ServerConfig, ServerHandle};
+
+    use super::*;
+    use crate::wal::held;
+
+    /// A machine that keeps the commands applied.
+    #[derive(Default)]
+    struct Applied(Vec<Vec<u8>>);
+
+    impl Machine for Applied {
+        fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+            self.0.push(command.to_vec());
+            Vec::new()
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            postcard::to_stdvec(&self.0).unwrap()
+        }
+        fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+            self.0 = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+            Ok(())
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < end, "{what}: not within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The leader's sync and a follower's run side by side, yet a command is applied and
+    /// answered only once the leader's disk has it, and no follower is told it is committed
+    /// before then (see `unsynced`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_replicates_while_it_syncs_and_applies_only_what_it_synced() {
+        let key = ClusterKey::from_secret(b"raft group test secret");
+        let dir = tempfile::tempdir().unwrap();
+        let mut rs: Vec<(Group, ServerHandle, PathBuf)> = Vec::new();
+        for node in 1..=3 {
+            let router = Arc::new(RaftRouter::default());
+            let server = Server::bind(
+                "127.0.0.1:0",
+                key.clone(),
+                ServerConfig::default(),
+                router.clone(),
+            )
+            .await
+            .unwrap();
+            let wal = dir.path().join(format!("raft{node}"));
+            let log = LogDb::open(&wal).unwrap();
+            let machine = Box::new(Applied::default());
+            let g = Group::start(7, node, &log, machine, router, Peers::new(key.clone()))
+                .await
+                .unwrap();
+            rs.push((g, server, wal));
+        }
+        let members = rs
+            .iter()
+            .map(|(g, s, _)| (g.node(), s.addr().to_string()))
+            .collect();
+        rs[0].0.initialize(members).await.unwrap();
+        until("a leader", || rs.iter().any(|r| r.0.is_leader())).await;
+        let l = rs.iter().position(|r| r.0.is_leader()).unwrap();
+        let leader = rs[l].0.clone();
+        leader.write(b"one".to_vec()).await.unwrap();
+
+        held::set(&rs[l].2, true);
+        let (x, term) = {
+            let m = leader.raft.metrics().borrow().clone();
+            (m.last_log_index.unwrap() + 1, m.current_term)
+        };
+        let write = tokio::spawn({
+            let leader = leader.clone();
+            async move { leader.write(b"two".to_vec()).await }
+        });
+        let followers: Vec<Group> = (0..3)
+            .filter(|i| *i != l)
+            .map(|i| rs[i].0.clone())
+            .collect();
+        // (A leader that waited for its own sync before sending would also stop its
+        // heartbeats, and lose its place: the entry must come in the leader's term.)
+        until(
+            "the followers have the entry while the leader syncs",
+            || {
+                followers.iter().all(|f| {
+                    let m = f.raft.metrics();
+                    let m = m.borrow();
+                    m.current_term == term && m.last_log_index >= Some(x)
+                })
+            },
+        )
+        .await;
+        // Heartbeats go out every 100 ms with the committed index.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!write.is_finished(), "answered before the leader synced");
+        assert!(
+            leader.is_leader(),
+            "the leader lost its place while it synced"
+        );
+        for (g, _, _) in &rs {
+            assert!(
+                g.applied_index() < Some(x),
+                "node {} applied an entry the leader has not synced",
+                g.node()
+            );
+        }
+
+        held::set(&rs[l].2, false);
+        tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .expect("answered once synced")
+            .unwrap()
+            .unwrap();
+        until("every replica applied it", || {
+            rs.iter().all(|r| r.0.applied_index() >= Some(x))
+        })
+        .await;
+        for (g, s, _) in rs {
+            g.shutdown().await;
+            s.shutdown().await;
+        }
     }
 }

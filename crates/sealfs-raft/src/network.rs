@@ -20,7 +20,8 @@ use openraft::{AnyError, BasicNode};
 use sealfs_rpc::{Client, ClientConfig, ClusterKey, Handler, InProcess, Request, Response, Status};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{NodeId, TypeConfig};
+use crate::unsynced::Unsynced;
+use crate::{LogDb, NodeId, TypeConfig};
 
 /// Append entries.
 pub const OP_APPEND: u16 = 0x0201;
@@ -76,6 +77,8 @@ impl Peers {
 pub struct NetFactory {
     pub(crate) group: u64,
     pub(crate) peers: Peers,
+    pub(crate) log: LogDb,
+    pub(crate) unsynced: Arc<Unsynced>,
 }
 
 /// The network from one group member to another.
@@ -83,6 +86,8 @@ pub struct PeerNet {
     group: u64,
     target: NodeId,
     client: Arc<Client>,
+    log: LogDb,
+    unsynced: Arc<Unsynced>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetFactory {
@@ -93,6 +98,8 @@ impl RaftNetworkFactory<TypeConfig> for NetFactory {
             group: self.group,
             target,
             client: self.peers.client(&node.addr),
+            log: self.log.clone(),
+            unsynced: self.unsynced.clone(),
         }
     }
 }
@@ -137,9 +144,13 @@ impl PeerNet {
 impl RaftNetwork<TypeConfig> for PeerNet {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Followers apply only what this leader's disk has synced.
+        rpc.leader_commit = self
+            .unsynced
+            .clamp(rpc.leader_commit, self.log.wal(), self.group);
         self.send(OP_APPEND, &rpc, &option).await
     }
 

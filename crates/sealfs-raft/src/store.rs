@@ -1,9 +1,10 @@
-//! Raft storage: the logs and votes of all the groups of a server in its log ([`LogDb`], our
-//! own segment files written by one thread that shares each `fdatasync` among every write
-//! waiting), and each group's latest snapshot in a file beside it. Appends and votes are
-//! synced before they are reported done. The state machine is the application's [`Machine`]:
-//! held in memory and restored from the snapshot at start, or kept on disk by the machine with
-//! its applied position (openraft then re-applies the committed log after it).
+//! Raft storage: the logs and votes of all the groups of a server in its log ([`LogDb`], our own
+//! segment files written by one thread that shares each `fdatasync` among every write waiting), and
+//! each group's latest snapshot in a file beside it. Appends and votes are synced before they are
+//! reported done, but for a leader's own entries, which are reported done when handed to the writer
+//! and kept from being applied until synced (`unsynced.rs`). The state machine is the application's
+//! [`Machine`]: held in memory and restored from the snapshot at start, or kept on disk by the
+//! machine with its applied position (openraft then re-applies the committed log after it).
 
 // openraft's traits fix the error type (`StorageError`), large as it is.
 #![allow(clippy::result_large_err)]
@@ -24,6 +25,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::unsynced::Unsynced;
 use crate::wal::{Rec, Wal};
 use crate::{Machine, NodeId, Reply, TypeConfig};
 
@@ -46,6 +48,10 @@ impl LogDb {
     /// Opens (creating) the log in folder `dir`, or returns it if this process has it open.
     pub fn open(dir: &Path) -> Result<LogDb, String> {
         Wal::open(dir).map(LogDb)
+    }
+
+    pub(crate) fn wal(&self) -> &Wal {
+        &self.0
     }
 
     fn snapshot_path(&self, group: u64) -> PathBuf {
@@ -97,12 +103,33 @@ impl LogDb {
 pub struct LogStore {
     log: LogDb,
     group: u64,
+    node: NodeId,
+    unsynced: Arc<Unsynced>,
 }
 
 impl LogStore {
-    /// The log of `group` in `log`.
-    pub fn new(log: LogDb, group: u64) -> Self {
-        LogStore { log, group }
+    /// The log of `group` in `log`, on replica `node`.
+    pub(crate) fn new(log: LogDb, group: u64, node: NodeId, unsynced: Arc<Unsynced>) -> Self {
+        LogStore {
+            log,
+            group,
+            node,
+            unsynced,
+        }
+    }
+
+    /// Whether `entries` are this replica's own as the leader of the vote it stored: a leader
+    /// elected (its vote committed) appending the entries of its term.
+    fn own(&self, entries: &[Rec]) -> bool {
+        let Some(vote) = self.log.0.meta(self.group).vote else {
+            return false;
+        };
+        let leader = *vote.leader_id();
+        vote.is_committed()
+            && leader.node_id == self.node
+            && entries
+                .iter()
+                .all(|r| matches!(r, Rec::Entry { log_id, .. } if log_id.leader_id == leader))
     }
 
     async fn write(&self, recs: Vec<Rec>, durable: bool) -> Result<(), SErr> {
@@ -170,11 +197,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, c: Option<LogId<NodeId>>) -> Result<(), SErr> {
         // Not synced, nor waited for: after a crash the committed index is found again from a
-        // majority. (The writer keeps the order: it lands after the entries it covers.)
+        // majority. (The writer keeps the order: it lands after the entries it covers.) Never
+        // past what this replica has synced: a restart applies up to it.
         let group = self.group;
         let recs = vec![Rec::Committed {
             group,
-            committed: c,
+            committed: self.unsynced.clamp(c, &self.log.0, group),
         }];
         self.log
             .0
@@ -193,21 +221,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let group = self.group;
         let mut recs = Vec::new();
+        let mut ids = None;
         for e in entries {
+            let (first, _) = ids.get_or_insert((e.log_id, e.log_id));
+            ids = Some((*first, e.log_id));
             recs.push(Rec::Entry {
                 group,
                 log_id: e.log_id,
                 bytes: Arc::new(postcard::to_stdvec(&e).map_err(werr)?),
             });
         }
-        // Returns at once, the entries readable from memory: a leader sends them to its
-        // followers while its disk writes and syncs them. openraft counts them as stored (a
-        // leader's vote for them, a follower's reply) only at `callback`, after the sync, and
-        // the writer shares that sync among all the groups of the server.
-        let synced = Box::new(move |r: Result<(), String>| {
-            callback.log_io_completed(r.map_err(std::io::Error::other))
-        });
-        self.log.0.write_then(recs, true, synced).map_err(werr)
+        // Returns at once, the entries readable from memory. A follower's are reported
+        // stored at `callback`, after the sync (the writer shares it among all the groups of
+        // the server), and only then does it answer the leader. A leader's own are reported
+        // stored now, so that openraft sends them to the followers while this disk syncs
+        // them; until it has, they are not applied nor told committed ([`Unsynced`]).
+        let Some((first, last)) = ids else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        if !self.own(&recs) {
+            let synced = Box::new(move |r: Result<(), String>| {
+                callback.log_io_completed(r.map_err(std::io::Error::other))
+            });
+            return self.log.0.write_then(recs, true, synced).map_err(werr);
+        }
+        self.unsynced.handed(first, last);
+        let unsynced = self.unsynced.clone();
+        let written = Box::new(move |r: Result<(), String>| unsynced.written(first, last, r));
+        if let Err(e) = self.log.0.write_then(recs, true, written) {
+            self.unsynced.withdrawn(first, last);
+            return Err(werr(e));
+        }
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
@@ -265,12 +312,18 @@ pub struct StateMachineStore {
     log: LogDb,
     group: u64,
     seq: Arc<AtomicU64>,
+    unsynced: Arc<Unsynced>,
 }
 
 impl StateMachineStore {
     /// The state machine of `group` over `machine`, restored from the group's snapshot in
     /// `log` if the machine does not keep its own state.
-    pub fn open(log: LogDb, group: u64, mut machine: Box<dyn Machine>) -> Result<Self, SErr> {
+    pub(crate) fn open(
+        log: LogDb,
+        group: u64,
+        mut machine: Box<dyn Machine>,
+        unsynced: Arc<Unsynced>,
+    ) -> Result<Self, SErr> {
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
         let on_disk = machine
@@ -299,6 +352,7 @@ impl StateMachineStore {
             log,
             group,
             seq: Arc::new(AtomicU64::new(0)),
+            unsynced,
         })
     }
 }
@@ -359,6 +413,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<_> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            // A leader's own entries are committed by openraft before its own disk may have
+            // synced them: applied (and answered) only once it has.
+            self.unsynced.wait(last.log_id).await.map_err(werr)?;
+        }
         let mut st = self.state.write().await;
         let mut out = Vec::new();
         for entry in entries {

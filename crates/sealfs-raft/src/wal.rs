@@ -519,6 +519,9 @@ impl Wal {
                 .write(true)
                 .open(&path)
                 .map_err(pctx)?;
+            // What a process that crashed wrote but had not synced is in the page cache, and
+            // is read back as stored: it must be on the disk before it counts as such.
+            file.sync_data().map_err(pctx)?;
             state.segments.insert(
                 id,
                 Segment {
@@ -629,6 +632,16 @@ impl Wal {
     pub fn last(&self, group: u64) -> Option<LogId<NodeId>> {
         let st = self.0.state.lock().expect("raft log index");
         st.groups.get(&group).and_then(|g| g.last()).map(|(_, l)| l)
+    }
+
+    /// The id of a group's entry at `index`, written or not, if the log has it.
+    pub fn log_id(&self, group: u64, index: u64) -> Option<LogId<NodeId>> {
+        let st = self.0.state.lock().expect("raft log index");
+        let gs = st.groups.get(&group)?;
+        gs.recent
+            .get(&index)
+            .map(|(l, _)| *l)
+            .or_else(|| gs.entries.get(&index).map(|l| l.log_id))
     }
 
     /// The bytes of a group's entries with index in `lo..=hi`, if all are in memory (`None`
@@ -867,6 +880,8 @@ impl Committer {
             }
         }
         if durable {
+            #[cfg(test)]
+            held::wait(&self.dir);
             if let Err(e) = file.sync_data() {
                 let e = format!("raft log segment {id:016x}: sync failed: {e}");
                 self.failed = Some(e.clone());
@@ -929,6 +944,35 @@ impl Committer {
             });
         }
         self.write(recs, true)
+    }
+}
+
+/// For tests: logs whose writer waits before each sync, to see what goes on meanwhile.
+#[cfg(test)]
+pub(crate) mod held {
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Condvar, Mutex};
+
+    static HELD: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    static RELEASED: Condvar = Condvar::new();
+
+    /// Holds (or releases) the syncs of the log in `dir`.
+    pub fn set(dir: &Path, hold: bool) {
+        let mut h = HELD.lock().unwrap();
+        if hold {
+            h.insert(dir.to_path_buf());
+        } else {
+            h.remove(dir);
+            RELEASED.notify_all();
+        }
+    }
+
+    pub(super) fn wait(dir: &Path) {
+        let mut h = HELD.lock().unwrap();
+        while h.contains(dir) {
+            h = RELEASED.wait(h).unwrap();
+        }
     }
 }
 
