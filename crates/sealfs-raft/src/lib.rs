@@ -377,14 +377,13 @@ mod tests {
         }
     }
 
-    /// The leader's sync and a follower's run side by side, yet a command is applied and
-    /// answered only once the leader's disk has it, and no follower is told it is committed
-    /// before then (see `unsynced`).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_leader_replicates_while_it_syncs_and_applies_only_what_it_synced() {
+    type Replica = (Group, ServerHandle, PathBuf);
+
+    /// Three replicas of a group, each with its own log folder and RPC server; returns them and
+    /// which one leads.
+    async fn three(dir: &std::path::Path) -> (Vec<Replica>, usize) {
         let key = ClusterKey::from_secret(b"raft group test secret");
-        let dir = tempfile::tempdir().unwrap();
-        let mut rs: Vec<(Group, ServerHandle, PathBuf)> = Vec::new();
+        let mut rs: Vec<Replica> = Vec::new();
         for node in 1..=3 {
             let router = Arc::new(RaftRouter::default());
             let server = Server::bind(
@@ -395,7 +394,7 @@ mod tests {
             )
             .await
             .unwrap();
-            let wal = dir.path().join(format!("raft{node}"));
+            let wal = dir.join(format!("raft{node}"));
             let log = LogDb::open(&wal).unwrap();
             let machine = Box::new(Applied::default());
             let g = Group::start(7, node, &log, machine, router, Peers::new(key.clone()))
@@ -410,6 +409,23 @@ mod tests {
         rs[0].0.initialize(members).await.unwrap();
         until("a leader", || rs.iter().any(|r| r.0.is_leader())).await;
         let l = rs.iter().position(|r| r.0.is_leader()).unwrap();
+        (rs, l)
+    }
+
+    async fn stop(rs: Vec<Replica>) {
+        for (g, s, _) in rs {
+            g.shutdown().await;
+            s.shutdown().await;
+        }
+    }
+
+    /// The leader's sync and a follower's run side by side, yet a command is applied and
+    /// answered only once the leader's disk has it, and no follower is told it is committed
+    /// before then (see `unsynced`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_replicates_while_it_syncs_and_applies_only_what_it_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rs, l) = three(dir.path()).await;
         let leader = rs[l].0.clone();
         leader.write(b"one".to_vec()).await.unwrap();
 
@@ -439,8 +455,9 @@ mod tests {
             },
         )
         .await;
-        // Heartbeats go out every 100 ms with the committed index.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Heartbeats go out every 100 ms with the committed index (and stop once the sync
+        // has waited `unsynced::STALL`, 1 s).
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!write.is_finished(), "answered before the leader synced");
         assert!(
             leader.is_leader(),
@@ -464,9 +481,46 @@ mod tests {
             rs.iter().all(|r| r.0.applied_index() >= Some(x))
         })
         .await;
-        for (g, s, _) in rs {
-            g.shutdown().await;
-            s.shutdown().await;
-        }
+        stop(rs).await;
+    }
+
+    /// A leader whose sync hangs applies nothing, so it must not keep its place by its
+    /// heartbeats: it falls silent and the others elect one of them, which goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_whose_sync_hangs_gives_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rs, l) = three(dir.path()).await;
+        let old = rs[l].0.clone();
+        old.write(b"one".to_vec()).await.unwrap();
+        held::set(&rs[l].2, true);
+        let stuck = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(b"two".to_vec()).await }
+        });
+        until("another leader", || {
+            rs.iter()
+                .enumerate()
+                .any(|(i, r)| i != l && r.0.is_leader())
+        })
+        .await;
+        let n = rs
+            .iter()
+            .enumerate()
+            .position(|(i, r)| i != l && r.0.is_leader())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rs[n].0.write(b"three".to_vec()))
+            .await
+            .expect("the new leader answers")
+            .unwrap();
+        let x = rs[n].0.applied_index();
+
+        held::set(&rs[l].2, false);
+        // The old leader's command was on the followers: the new leader committed it.
+        let _ = tokio::time::timeout(Duration::from_secs(10), stuck).await;
+        until("every replica applied everything", || {
+            rs.iter().all(|r| r.0.applied_index() >= x)
+        })
+        .await;
+        stop(rs).await;
     }
 }

@@ -20,7 +20,7 @@ use openraft::{AnyError, BasicNode};
 use sealfs_rpc::{Client, ClientConfig, ClusterKey, Handler, InProcess, Request, Response, Status};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::unsynced::Unsynced;
+use crate::unsynced::{Unsynced, STALL};
 use crate::{LogDb, NodeId, TypeConfig};
 
 /// Append entries.
@@ -147,6 +147,15 @@ impl RaftNetwork<TypeConfig> for PeerNet {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if self.unsynced.stalled(STALL) {
+            // A leader whose disk does not sync can apply nothing: silent, it lets the
+            // followers elect another.
+            return Err(Unreachable::from(AnyError::error(format!(
+                "this leader's log has not synced for {} ms: it stops sending",
+                STALL.as_millis()
+            )))
+            .into());
+        }
         // Followers apply only what this leader's disk has synced.
         rpc.leader_commit = self
             .unsynced

@@ -16,6 +16,12 @@
 //! that synced before it answered), as when the two syncs ran in series. If the leader's
 //! machine loses power before its sync, its unsynced entries are simply not committed: no
 //! replica applied them, and a new leader may replace them.
+//!
+//! A leader whose disk hangs would go on sending heartbeats while it can apply nothing, and
+//! keep its place: once a sync has waited [`STALL`], it stops sending
+//! ([`Unsynced::stalled`]), so that the followers elect another.
+
+use std::time::{Duration, Instant};
 
 use openraft::LogId;
 use tokio::sync::watch;
@@ -23,11 +29,16 @@ use tokio::sync::watch;
 use crate::wal::Wal;
 use crate::NodeId;
 
-/// The runs of entries (first and last id) handed to the log by the leader and not yet
-/// synced, and the error of a failed sync.
+/// How long a leader's sync may take before the leader stops sending, and so lets another
+/// replica take over: more than the longest election timeout, so that a slow sync under load
+/// does not move the leader.
+pub const STALL: Duration = Duration::from_millis(1_000);
+
+/// The runs of entries (first and last id, when handed) handed to the log by the leader and
+/// not yet synced, and the error of a failed sync.
 #[derive(Default)]
 struct Runs {
-    runs: Vec<(LogId<NodeId>, LogId<NodeId>)>,
+    runs: Vec<(LogId<NodeId>, LogId<NodeId>, Instant)>,
     failed: Option<String>,
 }
 
@@ -35,6 +46,10 @@ impl Runs {
     /// The first unsynced entry: every entry of the log before it is synced.
     fn first(&self) -> Option<LogId<NodeId>> {
         self.runs.iter().map(|r| r.0).min()
+    }
+
+    fn remove(&mut self, first: LogId<NodeId>, last: LogId<NodeId>) {
+        self.runs.retain(|r| (r.0, r.1) != (first, last));
     }
 }
 
@@ -50,19 +65,19 @@ impl Default for Unsynced {
 impl Unsynced {
     /// Notes a run handed to the log, before it is handed.
     pub fn handed(&self, first: LogId<NodeId>, last: LogId<NodeId>) {
-        self.0.send_modify(|r| r.runs.push((first, last)));
+        self.0
+            .send_modify(|r| r.runs.push((first, last, Instant::now())));
     }
 
     /// Notes that the run was not handed after all (the writer refused it).
     pub fn withdrawn(&self, first: LogId<NodeId>, last: LogId<NodeId>) {
-        self.0
-            .send_modify(|r| r.runs.retain(|run| *run != (first, last)));
+        self.0.send_modify(|r| r.remove(first, last));
     }
 
     /// Notes the end of a run's write: synced, or failed (then nothing after it is trusted).
     pub fn written(&self, first: LogId<NodeId>, last: LogId<NodeId>, r: Result<(), String>) {
         self.0.send_modify(|s| match r {
-            Ok(()) => s.runs.retain(|run| *run != (first, last)),
+            Ok(()) => s.remove(first, last),
             Err(e) => {
                 s.failed.get_or_insert(e);
             }
@@ -82,6 +97,13 @@ impl Unsynced {
             Some(e) => Err(format!("the raft log could not sync: {e}")),
             None => Ok(()),
         }
+    }
+
+    /// Whether a run has waited longer than `limit` for its sync, or a sync failed: a leader
+    /// then stops sending.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        let s = self.0.borrow();
+        s.failed.is_some() || s.runs.iter().any(|r| r.2.elapsed() > limit)
     }
 
     /// `committed`, or the last entry before the first unsynced one if that is earlier: the
