@@ -361,7 +361,10 @@ impl MetaHost {
 /// driven before the reply: until it lands, the removed directory's inode still answers a
 /// `getattr` by its number.)
 fn after_reply(op: &Op, f: &FollowUp) -> bool {
-    matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. }))
+    match op {
+        Op::Once { op, .. } => after_reply(op, f),
+        op => matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. })),
+    }
 }
 
 /// Applies an intent's follow-up on its partition (once, however often it is asked).

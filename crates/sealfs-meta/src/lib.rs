@@ -511,7 +511,20 @@ pub enum Op {
     Unkeep {
         ino: u64,
     },
+    /// `op`, applied once however often it is sent: a client that sends a command again
+    /// after losing its answer (a leader that stepped down, a timeout) gets the first answer
+    /// back, not the answer of a second try (an exclusive create's EEXIST, an unlink's
+    /// ENOENT). `id` is the client's, random; answers are kept [`ONCE_KEEP_NS`].
+    Once {
+        id: u128,
+        now: Nanos,
+        op: Box<Op>,
+    },
 }
+
+/// How long a partition keeps the answer of an [`Op::Once`] for a client that sends it again:
+/// far longer than a client tries one command (its deadline, 10 s by default).
+pub const ONCE_KEEP_NS: Nanos = 600 * 1_000_000_000;
 
 /// How long an unlinked inode stays for a mount that has it open and never says it closed
 /// it (a mount that was killed): a day.
@@ -689,6 +702,10 @@ impl Op {
             | Op::RemoveXattr { now, .. }
             | Op::Settle { now, .. }
             | Op::Keep { now, .. } => *now = t,
+            Op::Once { now, op, .. } => {
+                *now = t;
+                op.set_now(t);
+            }
             Op::RmdirAbort { .. }
             | Op::RenameUnlock { .. }
             | Op::Apply { .. }

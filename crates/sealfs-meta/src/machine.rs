@@ -43,10 +43,17 @@ const USAGE: Table = TableDefinition::new("usage");
 const META: Table = TableDefinition::new("meta");
 /// ino -> when a mount asked to keep it past its last link (open files that were unlinked).
 const KEPT: Table = TableDefinition::new("kept");
+/// request id (16) -> time (8) ++ reply: the answers of `Op::Once` commands.
+const ONCE: Table = TableDefinition::new("once");
+/// time (8) ++ request id (16) -> nothing: the same, in the order they are forgotten.
+const ONCE_AT: Table = TableDefinition::new("once_at");
 
-const TABLES: [Table; 10] = [
-    INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META, KEPT,
+const TABLES: [Table; 12] = [
+    INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META, KEPT, ONCE, ONCE_AT,
 ];
+/// Answers of `Op::Once` past `ONCE_KEEP_NS` forgotten by one command at most: a bounded
+/// cost per command, ahead of the rate they come in.
+const ONCE_FORGET_MAX: usize = 8;
 
 /// Follow-ups remembered this long (they are driven again only while their intent lives).
 const DONE_KEEP: Nanos = 3_600_000_000_000;
@@ -524,9 +531,9 @@ impl sealfs_raft::Machine for PartitionMachine {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let all: Vec<Vec<(Vec<u8>, Vec<u8>)>> =
             postcard::from_bytes(snapshot).map_err(|e| format!("snapshot: {e}"))?;
-        // A snapshot from before the kept table was in it has the first 9 tables; its kept
-        // table is empty.
-        if all.len() != TABLES.len() && all.len() != TABLES.len() - 1 {
+        // A snapshot from before the kept table was in it has the first 9 tables, one from
+        // before the once tables the first 10; the tables it lacks are empty.
+        if ![9, 10, TABLES.len()].contains(&all.len()) {
             return Err(format!(
                 "snapshot has {} tables, want {}",
                 all.len(),
@@ -640,6 +647,27 @@ impl W<'_> {
 
     fn del(&self, t: Table, k: &[u8]) -> R<()> {
         self.tx.open_table(t)?.remove(k)?;
+        Ok(())
+    }
+
+    /// Forgets the oldest answers of `Op::Once` kept since before `before`, a few at a time.
+    fn forget_once(&self, before: Nanos) -> R<()> {
+        if before <= 0 {
+            return Ok(());
+        }
+        let before = (before as u64).to_be_bytes();
+        let old: Vec<Vec<u8>> = {
+            let t = self.tx.open_table(ONCE_AT)?;
+            let mut old = Vec::new();
+            for item in t.range(..&before[..])?.take(ONCE_FORGET_MAX) {
+                old.push(item?.0.value().to_vec());
+            }
+            old
+        };
+        for at in old {
+            self.del(ONCE_AT, &at)?;
+            self.del(ONCE, at.get(8..).unwrap_or_default())?;
+        }
         Ok(())
     }
 
@@ -1399,6 +1427,32 @@ impl W<'_> {
                     }
                 }
                 Ok(Reply::Done)
+            }
+            Op::Once { id, now, op } => {
+                let k = id.to_be_bytes();
+                if let Some(v) = self.get(ONCE, &k)? {
+                    // Sent again after its answer was lost: the first answer.
+                    return match dec::<Reply>(v.get(8..).unwrap_or_default())? {
+                        Reply::Error(e) => Err(e.into()),
+                        r => Ok(r),
+                    };
+                }
+                let r = self.apply(*op);
+                let reply = match &r {
+                    Ok(reply) => reply.clone(),
+                    Err(Fail::Errno(e)) => Reply::Error(*e),
+                    Err(Fail::Storage(_)) => return r,
+                };
+                // Times as unsigned big-endian keys sort in time order.
+                let t = (now.max(0) as u64).to_be_bytes();
+                let mut v = t.to_vec();
+                v.extend_from_slice(&enc(&reply)?);
+                self.put(ONCE, &k, &v)?;
+                let mut at = t.to_vec();
+                at.extend_from_slice(&k);
+                self.put(ONCE_AT, &at, &[])?;
+                self.forget_once(now.saturating_sub(crate::ONCE_KEEP_NS))?;
+                r
             }
             Op::ClearIntent { id } => {
                 self.del(INTENTS, &k_ino(id))?;

@@ -13,6 +13,14 @@ use sealfs_rpc::Request;
 
 use crate::{Errno, Op, Query, Reply, OP_META_READ, OP_META_WRITE};
 
+/// A random id for a command, drawn from the system's generator: two clients never draw the
+/// same one (2^-64 for 2^32 commands kept at once).
+fn request_id() -> Result<u128, Errno> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|_| Errno::IO)?;
+    Ok(u128::from_le_bytes(b))
+}
+
 /// A client of the metadata partitions.
 #[derive(Clone)]
 pub struct MetaClient {
@@ -49,8 +57,22 @@ impl MetaClient {
         self.maps.get().partitions.len() as u32
     }
 
-    /// Applies `op` on partition `p`.
+    /// Applies `op` on partition `p`, once: it is sent again after a lost answer (see
+    /// [`Op::Once`]), and a second try must not answer what the first one did to the state.
+    /// (Follow-ups of intents are once by their own id already.)
     pub async fn write(&self, p: u32, op: &Op) -> Result<Reply, Errno> {
+        let once;
+        let op = match op {
+            Op::Apply { .. } => op,
+            op => {
+                once = Op::Once {
+                    id: request_id()?,
+                    now: 0,
+                    op: Box::new(op.clone()),
+                };
+                &once
+            }
+        };
         let body = postcard::to_stdvec(&(p, op)).map_err(|_| Errno::INVAL)?;
         self.call(p, OP_META_WRITE, body).await
     }

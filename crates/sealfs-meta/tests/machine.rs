@@ -436,15 +436,85 @@ fn a_snapshot_carries_the_files_kept_for_their_mounts() {
     assert_eq!(b.op(Op::Keep { ino: g, now: later }), Reply::Done);
     assert_eq!(b.attr(f), Err(Errno::NOENT));
 
-    // A snapshot made before the kept table was in it (9 tables) still restores.
-    let mut tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> = postcard::from_bytes(&a.m.snapshot()).unwrap();
-    tables.pop();
-    let mut c = M::new();
-    c.m.restore(&postcard::to_stdvec(&tables).unwrap()).unwrap();
-    c.m.commit(b"pos", true).unwrap();
-    assert_eq!(c.lookup(ROOT, "other"), Ok(g));
-    tables.pop();
-    assert!(c.m.restore(&postcard::to_stdvec(&tables).unwrap()).is_err());
+    // A snapshot made before the once tables (10 tables) or the kept table (9) were in it
+    // still restores; one with fewer tables or 11 is damaged.
+    let tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> = postcard::from_bytes(&a.m.snapshot()).unwrap();
+    assert_eq!(tables.len(), 12);
+    for n in [10, 9] {
+        let mut c = M::new();
+        c.m.restore(&postcard::to_stdvec(&tables[..n]).unwrap())
+            .unwrap();
+        c.m.commit(b"pos", true).unwrap();
+        assert_eq!(c.lookup(ROOT, "other"), Ok(g));
+    }
+    for n in [11, 8] {
+        let mut c = M::new();
+        assert!(c
+            .m
+            .restore(&postcard::to_stdvec(&tables[..n]).unwrap())
+            .is_err());
+    }
+}
+
+/// A command sent again (its answer lost with a leader that stepped down, or late past a
+/// timeout) gets the answer of the first time, and is not applied twice: an exclusive create
+/// does not answer EEXIST to the client that made the file, an unlink not ENOENT to the one
+/// that removed it. The answers go with a snapshot, and are forgotten after `ONCE_KEEP_NS`.
+#[test]
+fn a_command_sent_again_gets_its_first_answer_and_is_applied_once() {
+    let once = |id: u128, now: i64, op: Op| Op::Once {
+        id,
+        now,
+        op: Box::new(op),
+    };
+    let unlink = |name: &str| Op::Unlink {
+        parent: ROOT,
+        name: name.into(),
+        dir: false,
+        now: 3,
+    };
+    let mut m = M::new();
+    let made = m.op(once(1, 2, create_op(ROOT, "f", Kind::File)));
+    let Reply::Made { attr, .. } = made.clone() else {
+        panic!("{made:?}")
+    };
+    assert_eq!(m.op(once(1, 2, create_op(ROOT, "f", Kind::File))), made);
+    assert_eq!(m.names(ROOT), vec!["f".to_string()], "made once");
+    assert_eq!(
+        m.create(ROOT, "f", Kind::File),
+        Err(Errno::EXIST),
+        "another client's create of the name is still refused"
+    );
+
+    let gone = m.op(once(2, 3, unlink("f")));
+    assert!(!matches!(gone, Reply::Error(_)), "{gone:?}");
+    assert_eq!(m.op(once(2, 3, unlink("f"))), gone);
+    assert_eq!(m.op(once(3, 3, unlink("f"))), Reply::Error(Errno::NOENT));
+    assert_eq!(m.attr(attr.ino), Err(Errno::NOENT));
+
+    // An error is the first answer too.
+    m.create(ROOT, "g", Kind::File).unwrap();
+    let refused = once(4, 4, create_op(ROOT, "g", Kind::File));
+    assert_eq!(m.op(refused.clone()), Reply::Error(Errno::EXIST));
+    m.op(unlink("g"));
+    assert_eq!(m.op(refused), Reply::Error(Errno::EXIST), "not applied now");
+    assert!(m.names(ROOT).is_empty());
+
+    // A replica that got the partition by snapshot answers the same.
+    let mut b = M::new();
+    b.m.restore(&m.m.snapshot()).unwrap();
+    b.m.commit(b"pos", true).unwrap();
+    assert_eq!(b.op(once(1, 2, create_op(ROOT, "f", Kind::File))), made);
+    assert!(b.names(ROOT).is_empty());
+
+    // Long after, a command forgets the old answers: the same id is then a new command.
+    let later = 10 + sealfs_meta::ONCE_KEEP_NS;
+    b.op(once(5, later, create_op(ROOT, "h", Kind::File)));
+    let again = b.op(once(1, later, create_op(ROOT, "f", Kind::File)));
+    let Reply::Made { attr: new, .. } = again else {
+        panic!("{again:?}")
+    };
+    assert_ne!(new.ino, attr.ino, "forgotten, so made anew");
 }
 
 /// A follow-up is applied once however often it comes, for an hour: the partition remembers
