@@ -415,6 +415,18 @@ mod tests {
         (rs, l)
     }
 
+    /// [`three`], after one command, with the leader's syncs held: the replicas, which one
+    /// leads, and its group.
+    async fn three_with_the_leaders_sync_held(
+        dir: &std::path::Path,
+    ) -> (Vec<Replica>, usize, Group) {
+        let (rs, l) = three(dir).await;
+        let leader = rs[l].0.clone();
+        leader.write(b"one".to_vec()).await.unwrap();
+        held::set(&rs[l].2, true);
+        (rs, l, leader)
+    }
+
     async fn stop(rs: Vec<Replica>) {
         for (g, s, _) in rs {
             g.shutdown().await;
@@ -428,11 +440,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_replicates_while_it_syncs_and_applies_only_what_it_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (rs, l) = three(dir.path()).await;
-        let leader = rs[l].0.clone();
-        leader.write(b"one".to_vec()).await.unwrap();
-
-        held::set(&rs[l].2, true);
+        let (rs, l, leader) = three_with_the_leaders_sync_held(dir.path()).await;
         let (x, term) = {
             let m = leader.raft.metrics().borrow().clone();
             (m.last_log_index.unwrap() + 1, m.current_term)
@@ -492,10 +500,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_whose_sync_hangs_gives_way() {
         let dir = tempfile::tempdir().unwrap();
-        let (rs, l) = three(dir.path()).await;
-        let old = rs[l].0.clone();
-        old.write(b"one".to_vec()).await.unwrap();
-        held::set(&rs[l].2, true);
+        let (rs, l, old) = three_with_the_leaders_sync_held(dir.path()).await;
         let stuck = tokio::spawn({
             let old = old.clone();
             async move { old.write(b"two".to_vec()).await }
