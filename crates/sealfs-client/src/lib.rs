@@ -17,8 +17,9 @@ use kelp::{Address, BladeReader, HedgeConfig, Reference};
 use sealfs_manager::map::{ClusterMap, ServerState, Volume};
 use sealfs_manager::MapCache;
 use sealfs_meta::{
-    check_name, dir_partition, partition_of, root_ino, Attr, DirEntry, Errno, Extent, Kind,
-    MetaClient, Op, Query, Reply, SetAttr, Unsettled, PATH_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE,
+    check_name, dir_partition, now_nanos, partition_of, root_ino, second_step, Attr, DirEntry,
+    Errno, Extent, Kind, MetaClient, Op, Query, Reply, SetAttr, Unsettled, PATH_MAX,
+    RENAME_EXCHANGE, RENAME_NOREPLACE,
 };
 use sealfs_raft::Peers;
 use sealfs_rpc::{ClusterKey, Request};
@@ -425,6 +426,7 @@ impl Sealfs {
         check_name(name)?;
         self.check_quota(0).await?;
         let child_p = dir_partition(parent, name, self.meta.partitions());
+        let started = now_nanos();
         let a = attr(
             self.meta
                 .write(
@@ -447,7 +449,10 @@ impl Sealfs {
             ino: a.ino,
             now: 0,
         };
-        let e = match self.cmd(partition_of(parent), &link).await {
+        let e = match self
+            .cmd(partition_of(parent), &second_step(started, link))
+            .await
+        {
             Ok(Reply::Changed { parent, .. }) => return Ok((a, parent)),
             Ok(_) => return Ok((a, self.getattr(parent).await?)),
             Err(e) => e,
@@ -541,15 +546,17 @@ impl Sealfs {
             return Err(Errno::NOTDIR);
         }
         let remote = partition_of(ino) != partition_of(parent);
-        if remote {
-            self.prepare_rmdir(ino, parent, name).await?;
-        }
-        let op = Op::Unlink {
+        let mut op = Op::Unlink {
             parent,
             name: name.to_vec(),
             dir: true,
             now: 0,
         };
+        if remote {
+            let started = now_nanos();
+            self.prepare_rmdir(ino, parent, name).await?;
+            op = second_step(started, op);
+        }
         let e = match self.cmd(partition_of(parent), &op).await {
             Ok(Reply::Changed { parent, .. }) => return Ok((ino, Some(parent))),
             Ok(_) => return Ok((ino, None)),
@@ -599,6 +606,7 @@ impl Sealfs {
             name: name.to_vec(),
             now: 0,
         };
+        let started = now_nanos();
         let a = attr(self.meta.write(partition_of(ino), &prep).await?)?;
         let add = Op::LinkEntry {
             ino,
@@ -607,7 +615,10 @@ impl Sealfs {
             name: name.to_vec(),
             now: 0,
         };
-        if let Err(e) = self.cmd(partition_of(parent), &add).await {
+        if let Err(e) = self
+            .cmd(partition_of(parent), &second_step(started, add))
+            .await
+        {
             if e != Errno::UNAVAILABLE {
                 let undo = Op::Settle {
                     item: Unsettled::Link {
@@ -658,6 +669,7 @@ impl Sealfs {
         // A directory that will be replaced, living in another partition than the entry that
         // names it, is made dying first (the partition of the entry cannot check it is empty).
         let mut prepared = None;
+        let started = now_nanos();
         if let Some((v, Kind::Dir)) = victim {
             if flags == 0 && kind == Kind::Dir && partition_of(v) != partition_of(dp) {
                 self.prepare_rmdir(v, dp, dn).await?;
@@ -683,6 +695,10 @@ impl Sealfs {
                 dst_name: dn.to_vec(),
                 flags,
                 now: 0,
+            };
+            let op = match prepared {
+                Some(_) => second_step(started, op),
+                None => op,
             };
             return match self.cmd(partition_of(sp), &op).await {
                 Ok(_) => Ok(()),
@@ -714,7 +730,7 @@ impl Sealfs {
             noreplace: flags & RENAME_NOREPLACE != 0,
             now: 0,
         };
-        if let Err(e) = self.cmd(partition_of(dp), &put).await {
+        if let Err(e) = self.cmd(partition_of(dp), &second_step(started, put)).await {
             if e != Errno::UNAVAILABLE {
                 let unlock = Op::RenameUnlock {
                     src_parent: sp,

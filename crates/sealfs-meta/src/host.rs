@@ -166,6 +166,7 @@ impl MetaHost {
                     return reply(&Reply::Redirect(None));
                 };
                 op.set_now(now_nanos());
+                op.set_deadline(self.step_allowed());
                 reply(&self.write(p, &g, &op).await)
             }
             OP_META_READ => {
@@ -292,17 +293,29 @@ impl MetaHost {
         settled
     }
 
+    /// How long after its first step began a second step may be applied ([`Op::Within`]):
+    /// half the orphan grace, so that the scan, which settles first steps older than the
+    /// grace, decides after any second step that can still land (with clocks within a
+    /// quarter of the grace of each other).
+    fn step_allowed(&self) -> Nanos {
+        (self.cfg.orphan_grace / 2)
+            .as_nanos()
+            .min(Nanos::MAX as u128) as Nanos
+    }
+
     async fn settle(&self, g: &Group, item: Unsettled) -> Result<(), Errno> {
         let (parent, name, ino) = item.decider();
+        // A command on the deciding partition, not a read: no second step is applied there
+        // after it (see `Op::Within`), so the answer cannot change under the settlement.
+        let decide = Op::Decide {
+            parent,
+            name: name.to_vec(),
+            ino,
+            now: 0,
+        };
         let exists = match self
             .client
-            .read(
-                crate::partition_of(parent),
-                &Query::Lookup {
-                    parent,
-                    name: name.to_vec(),
-                },
-            )
+            .write(crate::partition_of(parent), &decide)
             .await?
         {
             Reply::Entry { ino: found, .. } => found == ino,
@@ -362,7 +375,7 @@ impl MetaHost {
 /// `getattr` by its number.)
 fn after_reply(op: &Op, f: &FollowUp) -> bool {
     match op {
-        Op::Once { op, .. } => after_reply(op, f),
+        Op::Once { op, .. } | Op::Within { op, .. } => after_reply(op, f),
         op => matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. })),
     }
 }

@@ -107,6 +107,8 @@ impl Errno {
     pub const NODATA: Errno = Errno(61);
     pub const OPNOTSUPP: Errno = Errno(95);
     pub const DQUOT: Errno = Errno(122);
+    /// A second step that came too late (see [`Op::Within`]).
+    pub const TIMEDOUT: Errno = Errno(110);
     /// Not the leader of the partition (the client asks another replica).
     pub const NOTLEADER: Errno = Errno(-1);
     /// The partition has no quorum (or stopped) within the deadline.
@@ -135,6 +137,7 @@ impl std::fmt::Display for Errno {
             Errno::NOTEMPTY => "directory not empty",
             Errno::NODATA => "no such attribute",
             Errno::DQUOT => "disk quota exceeded",
+            Errno::TIMEDOUT => "timed out: the operation's second step came too late",
             Errno::NOTLEADER => "not the partition's leader",
             Errno::UNAVAILABLE => "metadata partition unavailable (no quorum)",
             Errno(n) => return write!(f, "error {n}"),
@@ -520,6 +523,31 @@ pub enum Op {
         now: Nanos,
         op: Box<Op>,
     },
+    /// The second step `op` of a two-partition operation (a mkdir's link, a link's entry, a
+    /// rename's destination, the removal of an entry whose directory was made dying), refused
+    /// with [`Errno::TIMEDOUT`] once its time is past. The orphan scan settles a first step
+    /// left alone once it is older than the grace; a second step applied after that would
+    /// undo the scan's decision (a dangling entry, a link too few, a file under two names).
+    /// `started` is when the caller began the first step (its clock); the leader that takes
+    /// the command sets `deadline` to `started` plus half the grace ([`Op::set_deadline`]),
+    /// whatever the caller sent. A partition applies it only while both its `now` and the
+    /// latest [`Op::Decide`] it applied are at or before `deadline`.
+    Within {
+        started: Nanos,
+        deadline: Nanos,
+        now: Nanos,
+        op: Box<Op>,
+    },
+    /// The orphan scan's question to the partition of the entry that decides an unsettled
+    /// first step: whether `(parent, name)` names `ino`. It is a command, not a read, so that
+    /// every second step ordered after it in the partition's log is refused (its `now` is
+    /// past their deadline): the answer stays true. Answers the entry, or NOENT.
+    Decide {
+        parent: u64,
+        name: Vec<u8>,
+        ino: u64,
+        now: Nanos,
+    },
 }
 
 /// How long a partition keeps the answer of an [`Op::Once`] for a client that sends it again:
@@ -679,7 +707,30 @@ impl Unsettled {
     }
 }
 
+/// A second step wrapped for `started`, the caller's clock when it began the first step (see
+/// [`Op::Within`]).
+pub fn second_step(started: Nanos, op: Op) -> Op {
+    Op::Within {
+        started,
+        deadline: 0,
+        now: 0,
+        op: Box::new(op),
+    }
+}
+
 impl Op {
+    /// Sets the deadline of a second step ([`Op::Within`], also inside [`Op::Once`]) to
+    /// `allowed` past when its caller began the first step.
+    pub fn set_deadline(&mut self, allowed: Nanos) {
+        match self {
+            Op::Once { op, .. } => op.set_deadline(allowed),
+            Op::Within {
+                started, deadline, ..
+            } => *deadline = started.saturating_add(allowed),
+            _ => {}
+        }
+    }
+
     /// Sets the time of the command (the leader's clock, set by the server that proposes it).
     pub fn set_now(&mut self, t: Nanos) {
         match self {
@@ -701,8 +752,9 @@ impl Op {
             | Op::SetXattr { now, .. }
             | Op::RemoveXattr { now, .. }
             | Op::Settle { now, .. }
-            | Op::Keep { now, .. } => *now = t,
-            Op::Once { now, op, .. } => {
+            | Op::Keep { now, .. }
+            | Op::Decide { now, .. } => *now = t,
+            Op::Once { now, op, .. } | Op::Within { now, op, .. } => {
                 *now = t;
                 op.set_now(t);
             }

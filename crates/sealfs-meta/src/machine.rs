@@ -48,6 +48,9 @@ const ONCE: Table = TableDefinition::new("once");
 /// time (8) ++ request id (16) -> nothing: the same, in the order they are forgotten.
 const ONCE_AT: Table = TableDefinition::new("once_at");
 
+/// The key in `META` of the latest `Op::Decide`'s time.
+const DECIDED_AT: &[u8] = b"decided_at";
+
 const TABLES: [Table; 12] = [
     INODES, ENTRIES, COOKIES, EXTENTS, LINKS, INTENTS, DONE, USAGE, META, KEPT, ONCE, ONCE_AT,
 ];
@@ -698,6 +701,14 @@ impl W<'_> {
         match self.get(ENTRIES, &k_entry(parent, name))? {
             Some(b) => Ok(Some(dec(&b)?)),
             None => Ok(None),
+        }
+    }
+
+    /// The time of the latest [`Op::Decide`] applied here (0 before any).
+    fn decided_at(&self) -> R<Nanos> {
+        match self.get(META, DECIDED_AT)? {
+            Some(b) => dec(&b),
+            None => Ok(0),
         }
     }
 
@@ -1457,6 +1468,32 @@ impl W<'_> {
             Op::ClearIntent { id } => {
                 self.del(INTENTS, &k_ino(id))?;
                 Ok(Reply::Done)
+            }
+            Op::Within {
+                deadline, now, op, ..
+            } => {
+                if now > deadline || self.decided_at()? > deadline {
+                    return Err(Errno::TIMEDOUT.into());
+                }
+                self.apply(*op)
+            }
+            Op::Decide {
+                parent,
+                name,
+                ino,
+                now,
+            } => {
+                if now > self.decided_at()? {
+                    self.put(META, DECIDED_AT, &enc(&now)?)?;
+                }
+                match self.entry(parent, &name)? {
+                    Some(e) if e.ino == ino => Ok(Reply::Entry {
+                        ino,
+                        kind: e.kind,
+                        intents: vec![],
+                    }),
+                    _ => Err(Errno::NOENT.into()),
+                }
             }
             Op::Keep { ino, now } => {
                 self.forget_kept(now - crate::KEEP_MAX_NS)?;

@@ -517,6 +517,78 @@ fn a_command_sent_again_gets_its_first_answer_and_is_applied_once() {
     assert_ne!(new.ino, attr.ino, "forgotten, so made anew");
 }
 
+/// A two-partition operation's second step (here a mkdir's link of a directory another
+/// partition holds) is applied only until its deadline, and never after the orphan scan's
+/// decision about its first step: a link that came after the scan removed the pending
+/// directory would name nothing.
+#[test]
+fn a_second_step_is_refused_past_its_deadline_and_after_the_scan_decided() {
+    let far = |n: u64| (5u64 << 40) | n;
+    let link = |name: &str, ino: u64, now: i64| Op::Within {
+        started: 0,
+        deadline: 10,
+        now,
+        op: Box::new(Op::MkdirLink {
+            parent: ROOT,
+            name: name.into(),
+            ino,
+            now,
+        }),
+    };
+    let decide = |name: &str, ino: u64, now: i64| Op::Decide {
+        parent: ROOT,
+        name: name.into(),
+        ino,
+        now,
+    };
+    let mut m = M::new();
+    assert_eq!(
+        m.op(link("late", far(1), 11)),
+        Reply::Error(Errno::TIMEDOUT)
+    );
+    assert!(m.names(ROOT).is_empty(), "nothing stored");
+    let r = m.op(link("a", far(2), 10));
+    assert!(matches!(r, Reply::Changed { .. }), "{r:?}");
+    assert_eq!(m.names(ROOT), vec!["a".to_string()]);
+
+    // The scan asks about "b" at 9: no entry. A link of it in time by its own clock but
+    // ordered after the question is refused; so is any later one.
+    assert_eq!(m.op(decide("b", far(3), 9)), Reply::Error(Errno::NOENT));
+    assert!(matches!(m.op(link("c", far(4), 8)), Reply::Changed { .. }));
+    assert_eq!(m.op(decide("b", far(3), 12)), Reply::Error(Errno::NOENT));
+    assert_eq!(m.op(link("b", far(3), 8)), Reply::Error(Errno::TIMEDOUT));
+    // An earlier question does not move the partition's decision time back.
+    m.op(decide("b", far(3), 5));
+    assert_eq!(m.op(link("b", far(3), 8)), Reply::Error(Errno::TIMEDOUT));
+    assert_eq!(m.names(ROOT), vec!["a".to_string(), "c".to_string()]);
+    // The answer for an entry that names the inode, and for one that names another.
+    assert!(matches!(
+        m.op(decide("a", far(2), 13)),
+        Reply::Entry { ino, kind: Kind::Dir, .. } if ino == far(2)
+    ));
+    assert_eq!(m.op(decide("a", far(9), 13)), Reply::Error(Errno::NOENT));
+    // A second step whose deadline is past the decisions is applied; and the decision time
+    // survives a snapshot.
+    let mut b = M::new();
+    b.m.restore(&m.m.snapshot()).unwrap();
+    b.m.commit(b"pos", true).unwrap();
+    for r in [&mut m, &mut b] {
+        assert_eq!(r.op(link("b", far(3), 10)), Reply::Error(Errno::TIMEDOUT));
+        let later = Op::Within {
+            started: 0,
+            deadline: 20,
+            now: 14,
+            op: Box::new(Op::MkdirLink {
+                parent: ROOT,
+                name: b"d".to_vec(),
+                ino: far(5),
+                now: 14,
+            }),
+        };
+        assert!(matches!(r.op(later), Reply::Changed { .. }));
+    }
+}
+
 /// A follow-up is applied once however often it comes, for an hour: the partition remembers
 /// it that long, then forgets it (in a sweep once per 64 follow-ups applied).
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sealfs_client::{Error, FileKind, NewFile, Sealfs};
-use sealfs_meta::{partition_of, Op, Reply};
+use sealfs_meta::{now_nanos, partition_of, second_step, Op, Reply};
 
 mod common;
 use common::Cluster;
@@ -494,6 +494,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     .unwrap();
     // A rename across partitions stopped after step 2 (locked source, destination made):
     // the scan finishes it.
+    let started = now_nanos();
     let moved = fs
         .create(sub.ino, b"moving", &NewFile::file(0o644))
         .await
@@ -519,20 +520,22 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .position(|a| map.servers[&leader].addr == *a)
         .unwrap();
     c.kill_server(victim);
-    w(
-        partition_of(root),
-        Op::RenameIn {
-            ino: moved.ino,
-            kind: FileKind::File,
-            src_parent: sub.ino,
-            dst_parent: root,
-            dst_name: b"moved".to_vec(),
-            noreplace: false,
-            now: 0,
-        },
-    )
-    .await
-    .unwrap();
+    // Step 2 waits for a new leader. Past its deadline (half the scan's grace after step 1
+    // began) it is refused, and the scan unlocks the source instead: either way, one name.
+    let put = Op::RenameIn {
+        ino: moved.ino,
+        kind: FileKind::File,
+        src_parent: sub.ino,
+        dst_parent: root,
+        dst_name: b"moved".to_vec(),
+        noreplace: false,
+        now: 0,
+    };
+    let renamed = match w(partition_of(root), second_step(started, put)).await {
+        Ok(_) => true,
+        Err(Error::TIMEDOUT) => false,
+        Err(e) => panic!("rename's step 2: {e}"),
+    };
     // And a rename locked whose destination never came: the scan unlocks it.
     fs.create(sub.ino, b"staying", &NewFile::file(0o644))
         .await
@@ -551,28 +554,27 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     .unwrap();
     c.start_server(victim);
 
-    // The scan (2 s grace in these servers) settles everything.
+    // The scan (4 s grace in these servers) settles everything.
     let t = Instant::now();
     loop {
         let settled = async {
             let gone = matches!(fs.getattr(orphan.ino).await, Err(Error::NOENT));
             let alive = fs.getattr(kept.ino).await.ok()?;
             let f = fs.getattr(file.ino).await.ok()?;
-            let moved_now = fs.lookup(root, b"moved").await.ok()?;
-            let src_gone = matches!(fs.lookup(sub.ino, b"moving").await, Err(Error::NOENT));
+            // The file under one name: the new one if step 2 was applied, else the old.
+            let (new, old) = (fs.lookup(root, b"moved"), fs.lookup(sub.ino, b"moving"));
+            let one_name = match (new.await, old.await) {
+                (Ok((i, _)), Err(Error::NOENT)) => renamed && i == moved.ino,
+                (Err(Error::NOENT), Ok((i, _))) => !renamed && i == moved.ino,
+                _ => false,
+            };
             // Once unlocked, the entry can be removed.
             let unlocked = match fs.unlink(sub.ino, b"staying").await {
                 Ok(()) | Err(Error::NOENT) => true,
                 Err(Error::BUSY) => false,
                 Err(e) => panic!("unlink: {e}"),
             };
-            Some(
-                gone && alive.kind == FileKind::Dir
-                    && f.nlink == 1
-                    && moved_now.0 == moved.ino
-                    && src_gone
-                    && unlocked,
-            )
+            Some(gone && alive.kind == FileKind::Dir && f.nlink == 1 && one_name && unlocked)
         }
         .await;
         if settled == Some(true) {
@@ -596,7 +598,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .into_iter()
         .map(|e| e.name)
         .collect();
-    assert!(root_names.contains(b"moved".as_slice()));
+    assert_eq!(root_names.contains(b"moved".as_slice()), renamed);
     assert!(!root_names.contains(names[0].as_bytes()));
     assert!(!root_names.contains(b"halflink".as_slice()));
     let sub_names: Vec<Vec<u8>> = fs
@@ -606,7 +608,15 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .into_iter()
         .map(|e| e.name)
         .collect();
-    assert_eq!(sub_names, vec![b"file".to_vec()]);
+    let mut want = vec![b"file".to_vec()];
+    if !renamed {
+        want.push(b"moving".to_vec());
+        fs.unlink(sub.ino, b"moving").await.expect("unlocked");
+    }
+    want.sort();
+    let mut sub_names = sub_names;
+    sub_names.sort();
+    assert_eq!(sub_names, want);
     // The full operations, across partitions, keep the counts.
     let d = fs
         .mkdir(root, names[3].as_bytes(), 0o755, 0, 0)
@@ -654,6 +664,73 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .await;
     assert_eq!(r.err(), Some(Error::EXIST));
     assert_eq!(fs.getattr(spare.ino).await.err(), Some(Error::NOENT));
+
+    // Second steps that come after the scan settled their first step alone are refused: a
+    // mkdir's link after its pending directory went, a rename's destination after its source
+    // was unlocked. Applied, the first would leave an entry naming nothing, the second a file
+    // under two names.
+    let names = remote("late");
+    let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
+    let started = now_nanos();
+    let gone = alloc(p, &names[0]).await;
+    let late = fs
+        .create(sub.ino, b"late", &NewFile::file(0o644))
+        .await
+        .unwrap();
+    w(
+        partition_of(sub.ino),
+        Op::RenameLock {
+            src_parent: sub.ino,
+            src_name: b"late".to_vec(),
+            dst_parent: root,
+            dst_name: b"lateout".to_vec(),
+            now: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    while !matches!(fs.getattr(gone.ino).await, Err(Error::NOENT)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "pending directory kept"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    loop {
+        match fs.rename(sub.ino, b"late", sub.ino, b"late2", 0).await {
+            Ok(()) => break,
+            Err(Error::BUSY) => {}
+            Err(e) => panic!("rename: {e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "source kept locked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let link = Op::MkdirLink {
+        parent: root,
+        name: names[0].as_bytes().to_vec(),
+        ino: gone.ino,
+        now: 0,
+    };
+    let r = w(partition_of(root), second_step(started, link)).await;
+    assert_eq!(r.err(), Some(Error::TIMEDOUT));
+    assert_eq!(
+        fs.lookup(root, names[0].as_bytes()).await.err(),
+        Some(Error::NOENT)
+    );
+    let put = Op::RenameIn {
+        ino: late.ino,
+        kind: FileKind::File,
+        src_parent: sub.ino,
+        dst_parent: root,
+        dst_name: b"lateout".to_vec(),
+        noreplace: false,
+        now: 0,
+    };
+    let r = w(partition_of(root), second_step(started, put)).await;
+    assert_eq!(r.err(), Some(Error::TIMEDOUT));
+    assert_eq!(fs.lookup(root, b"lateout").await.err(), Some(Error::NOENT));
+    assert_eq!(fs.lookup(sub.ino, b"late2").await.unwrap().0, late.ino);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
