@@ -110,7 +110,7 @@ pub struct Group {
 /// meantime (a follower that heard from the leader refuses votes for the longest election
 /// timeout; one that restarted waits at least the shortest before it stands).
 const LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MIN_MS - 100);
-const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 1_000;
 
 /// A leader's read lease: until when, in which term.
 #[derive(Clone, Copy, Default)]
@@ -119,14 +119,17 @@ struct Lease {
     term: u64,
 }
 
-/// Timing of every group: heartbeats every 100 ms (each append is synced on the followers),
-/// elections after 400 to 800 ms without one.
+/// Timing of every group: heartbeats every 250 ms, elections after 1 to 2 s without one.
+/// openraft 0.9 also gives every append the heartbeat interval to be answered in, and backs
+/// off 500 ms from a follower that did not: an append is synced on the follower first, and a
+/// busy disk takes more than 100 ms (with 100 ms, 200 files put at once stalled a partition
+/// past its 10 s deadline, one run in two under the unoptimized build).
 fn config() -> Arc<openraft::Config> {
     let c = openraft::Config {
         cluster_name: "sealfs".into(),
-        heartbeat_interval: 100,
+        heartbeat_interval: 250,
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
-        election_timeout_max: 800,
+        election_timeout_max: 2_000,
         install_snapshot_timeout: 2000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         ..Default::default()
@@ -463,9 +466,9 @@ mod tests {
             },
         )
         .await;
-        // Heartbeats go out every 100 ms with the committed index (and stop once the sync
-        // has waited `unsynced::STALL`, 1 s).
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Heartbeats go out every 250 ms with the committed index (and stop once the sync
+        // has waited `unsynced::STALL`, 2.5 s).
+        tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(!write.is_finished(), "answered before the leader synced");
         assert!(
             leader.is_leader(),

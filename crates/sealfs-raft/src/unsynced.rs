@@ -32,7 +32,7 @@ use crate::NodeId;
 /// How long a leader's sync may take before the leader stops sending, and so lets another
 /// replica take over: more than the longest election timeout, so that a slow sync under load
 /// does not move the leader.
-pub const STALL: Duration = Duration::from_millis(1_000);
+pub const STALL: Duration = Duration::from_millis(2_500);
 
 /// The runs of entries (first and last id, when handed) handed to the log by the leader and
 /// not yet synced, and the error of a failed sync.

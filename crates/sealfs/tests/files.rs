@@ -554,7 +554,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     .unwrap();
     c.start_server(victim);
 
-    // The scan (4 s grace in these servers) settles everything.
+    // The scan (10 s grace in these servers) settles everything.
     let t = Instant::now();
     loop {
         let settled = async {

@@ -163,7 +163,7 @@ impl Cluster {
             "--data-dir".into(),
             self.dir.join(format!("s{s}/state")).display().to_string(),
             "--orphan-grace-ms".into(),
-            "4000".into(),
+            "10000".into(),
         ];
         for d in 0..4 {
             let disk = self.dir.join(format!("s{s}/disk{d}"));
