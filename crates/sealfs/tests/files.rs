@@ -449,6 +449,18 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         }
     };
 
+    // A rename's first step alone: `name` in `src` locked for `dst` in the root.
+    let lock = |src: u64, name: &str, dst: &str| {
+        let op = Op::RenameLock {
+            src_parent: src,
+            src_name: name.as_bytes().to_vec(),
+            dst_parent: root,
+            dst_name: dst.as_bytes().to_vec(),
+            now: 0,
+        };
+        w(partition_of(src), op)
+    };
+
     // mkdir stopped after step 1 (pending inode, no entry): the scan removes the inode.
     let names = remote("mk");
     let p = sealfs_meta::dir_partition(root, names[0].as_bytes(), parts);
@@ -499,18 +511,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .create(sub.ino, b"moving", &NewFile::file(0o644))
         .await
         .unwrap();
-    w(
-        partition_of(sub.ino),
-        Op::RenameLock {
-            src_parent: sub.ino,
-            src_name: b"moving".to_vec(),
-            dst_parent: root,
-            dst_name: b"moved".to_vec(),
-            now: 0,
-        },
-    )
-    .await
-    .unwrap();
+    lock(sub.ino, "moving", "moved").await.unwrap();
     // The coordinator's partition leader is killed between the steps.
     let map = fs.map();
     let leader = fs.meta().leader(partition_of(root)).unwrap();
@@ -540,18 +541,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     fs.create(sub.ino, b"staying", &NewFile::file(0o644))
         .await
         .unwrap();
-    w(
-        partition_of(sub.ino),
-        Op::RenameLock {
-            src_parent: sub.ino,
-            src_name: b"staying".to_vec(),
-            dst_parent: root,
-            dst_name: b"never".to_vec(),
-            now: 0,
-        },
-    )
-    .await
-    .unwrap();
+    lock(sub.ino, "staying", "never").await.unwrap();
     c.start_server(victim);
 
     // The scan (10 s grace in these servers) settles everything.
@@ -677,18 +667,7 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
         .create(sub.ino, b"late", &NewFile::file(0o644))
         .await
         .unwrap();
-    w(
-        partition_of(sub.ino),
-        Op::RenameLock {
-            src_parent: sub.ino,
-            src_name: b"late".to_vec(),
-            dst_parent: root,
-            dst_name: b"lateout".to_vec(),
-            now: 0,
-        },
-    )
-    .await
-    .unwrap();
+    lock(sub.ino, "late", "lateout").await.unwrap();
     let t = Instant::now();
     while !matches!(fs.getattr(gone.ino).await, Err(Error::NOENT)) {
         assert!(
