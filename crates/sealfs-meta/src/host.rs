@@ -165,6 +165,9 @@ impl MetaHost {
                 let Some(g) = self.group(p) else {
                     return reply(&Reply::Redirect(None));
                 };
+                // One line per command at `--log trace` (how many commands a workload
+                // makes, by kind: docs/performance.md).
+                tracing::trace!("partition {p}: command {}", kind(op.inner()));
                 op.set_now(now_nanos());
                 op.set_deadline(self.step_allowed());
                 reply(&self.write(p, &g, &op).await)
@@ -378,6 +381,12 @@ fn after_reply(op: &Op, f: &FollowUp) -> bool {
         Op::Once { op, .. } | Op::Within { op, .. } => after_reply(op, f),
         op => matches!((op, f), (Op::MkdirLink { .. }, FollowUp::Confirm { .. })),
     }
+}
+
+/// The name of a command's kind (`Create`, `SetAttr`, ...).
+fn kind(op: &Op) -> String {
+    let d = format!("{op:?}");
+    d.split([' ', '{']).next().unwrap_or_default().to_string()
 }
 
 /// Applies an intent's follow-up on its partition (once, however often it is asked).

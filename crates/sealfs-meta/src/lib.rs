@@ -719,6 +719,14 @@ pub fn second_step(started: Nanos, op: Op) -> Op {
 }
 
 impl Op {
+    /// The command inside any [`Op::Once`] and [`Op::Within`] around it.
+    pub fn inner(&self) -> &Op {
+        match self {
+            Op::Once { op, .. } | Op::Within { op, .. } => op.inner(),
+            op => op,
+        }
+    }
+
     /// Sets the deadline of a second step ([`Op::Within`], also inside [`Op::Once`]) to
     /// `allowed` past when its caller began the first step.
     pub fn set_deadline(&mut self, allowed: Nanos) {
