@@ -531,4 +531,54 @@ mod tests {
         .await;
         stop(rs).await;
     }
+
+    /// A leader whose log cannot sync (a disk's write error) applies and answers nothing it
+    /// did not sync, and stops; the others elect one of them, which commits the command the
+    /// old leader had sent them, and goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_whose_sync_fails_answers_nothing_and_the_others_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rs, l, old) = three_with_the_leaders_sync_held(dir.path()).await;
+        let x = old.raft.metrics().borrow().last_log_index.unwrap() + 1;
+        let failed = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(b"two".to_vec()).await }
+        });
+        let others: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+        until("the followers have the entry", || {
+            others
+                .iter()
+                .all(|i| rs[*i].0.raft.metrics().borrow().last_log_index >= Some(x))
+        })
+        .await;
+        held::fail(&rs[l].2, true);
+        held::set(&rs[l].2, false);
+        let r = tokio::time::timeout(Duration::from_secs(10), failed)
+            .await
+            .expect("the failed leader answers")
+            .unwrap();
+        assert!(r.is_err(), "acknowledged a command its disk did not sync");
+        assert!(
+            old.applied_index() < Some(x),
+            "applied a command it did not sync"
+        );
+        until("another leader", || {
+            others.iter().any(|i| rs[*i].0.is_leader())
+        })
+        .await;
+        let n = *others.iter().find(|i| rs[**i].0.is_leader()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rs[n].0.write(b"three".to_vec()))
+            .await
+            .expect("the new leader answers")
+            .unwrap();
+        let y = rs[n].0.applied_index();
+        until(
+            "the others applied the old leader's command and the new one",
+            || others.iter().all(|i| rs[*i].0.applied_index() >= y),
+        )
+        .await;
+        assert!(y > Some(x));
+        held::fail(&rs[l].2, false);
+        stop(rs).await;
+    }
 }

@@ -882,7 +882,13 @@ impl Committer {
         if durable {
             #[cfg(test)]
             held::wait(&self.dir);
-            if let Err(e) = file.sync_data() {
+            let synced = file.sync_data();
+            #[cfg(test)]
+            let synced = match held::failing(&self.dir) {
+                true => Err(std::io::Error::other("a failure the test made")),
+                false => synced,
+            };
+            if let Err(e) = synced {
                 let e = format!("raft log segment {id:016x}: sync failed: {e}");
                 self.failed = Some(e.clone());
                 return Err(e);
@@ -956,6 +962,21 @@ pub(crate) mod held {
 
     static HELD: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
     static RELEASED: Condvar = Condvar::new();
+    static FAILING: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+    /// Makes the syncs of the log in `dir` fail (as a disk's write error does), or not.
+    pub fn fail(dir: &Path, failing: bool) {
+        let mut f = FAILING.lock().unwrap();
+        if failing {
+            f.insert(dir.to_path_buf());
+        } else {
+            f.remove(dir);
+        }
+    }
+
+    pub(super) fn failing(dir: &Path) -> bool {
+        FAILING.lock().unwrap().contains(dir)
+    }
 
     /// Holds (or releases) the syncs of the log in `dir`.
     pub fn set(dir: &Path, hold: bool) {
