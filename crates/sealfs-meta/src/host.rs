@@ -168,8 +168,9 @@ impl MetaHost {
                 // One line per command at `--log trace` (how many commands a workload
                 // makes, by kind: docs/performance.md).
                 tracing::trace!("partition {p}: command {}", kind(op.inner()));
-                op.set_now(now_nanos());
-                op.set_deadline(self.step_allowed());
+                let now = now_nanos();
+                op.set_now(now);
+                op.set_deadline(now, self.step_allowed());
                 reply(&self.write(p, &g, &op).await)
             }
             OP_META_READ => {

@@ -529,8 +529,8 @@ pub enum Op {
     /// left alone once it is older than the grace; a second step applied after that would
     /// undo the scan's decision (a dangling entry, a link too few, a file under two names).
     /// `started` is when the caller began the first step (its clock); the leader that takes
-    /// the command sets `deadline` to `started` plus half the grace ([`Op::set_deadline`]),
-    /// whatever the caller sent. A partition applies it only while both its `now` and the
+    /// the command sets `deadline` to `started` (or its own clock, if earlier) plus half the
+    /// grace ([`Op::set_deadline`]), whatever the caller sent. A partition applies it only while both its `now` and the
     /// latest [`Op::Decide`] it applied are at or before `deadline`.
     Within {
         started: Nanos,
@@ -728,13 +728,14 @@ impl Op {
     }
 
     /// Sets the deadline of a second step ([`Op::Within`], also inside [`Op::Once`]) to
-    /// `allowed` past when its caller began the first step.
-    pub fn set_deadline(&mut self, allowed: Nanos) {
+    /// `allowed` past when its caller began the first step, or past `now` (the leader's
+    /// clock) if that is earlier: a caller whose clock is ahead gets no more time.
+    pub fn set_deadline(&mut self, now: Nanos, allowed: Nanos) {
         match self {
-            Op::Once { op, .. } => op.set_deadline(allowed),
+            Op::Once { op, .. } => op.set_deadline(now, allowed),
             Op::Within {
                 started, deadline, ..
-            } => *deadline = started.saturating_add(allowed),
+            } => *deadline = (*started).min(now).saturating_add(allowed),
             _ => {}
         }
     }
@@ -795,7 +796,39 @@ impl Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::Extent;
+    use super::{Extent, Op};
+
+    #[test]
+    fn a_second_steps_deadline_is_the_leaders_to_set() {
+        // The leader's clock at 1,000, 30 allowed; `sent` is what the caller put there.
+        let deadline = |started: i64, sent: i64| {
+            let mut op = Op::Once {
+                id: 1,
+                now: 0,
+                op: Box::new(Op::Within {
+                    started,
+                    deadline: sent,
+                    now: 0,
+                    op: Box::new(Op::RmdirAbort { ino: 2 }),
+                }),
+            };
+            op.set_deadline(1_000, 30);
+            let Op::Once { op, .. } = op else {
+                panic!("not once")
+            };
+            let Op::Within { deadline, .. } = *op else {
+                panic!("not a second step")
+            };
+            deadline
+        };
+        assert_eq!(
+            deadline(900, i64::MAX),
+            930,
+            "what the caller sent is replaced"
+        );
+        assert_eq!(deadline(5_000, 0), 1_030, "a clock ahead gets no more time");
+        assert_eq!(deadline(i64::MAX, 0), 1_030);
+    }
 
     #[test]
     fn an_inline_extent_naming_bytes_it_does_not_hold_is_refused_when_cut() {
