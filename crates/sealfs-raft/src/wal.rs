@@ -964,14 +964,19 @@ pub(crate) mod held {
     static RELEASED: Condvar = Condvar::new();
     static FAILING: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
+    /// Puts `dir` in `logs` or takes it out.
+    fn mark(logs: &Mutex<BTreeSet<PathBuf>>, dir: &Path, on: bool) {
+        let mut l = logs.lock().unwrap();
+        if on {
+            l.insert(dir.to_path_buf());
+        } else {
+            l.remove(dir);
+        }
+    }
+
     /// Makes the syncs of the log in `dir` fail (as a disk's write error does), or not.
     pub fn fail(dir: &Path, failing: bool) {
-        let mut f = FAILING.lock().unwrap();
-        if failing {
-            f.insert(dir.to_path_buf());
-        } else {
-            f.remove(dir);
-        }
+        mark(&FAILING, dir, failing);
     }
 
     pub(super) fn failing(dir: &Path) -> bool {
@@ -980,11 +985,8 @@ pub(crate) mod held {
 
     /// Holds (or releases) the syncs of the log in `dir`.
     pub fn set(dir: &Path, hold: bool) {
-        let mut h = HELD.lock().unwrap();
-        if hold {
-            h.insert(dir.to_path_buf());
-        } else {
-            h.remove(dir);
+        mark(&HELD, dir, hold);
+        if !hold {
             RELEASED.notify_all();
         }
     }
