@@ -521,6 +521,7 @@ pub enum Op {
     Once {
         id: u128,
         now: Nanos,
+        #[serde(deserialize_with = "nested")]
         op: Box<Op>,
     },
     /// The second step `op` of a two-partition operation (a mkdir's link, a link's entry, a
@@ -536,6 +537,7 @@ pub enum Op {
         started: Nanos,
         deadline: Nanos,
         now: Nanos,
+        #[serde(deserialize_with = "nested")]
         op: Box<Op>,
     },
     /// The orphan scan's question to the partition of the entry that decides an unsettled
@@ -707,6 +709,35 @@ impl Unsettled {
     }
 }
 
+/// At most this many commands in one chain of wrappers, read from a socket or a log (a
+/// client's `Once` around a `Within` around a command is a chain of 3).
+const NESTED_MAX: u32 = 4;
+
+thread_local! {
+    /// How deep the command being read is nested.
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads the command a `Once` or `Within` wraps, refusing commands nested deeper than
+/// [`NESTED_MAX`]: a frame of nested wrappers would otherwise exhaust the reader's stack.
+fn nested<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Op>, D::Error> {
+    struct Out;
+    impl Drop for Out {
+        fn drop(&mut self) {
+            NESTING.with(|n| n.set(n.get().saturating_sub(1)));
+        }
+    }
+    let depth = NESTING.with(|n| {
+        n.set(n.get() + 1);
+        n.get()
+    });
+    let _out = Out;
+    if depth >= NESTED_MAX {
+        return Err(serde::de::Error::custom("commands nested too deeply"));
+    }
+    Box::<Op>::deserialize(d)
+}
+
 /// A second step wrapped for `started`, the caller's clock when it began the first step (see
 /// [`Op::Within`]).
 pub fn second_step(started: Nanos, op: Op) -> Op {
@@ -797,6 +828,37 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::{Extent, Op};
+
+    /// A frame of commands nested 100,000 deep is refused as it is read, not followed down
+    /// until the stack runs out; what a client sends (`Once` around `Within`) is read.
+    #[test]
+    fn deeply_nested_commands_are_refused_as_they_are_read() {
+        let plain = Op::Unkeep { ino: 7 };
+        let inner = postcard::to_stdvec(&plain).unwrap();
+        let once = |op| Op::Once {
+            id: 0,
+            now: 0,
+            op: Box::new(op),
+        };
+        let one = postcard::to_stdvec(&once(plain.clone())).unwrap();
+        let header = &one[..one.len() - inner.len()];
+        let mut deep = header.repeat(100_000);
+        deep.extend_from_slice(&inner);
+        assert!(postcard::from_bytes::<Op>(&deep).is_err());
+
+        let sent = once(super::second_step(5, plain));
+        let back: Op = postcard::from_bytes(&postcard::to_stdvec(&sent).unwrap()).unwrap();
+        assert!(matches!(back.inner(), Op::Unkeep { ino: 7 }));
+        let mut four = header.repeat(3);
+        four.extend_from_slice(&inner);
+        assert!(
+            postcard::from_bytes::<Op>(&four).is_ok(),
+            "4 commands in a chain are read"
+        );
+        let mut five = header.repeat(4);
+        five.extend_from_slice(&inner);
+        assert!(postcard::from_bytes::<Op>(&five).is_err(), "5 are not");
+    }
 
     #[test]
     fn a_second_steps_deadline_is_the_leaders_to_set() {
