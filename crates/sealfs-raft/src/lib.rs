@@ -415,16 +415,60 @@ mod tests {
         (rs, l)
     }
 
-    /// [`three`], after one command, with the leader's syncs held: the replicas, which one
-    /// leads, and its group.
-    async fn three_with_the_leaders_sync_held(
-        dir: &std::path::Path,
-    ) -> (Vec<Replica>, usize, Group) {
+    /// A second command given to a leader whose syncs are held, after a first one.
+    struct Held {
+        rs: Vec<Replica>,
+        /// Which replica leads.
+        l: usize,
+        leader: Group,
+        /// The index the second command goes to.
+        x: u64,
+        /// The leader's term.
+        term: u64,
+        /// The second command's answer.
+        write: tokio::task::JoinHandle<Result<Vec<u8>, GroupError>>,
+    }
+
+    /// [`three`], after one command, with the leader's syncs held, and a second command
+    /// given to the leader.
+    async fn three_with_the_leaders_sync_held(dir: &std::path::Path) -> Held {
         let (rs, l) = three(dir).await;
         let leader = rs[l].0.clone();
         leader.write(b"one".to_vec()).await.unwrap();
         held::set(&rs[l].2, true);
-        (rs, l, leader)
+        let (x, term) = {
+            let m = leader.raft.metrics().borrow().clone();
+            (m.last_log_index.unwrap() + 1, m.current_term)
+        };
+        let write = tokio::spawn({
+            let leader = leader.clone();
+            async move { leader.write(b"two".to_vec()).await }
+        });
+        Held {
+            rs,
+            l,
+            leader,
+            x,
+            term,
+            write,
+        }
+    }
+
+    /// Waits until a replica other than `old` leads, has it take a command, and returns
+    /// its applied index then.
+    async fn another_leader_writes(rs: &[Replica], old: usize) -> Option<u64> {
+        let other = || {
+            rs.iter()
+                .enumerate()
+                .position(|(i, r)| i != old && r.0.is_leader())
+        };
+        until("another leader", || other().is_some()).await;
+        let n = other().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rs[n].0.write(b"three".to_vec()))
+            .await
+            .expect("the new leader answers")
+            .unwrap();
+        rs[n].0.applied_index()
     }
 
     async fn stop(rs: Vec<Replica>) {
@@ -440,15 +484,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_replicates_while_it_syncs_and_applies_only_what_it_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (rs, l, leader) = three_with_the_leaders_sync_held(dir.path()).await;
-        let (x, term) = {
-            let m = leader.raft.metrics().borrow().clone();
-            (m.last_log_index.unwrap() + 1, m.current_term)
-        };
-        let write = tokio::spawn({
-            let leader = leader.clone();
-            async move { leader.write(b"two".to_vec()).await }
-        });
+        let Held {
+            rs,
+            l,
+            leader,
+            x,
+            term,
+            write,
+        } = three_with_the_leaders_sync_held(dir.path()).await;
         let followers: Vec<Group> = (0..3)
             .filter(|i| *i != l)
             .map(|i| rs[i].0.clone())
@@ -500,27 +543,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_whose_sync_hangs_gives_way() {
         let dir = tempfile::tempdir().unwrap();
-        let (rs, l, old) = three_with_the_leaders_sync_held(dir.path()).await;
-        let stuck = tokio::spawn({
-            let old = old.clone();
-            async move { old.write(b"two".to_vec()).await }
-        });
-        until("another leader", || {
-            rs.iter()
-                .enumerate()
-                .any(|(i, r)| i != l && r.0.is_leader())
-        })
-        .await;
-        let n = rs
-            .iter()
-            .enumerate()
-            .position(|(i, r)| i != l && r.0.is_leader())
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), rs[n].0.write(b"three".to_vec()))
-            .await
-            .expect("the new leader answers")
-            .unwrap();
-        let x = rs[n].0.applied_index();
+        let Held {
+            rs,
+            l,
+            write: stuck,
+            ..
+        } = three_with_the_leaders_sync_held(dir.path()).await;
+        let x = another_leader_writes(&rs, l).await;
 
         held::set(&rs[l].2, false);
         // The old leader's command was on the followers: the new leader committed it.
@@ -538,12 +567,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leader_whose_sync_fails_answers_nothing_and_the_others_go_on() {
         let dir = tempfile::tempdir().unwrap();
-        let (rs, l, old) = three_with_the_leaders_sync_held(dir.path()).await;
-        let x = old.raft.metrics().borrow().last_log_index.unwrap() + 1;
-        let failed = tokio::spawn({
-            let old = old.clone();
-            async move { old.write(b"two".to_vec()).await }
-        });
+        let Held {
+            rs,
+            l,
+            leader: old,
+            x,
+            write: failed,
+            ..
+        } = three_with_the_leaders_sync_held(dir.path()).await;
         let others: Vec<usize> = (0..3).filter(|i| *i != l).collect();
         until("the followers have the entry", || {
             others
@@ -562,16 +593,7 @@ mod tests {
             old.applied_index() < Some(x),
             "applied a command it did not sync"
         );
-        until("another leader", || {
-            others.iter().any(|i| rs[*i].0.is_leader())
-        })
-        .await;
-        let n = *others.iter().find(|i| rs[**i].0.is_leader()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), rs[n].0.write(b"three".to_vec()))
-            .await
-            .expect("the new leader answers")
-            .unwrap();
-        let y = rs[n].0.applied_index();
+        let y = another_leader_writes(&rs, l).await;
         until(
             "the others applied the old leader's command and the new one",
             || others.iter().all(|i| rs[*i].0.applied_index() >= y),

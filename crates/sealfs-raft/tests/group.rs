@@ -168,7 +168,7 @@ async fn three_replicas_survive_the_loss_of_their_leader() {
     let others: Vec<usize> = (0..3).filter(|&i| i != nl).collect();
     rs[others[0]].stop().await;
     rs[others[1]].stop().await;
-    // Within its read lease (300 ms after a majority last answered) the leader may still read:
+    // Within its read lease (900 ms after a majority last answered) the leader may still read:
     // no other can have been elected yet. Past it, it must ask a majority.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let res = tokio::time::timeout(Duration::from_secs(30), rs[nl].group().read(entries)).await;
