@@ -42,6 +42,13 @@ pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4096;
 /// Largest extended attribute value.
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Bytes of one inode's extended attributes at most, names and values (a setxattr past it
+/// fails with ENOSPC, as on a local file system whose inode has no room left): they live in
+/// the inode's record, read whole by every getattr.
+pub const XATTRS_BYTES_MAX: usize = 256 * 1024;
+/// Bytes of one inode's extended attribute names at most, each with its NUL: what one
+/// listxattr can return (the kernel's XATTR_LIST_MAX).
+pub const XATTR_NAMES_MAX: usize = 64 * 1024;
 /// Entries one readdir call returns at most.
 pub const READDIR_MAX: usize = 1024;
 /// Extents one reply carries at most (a reply stays well under the frame's metadata bound);

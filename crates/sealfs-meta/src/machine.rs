@@ -18,7 +18,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::{
     check_name, partition_of, Attr, DirEntry, Errno, Extent, FollowUp, Intent, Kind, Nanos, Op,
     Query, Reply, SetAttr, Unsettled, FIRST_LOCAL, PARTITION_SHIFT, RENAME_EXCHANGE,
-    RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, XATTR_VALUE_MAX,
+    RENAME_NOREPLACE, XATTRS_BYTES_MAX, XATTR_CREATE, XATTR_NAMES_MAX, XATTR_REPLACE,
+    XATTR_VALUE_MAX,
 };
 
 type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -1402,6 +1403,11 @@ impl W<'_> {
                     (None, XATTR_REPLACE) => return Err(Errno::NODATA.into()),
                     (Some(a), _) => i.xattrs[a].1 = value,
                     (None, _) => i.xattrs.push((name, value)),
+                }
+                let names: usize = i.xattrs.iter().map(|(n, _)| n.len() + 1).sum();
+                let values: usize = i.xattrs.iter().map(|(_, v)| v.len()).sum();
+                if names > XATTR_NAMES_MAX || names + values > XATTRS_BYTES_MAX {
+                    return Err(Errno::NOSPC.into());
                 }
                 i.attr.ctime = now;
                 self.save(&i)?;

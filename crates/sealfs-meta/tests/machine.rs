@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use sealfs_meta::{
     root_ino, Attr, Errno, Extent, Kind, Op, PartitionMachine, Query, Reply, SetAttr,
     EXTENTS_REPLY_MAX, INLINE_FILE_BYTES, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE,
-    XATTR_REPLACE,
+    XATTR_NAMES_MAX, XATTR_REPLACE, XATTR_VALUE_MAX,
 };
 use sealfs_raft::Machine;
 
@@ -265,6 +265,51 @@ fn namespace_operations_on_one_partition() {
             name: b"user.a".to_vec()
         }),
         Reply::Value(b"2".to_vec())
+    );
+    // An inode's attributes are bounded in all (they are read whole with the inode) and in
+    // names (what one listxattr returns); past either, ENOSPC and nothing changed.
+    let set = |m: &mut M, ino: u64, name: String, value: Vec<u8>| {
+        m.op(Op::SetXattr {
+            ino,
+            name: name.into_bytes(),
+            value,
+            flags: 0,
+            now: 7,
+        })
+    };
+    let big = vec![7u8; XATTR_VALUE_MAX];
+    let mut n = 0;
+    while set(&mut m, s.ino, format!("user.big{n}"), big.clone()) == Reply::Done {
+        n += 1;
+        assert!(n < 10, "unbounded");
+    }
+    assert_eq!(n, 3);
+    assert_eq!(
+        set(&mut m, s.ino, "user.big3".into(), big.clone()),
+        Reply::Error(Errno::NOSPC)
+    );
+    let get = |m: &mut M, name: &str| {
+        m.q(Query::GetXattr {
+            ino: s.ino,
+            name: name.into(),
+        })
+    };
+    assert_eq!(get(&mut m, "user.big3"), Reply::Error(Errno::NODATA));
+    assert_eq!(set(&mut m, s.ino, "user.big0".into(), vec![1]), Reply::Done);
+    assert_eq!(set(&mut m, s.ino, "user.big3".into(), big.clone()), Reply::Done);
+    assert_eq!(get(&mut m, "user.big3"), Reply::Value(big));
+    let many = m.create(ROOT, "many", Kind::File).unwrap();
+    // 255-byte names, 256 bytes each with its NUL.
+    let long = |i: usize| format!("user.{i:0>250}");
+    let mut n = 0;
+    while set(&mut m, many.ino, long(n), Vec::new()) == Reply::Done {
+        n += 1;
+        assert!(n < 1000, "unbounded");
+    }
+    assert_eq!(n, XATTR_NAMES_MAX / 256);
+    assert_eq!(
+        set(&mut m, many.ino, long(n), Vec::new()),
+        Reply::Error(Errno::NOSPC)
     );
     // Refused commands leave nothing behind.
     let before = m.names(ROOT);
