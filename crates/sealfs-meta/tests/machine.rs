@@ -296,7 +296,10 @@ fn namespace_operations_on_one_partition() {
     };
     assert_eq!(get(&mut m, "user.big3"), Reply::Error(Errno::NODATA));
     assert_eq!(set(&mut m, s.ino, "user.big0".into(), vec![1]), Reply::Done);
-    assert_eq!(set(&mut m, s.ino, "user.big3".into(), big.clone()), Reply::Done);
+    assert_eq!(
+        set(&mut m, s.ino, "user.big3".into(), big.clone()),
+        Reply::Done
+    );
     assert_eq!(get(&mut m, "user.big3"), Reply::Value(big));
     let many = m.create(ROOT, "many", Kind::File).unwrap();
     // 255-byte names, 256 bytes each with its NUL.
