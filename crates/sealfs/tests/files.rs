@@ -712,6 +712,111 @@ async fn two_partition_operations_stopped_at_every_step_are_settled() {
     assert_eq!(fs.lookup(sub.ino, b"late2").await.unwrap().0, late.ino);
 }
 
+/// Whether partition `p` holds an unsettled first step decided by the entry `item`.
+async fn unsettled(fs: &Sealfs, p: u32, item: (u64, &[u8], u64)) -> Result<bool, Error> {
+    let q = sealfs_meta::Query::Unsettled {
+        before: now_nanos(),
+    };
+    match fs.meta().read(p, &q).await.and_then(Reply::err)? {
+        Reply::Unsettled(list) => Ok(list.iter().any(|u| u.decider() == item)),
+        r => panic!("{r:?}"),
+    }
+}
+
+/// The orphan scan decides a half-done operation by asking the partition that holds its
+/// entry. While that partition has no majority, the scan must wait rather than guess: an
+/// rmdir stopped after its first step (the directory dying, its entry still in place) keeps
+/// the directory through the outage, and the scan brings it back once the partition answers.
+/// A scan that took the missing answer for "no entry" would remove a directory whose entry
+/// stays, a name pointing nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_scan_waits_while_the_deciding_partition_has_no_majority() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let root = fs.root();
+    let parts = fs.meta().partitions();
+    let map = fs.map();
+    let deciding = partition_of(root);
+    let replicas =
+        |p: u32| -> BTreeSet<u64> { map.partitions[p as usize].iter().copied().collect() };
+    // A directory whose inode's partition has other replicas than the root's: killing the
+    // root partition's replica that the other lacks, and a second one of the root's, leaves
+    // the root's partition without a majority and the other with one.
+    let name = (0..1000)
+        .map(|i| format!("outage{i}"))
+        .find(|n| {
+            let p = sealfs_meta::dir_partition(root, n.as_bytes(), parts);
+            replicas(p) != replicas(deciding)
+        })
+        .expect("a partition with other replicas than the root's");
+    let kept = fs.mkdir(root, name.as_bytes(), 0o755, 0, 0).await.unwrap();
+    let dying_p = partition_of(kept.ino);
+    let lacking = *replicas(deciding)
+        .difference(&replicas(dying_p))
+        .next()
+        .unwrap();
+    let second = *replicas(deciding).iter().find(|&&s| s != lacking).unwrap();
+    let index = |id: u64| {
+        c.server_addrs
+            .iter()
+            .position(|a| map.servers[&id].addr == *a)
+            .unwrap()
+    };
+    let (x, y) = (index(lacking), index(second));
+
+    let prepare = Op::RmdirPrepare {
+        ino: kept.ino,
+        parent: root,
+        name: name.as_bytes().to_vec(),
+        now: 0,
+    };
+    fs.meta()
+        .write(dying_p, &prepare)
+        .await
+        .and_then(Reply::err)
+        .unwrap();
+    let item = (root, name.as_bytes(), kept.ino);
+    assert_eq!(unsettled(&fs, dying_p, item).await, Ok(true));
+
+    c.kill_server(x);
+    c.kill_server(y);
+    // Past the grace (10 s in these servers), a scan's question (10 s deadline) and two more
+    // passes (2 s apart).
+    tokio::time::sleep(Duration::from_secs(26)).await;
+    let t = Instant::now();
+    let still = loop {
+        match unsettled(&fs, dying_p, item).await {
+            Ok(found) => break found,
+            Err(e) => {
+                // The dying directory's partition re-elects if a killed server led it.
+                assert!(t.elapsed() < Duration::from_secs(20), "unsettled: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert!(
+        still,
+        "settled while its deciding partition had no majority"
+    );
+    assert_eq!(fs.getattr(kept.ino).await.unwrap().kind, FileKind::Dir);
+
+    c.start_server(x);
+    c.start_server(y);
+    healthy(&c, Duration::from_secs(60)).await;
+    // The scan now finds the entry and brings the directory back.
+    let t = Instant::now();
+    while unsettled(&fs, dying_p, item).await != Ok(false) {
+        assert!(t.elapsed() < Duration::from_secs(60), "never settled");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(fs.lookup(root, name.as_bytes()).await.unwrap().0, kept.ino);
+    fs.create(kept.ino, b"inside", &NewFile::file(0o644))
+        .await
+        .expect("the directory is whole");
+    assert_eq!(fs.getattr(kept.ino).await.unwrap().nlink, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_names_and_paths_are_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
