@@ -6,12 +6,12 @@
 //! shared by all groups), and applies committed commands to the application's [`Machine`].
 
 pub mod network;
+pub mod snapshot;
 pub mod store;
 mod unsynced;
 pub mod wal;
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
 pub use network::{Peers, RaftRouter};
+pub use snapshot::SnapshotBytes;
 pub use store::LogDb;
 use store::{LogStore, StateMachineStore};
 
@@ -42,7 +43,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotBytes,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

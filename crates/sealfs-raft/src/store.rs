@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::unsynced::Unsynced;
 use crate::wal::{Rec, Wal};
-use crate::{Machine, NodeId, Reply, TypeConfig};
+use crate::{Machine, NodeId, Reply, SnapshotBytes, TypeConfig};
 
 type SErr = StorageError<NodeId>;
 
@@ -393,7 +393,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(SnapshotBytes::new(data)),
         })
     }
 }
@@ -441,14 +441,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotBytes>, SErr> {
+        Ok(Box::default())
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotBytes>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
         {
@@ -473,7 +473,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
         Ok(self.log.read_snapshot(self.group)?.map(|s| Snapshot {
             meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            snapshot: Box::new(SnapshotBytes::new(s.data)),
         }))
     }
 }

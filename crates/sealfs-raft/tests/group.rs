@@ -201,3 +201,64 @@ async fn three_replicas_survive_the_loss_of_their_leader() {
         r.stop().await;
     }
 }
+
+/// A snapshot chunk from a peer names its own offset. One far past what has arrived is refused
+/// (a cursor would fill the gap with a terabyte of zeros and abort the process), and the group
+/// goes on committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_chunk_far_past_the_end_is_refused() {
+    use openraft::error::{InstallSnapshotError, RaftError};
+    use openraft::raft::{InstallSnapshotRequest, InstallSnapshotResponse};
+    use openraft::{SnapshotMeta, Vote};
+    use sealfs_rpc::{Client, ClientConfig, Request};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rs = Vec::new();
+    for node in 1..=3 {
+        rs.push(Replica::start(node, "127.0.0.1:0", dir.path()).await);
+    }
+    let members: BTreeMap<u64, String> = rs.iter().map(|r| (r.node, r.addr.clone())).collect();
+    rs[0].group().initialize(members).await.unwrap();
+    let l = leader(&rs).await;
+    rs[l].group().write(b"before".to_vec()).await.unwrap();
+    let f = (l + 1) % 3;
+
+    let client = Client::new(rs[f].addr.clone(), key(), ClientConfig::default());
+    type Answer = Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>;
+    let chunk = |offset: u64| {
+        let req: InstallSnapshotRequest<sealfs_raft::TypeConfig> = InstallSnapshotRequest {
+            vote: Vote::new_committed(1_000, rs[l].node),
+            meta: SnapshotMeta {
+                snapshot_id: "far".into(),
+                ..Default::default()
+            },
+            offset,
+            data: vec![1],
+            done: false,
+        };
+        Request {
+            op: sealfs_raft::network::OP_SNAPSHOT,
+            epoch: 0,
+            meta: postcard::to_stdvec(&7u64).unwrap().into(),
+            data: postcard::to_stdvec(&req).unwrap().into(),
+        }
+    };
+    let send = |offset: u64| {
+        let (client, req) = (&client, chunk(offset));
+        async move {
+            let resp = client.call(req, Duration::from_secs(10)).await.unwrap();
+            assert_eq!(resp.status, 0, "{:?}", resp.meta);
+            postcard::from_bytes::<Answer>(&resp.data).unwrap()
+        }
+    };
+    assert!(send(0).await.is_ok(), "the first chunk is taken");
+    let far = send(1 << 40).await;
+    assert!(far.is_err(), "a chunk at 1 TiB was taken: {far:?}");
+
+    // The follower and its group are unharmed.
+    rs[l].group().write(b"after".to_vec()).await.unwrap();
+    assert_eq!(wait_for(&rs[f], 2).await, ["before", "after"]);
+    for r in &mut rs {
+        r.stop().await;
+    }
+}
