@@ -188,10 +188,13 @@ fn k_done(from: u32, id: u64) -> [u8; 12] {
     k
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
+/// The big-endian number at `at` in a key; a key too short for it (a damaged store or
+/// snapshot) is an error.
+fn u64_at(b: &[u8], at: usize) -> R<u64> {
+    match b.get(at..at + 8) {
+        Some(s) => Ok(u64::from_be_bytes(s.try_into().expect("8 bytes"))),
+        None => Err(Fail::Storage(format!("a key of {} bytes", b.len()))),
+    }
 }
 
 /// How long applied commands may wait in the open transaction.
@@ -333,7 +336,7 @@ impl PartitionMachine {
                     }
                     let (k, v) = item?;
                     let name = v.value().to_vec();
-                    let cookie = u64_at(k.value(), 8);
+                    let cookie = u64_at(k.value(), 8)?;
                     if let Some(b) = entries.get(k_entry(ino, &name).as_slice())? {
                         let e: EntryRec = dec(b.value())?;
                         out.push(DirEntry {
@@ -399,8 +402,9 @@ impl PartitionMachine {
                 let mut out = Vec::new();
                 for item in tx.open_table(USAGE)?.iter()? {
                     let (k, v) = item?;
-                    let mut vol = [0u8; 4];
-                    vol.copy_from_slice(&k.value()[..4]);
+                    let vol: [u8; 4] = k.value().try_into().map_err(|_| {
+                        Fail::Storage(format!("a usage key of {} bytes", k.value().len()))
+                    })?;
                     let (bytes, inodes): (u64, u64) = dec(v.value())?;
                     out.push((u32::from_be_bytes(vol), bytes, inodes));
                 }
@@ -449,8 +453,8 @@ impl PartitionMachine {
                     let k = k.value();
                     if since < before && k.len() >= 16 {
                         out.push(Unsettled::Link {
-                            ino: u64_at(k, 0),
-                            parent: u64_at(k, 8),
+                            ino: u64_at(k, 0)?,
+                            parent: u64_at(k, 8)?,
                             name: k[16..].to_vec(),
                         });
                     }
@@ -462,7 +466,7 @@ impl PartitionMachine {
                         let k = k.value();
                         if l.since < before && k.len() >= 8 {
                             out.push(Unsettled::Rename {
-                                src_parent: u64_at(k, 0),
+                                src_parent: u64_at(k, 0)?,
                                 src_name: k[8..].to_vec(),
                                 ino: e.ino,
                                 dst_parent: l.dst_parent,

@@ -459,6 +459,31 @@ fn snapshot_restores_everything() {
     assert!(b.m.restore(b"garbage").is_err());
 }
 
+/// A snapshot comes from a peer. Keys too short for what the tables hold (a readdir cookie's
+/// key, a volume's usage key) are errors when read, not a panic of the server.
+#[test]
+fn short_keys_from_a_snapshot_are_errors() {
+    let mut a = M::new();
+    a.create(ROOT, "f", Kind::File).unwrap();
+    let mut tables: Vec<Vec<(Vec<u8>, Vec<u8>)>> = postcard::from_bytes(&a.m.snapshot()).unwrap();
+    // Tables 2 and 7: cookies (directory and cookie, 16 bytes) and usage (volume, 4 bytes).
+    let dir_key = ROOT.to_be_bytes().to_vec();
+    tables[2].push(([dir_key, vec![5]].concat(), b"g".to_vec()));
+    tables[7].push((vec![1, 2], postcard::to_stdvec(&(1u64, 1u64)).unwrap()));
+    let mut b = M::new();
+    b.m.restore(&postcard::to_stdvec(&tables).unwrap()).unwrap();
+    b.m.commit(b"pos", true).unwrap();
+    let read = b.q(Query::ReadDir {
+        ino: ROOT,
+        after: 0,
+        max: 100,
+    });
+    assert_eq!(read, Reply::Error(Errno::IO));
+    assert_eq!(b.q(Query::Usage), Reply::Error(Errno::IO));
+    // The rest of the partition answers.
+    assert!(b.lookup(ROOT, "f").is_ok());
+}
+
 /// An open file unlinked on one replica is kept (nlink 0) for its mount. A replica that got
 /// the partition by snapshot knows it is kept: it forgets it when its mount is gone too long,
 /// like the others, instead of keeping the inode for ever.
