@@ -509,9 +509,11 @@ impl ManagerClient {
         if r.meta.is_empty() {
             return Ok(None);
         }
-        postcard::from_bytes(&r.meta)
-            .map(Some)
-            .map_err(|e| ManagerError(format!("map: {e}")))
+        let map: ClusterMap =
+            postcard::from_bytes(&r.meta).map_err(|e| ManagerError(format!("map: {e}")))?;
+        map.check()
+            .map_err(|e| ManagerError(format!("map of epoch {}: {e}", map.epoch)))?;
+        Ok(Some(map))
     }
 
     /// The current map.

@@ -196,6 +196,36 @@ pub enum Outcome {
 }
 
 impl ClusterMap {
+    /// Checks what the rest of the system takes for granted of a map that came over the wire:
+    /// every blade has a valid profile and one shard per cell of a stipe (shard 0, the
+    /// holdfast, included), and every shard and partition member is a server of the map.
+    pub fn check(&self) -> Result<(), String> {
+        for (id, b) in &self.blades {
+            let p = Profile::new(b.k, b.m, b.w).map_err(|e| format!("blade {id:08x}: {e}"))?;
+            if b.shards.len() != p.n() {
+                return Err(format!(
+                    "blade {id:08x}: {} shards for {}+{}",
+                    b.shards.len(),
+                    b.k,
+                    b.m
+                ));
+            }
+            if let Some(h) = b
+                .shards
+                .iter()
+                .find(|h| !self.servers.contains_key(&h.server))
+            {
+                return Err(format!("blade {id:08x}: no server {}", h.server));
+            }
+        }
+        for (i, members) in self.partitions.iter().enumerate() {
+            if let Some(s) = members.iter().find(|s| !self.servers.contains_key(s)) {
+                return Err(format!("partition {i}: no server {s}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one command.
     pub fn apply(&mut self, c: Command) -> Outcome {
         match c {
@@ -432,6 +462,34 @@ mod tests {
             });
         }
         m
+    }
+
+    /// A map from the wire that the client and servers would index past its end is refused.
+    #[test]
+    fn a_map_whose_blades_or_partitions_name_what_it_lacks_is_refused() {
+        let mut m = map(4, 4);
+        let Outcome::Blade(id, _) = m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }) else {
+            panic!()
+        };
+        m.partitions = vec![vec![1, 2, 3]];
+        assert_eq!(m.check(), Ok(()));
+        let broken = |change: &dyn Fn(&mut ClusterMap)| {
+            let mut b = m.clone();
+            change(&mut b);
+            b.check().unwrap_err()
+        };
+        let e = broken(&|b| b.blades.get_mut(&id).unwrap().shards.clear());
+        assert!(e.contains("0 shards for 8+8"), "{e}");
+        let e = broken(&|b| {
+            b.blades.get_mut(&id).unwrap().shards.pop();
+        });
+        assert!(e.contains("15 shards"), "{e}");
+        let e = broken(&|b| b.blades.get_mut(&id).unwrap().k = 0);
+        assert!(e.contains("blade"), "{e}");
+        let e = broken(&|b| b.blades.get_mut(&id).unwrap().shards[3].server = 99);
+        assert!(e.contains("no server 99"), "{e}");
+        let e = broken(&|b| b.partitions[0][1] = 42);
+        assert!(e.contains("partition 0: no server 42"), "{e}");
     }
 
     #[test]
