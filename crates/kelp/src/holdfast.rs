@@ -605,6 +605,13 @@ impl Shared {
         self.layout.profile.stipe_payload_bytes() as u64
     }
 
+    /// Stipes a blade can hold. A shard that says it holds more (a sparse file grown by
+    /// mistake, a peer's answer) is taken to hold this many.
+    fn stipes_max(&self) -> u32 {
+        (BLADE_PAYLOAD_BYTES_MAX / self.stipe_bytes()).min(crate::cell::STIPE_INDEX_MAX as u64 + 1)
+            as u32
+    }
+
     /// Lays a batch out at the append pointer (in order, under the state lock) and starts writing it.
     fn start_batch(self: Arc<Self>, batch: Vec<AppendReq>, permit: OwnedSemaphorePermit) {
         let s_bytes = self.stipe_bytes();
@@ -1108,7 +1115,7 @@ impl Shared {
     /// Recovers the blade's state from its cells; returns the stipes in use.
     async fn recover(&self) -> Result<u32> {
         let p = self.layout.profile;
-        let mut stipes = 0u32;
+        let mut counts = Vec::new();
         let mut answered = Vec::new();
         for j in 0..p.n() {
             let pl = &self.layout.shards[j];
@@ -1116,7 +1123,7 @@ impl Shared {
                 .await
             {
                 Ok(Ok(c)) => {
-                    stipes = stipes.max(c.unwrap_or(0));
+                    counts.push(c.unwrap_or(0).min(self.stipes_max()));
                     answered.push((j, Ok(())));
                 }
                 Ok(Err(e)) => answered.push((j, Err(e))),
@@ -1137,9 +1144,20 @@ impl Shared {
                 ),
             });
         }
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let mut stipes = counts.first().copied().unwrap_or(0);
+        if ok == p.n() {
+            // Every shard answered: a stipe past the k-th longest shard has fewer than k cells
+            // anywhere, so it was never acknowledged and can never be read. Only the tail that
+            // recovery checks is kept past it (appends in flight at a crash), so that one shard
+            // far longer than the others (a sparse file grown by mistake) does not move the
+            // blade's end.
+            let kth = counts[p.data() - 1];
+            stipes = stipes.min(kth.saturating_add(self.cfg.recovery_tail_stipes));
+        }
         let scratch = self.scratch_copies().await;
         if let Some(&max) = scratch.keys().max() {
-            stipes = stipes.max(max + 1);
+            stipes = stipes.max(max.saturating_add(1).min(self.stipes_max()));
         }
         let tail_from = stipes.saturating_sub(self.cfg.recovery_tail_stipes);
         let mut check: BTreeSet<u32> = scratch.keys().copied().filter(|&s| s < tail_from).collect();

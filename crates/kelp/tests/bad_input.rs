@@ -265,3 +265,41 @@ async fn garbage_scratch_logs_are_ignored() {
     check_all(&h, &fronds).await;
     assert_eq!(h.scrub(None).await.unwrap().stipes_fixed, 0);
 }
+
+/// A shard file far longer than a blade can be (a sparse file grown by mistake, or a peer
+/// that says so) does not move the blade's end: the blade opens in bounded time, its fronds
+/// read back, and appends go on right after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_longer_than_a_blade_does_not_move_its_end() {
+    let mut forest = Forest::new(4, 4);
+    let mut rng = Rng::new(3);
+    let h = forest.holdfast(BLADE).await;
+    let fronds = fill(&h, &mut rng, 10, 100_000).await;
+    h.sync().await.unwrap();
+    h.quiesce().await;
+    let end = h.append_data(b"the last before the restart").await.unwrap();
+    h.sync().await.unwrap();
+    drop(h);
+    // Shard 2 grown to 4 TiB, sparse: 2^30 cells where a blade has at most some 2^22 stipes.
+    let p2 = forest.shard_path(BLADE, 2);
+    OpenOptions::new()
+        .write(true)
+        .open(&p2)
+        .unwrap()
+        .set_len(1 << 42)
+        .unwrap();
+    forest.reopen();
+    let h = tokio::time::timeout(std::time::Duration::from_secs(120), forest.holdfast(BLADE))
+        .await
+        .expect("the blade opens within 2 minutes");
+    check_all(&h, &fronds).await;
+    let after = h.append_data(b"after the restart").await.unwrap();
+    assert!(
+        after.address.byte_offset() > end.address.byte_offset()
+            && after.address.byte_offset() < end.address.byte_offset() + (1 << 20),
+        "appended at {:?}, the last before at {:?}",
+        after.address,
+        end.address
+    );
+    assert_eq!(&h.read(after).await.unwrap()[..], b"after the restart");
+}
