@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::auth::{self, ClusterKey};
-use crate::frame::{read_frame, Header, Kind, ReadError, READ_BUFFER};
+use crate::frame::{
+    read_frame, Header, Kind, ReadError, DATA_BYTES_MAX, META_BYTES_MAX, READ_BUFFER,
+};
 use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, Status};
 
@@ -243,7 +245,19 @@ async fn serve(
     outcome
 }
 
-fn response(req: Header, r: Response) -> Outgoing {
+fn response(req: Header, mut r: Response) -> Outgoing {
+    if r.meta.len() > META_BYTES_MAX as usize || r.data.len() > DATA_BYTES_MAX as usize {
+        // The peer would take such a frame for a broken stream and drop the connection with
+        // every call on it: this call alone fails.
+        let msg = format!(
+            "operation {:#x}: a response of {} metadata and {} data bytes (at most {META_BYTES_MAX} and {DATA_BYTES_MAX})",
+            req.op,
+            r.meta.len(),
+            r.data.len()
+        );
+        tracing::error!("{msg}");
+        r = Response::error(Status::Internal as u16, msg);
+    }
     Outgoing {
         header: Header {
             kind: Kind::Response,

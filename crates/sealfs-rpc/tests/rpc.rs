@@ -17,6 +17,8 @@ const ECHO: u16 = 1;
 const SLEEP: u16 = 2;
 /// Makes the in-process test's handler panic.
 const FAIL: u16 = 3;
+/// Answers with more metadata than a frame carries.
+const TOO_BIG: u16 = 4;
 
 struct Echo;
 
@@ -30,6 +32,10 @@ impl Handler for Echo {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Response::ok(Bytes::new(), Bytes::new())
             }
+            TOO_BIG => Response::ok(
+                Bytes::from(vec![0; sealfs_rpc::frame::META_BYTES_MAX as usize + 1]),
+                Bytes::new(),
+            ),
             op => Response::error(Status::UnknownOp as u16, format!("unknown operation {op}")),
         }
     }
@@ -396,6 +402,41 @@ async fn clients_reconnect_with_backoff_after_a_restart() {
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+}
+
+/// A handler's answer too large for a frame fails its call alone: the connection and the
+/// calls on it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_past_the_frame_bounds_fails_only_its_call() {
+    let srv = server().await;
+    let c = client_of(&srv);
+    let before = c.call(echo(b"one", Bytes::new()), SECOND).await.unwrap();
+    assert_eq!(&before.meta[..], b"one");
+    let big = Request {
+        op: TOO_BIG,
+        ..Default::default()
+    };
+    let (r, other) = tokio::join!(
+        c.call(big, SECOND),
+        c.call(echo(b"beside", Bytes::from_static(b"it")), SECOND)
+    );
+    let r = r.unwrap();
+    assert_eq!(r.status, Status::Internal as u16);
+    assert!(
+        String::from_utf8_lossy(&r.meta).contains("1048577 metadata"),
+        "{:?}",
+        String::from_utf8_lossy(&r.meta)
+    );
+    assert_eq!(&other.unwrap().meta[..], b"beside");
+    assert_eq!(
+        &c.call(echo(b"after", Bytes::new()), SECOND)
+            .await
+            .unwrap()
+            .meta[..],
+        b"after"
+    );
+    assert_eq!(c.connects(), 1, "the connection was dropped");
+    srv.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
