@@ -233,10 +233,68 @@ pub fn seq_cmp(a: u32, b: u32) -> Ordering {
     }
 }
 
+/// The newest of `seqs` that `votes` counts at least `k` times. Sequences read from disks can
+/// be spread around the ring so that [`seq_cmp`] orders them in a cycle (no total order, which
+/// a sort may panic on): only those with `k` votes are compared, and the newest is found by one
+/// pass (with k of n voting, at most n / k of them).
+pub fn newest_agreed(
+    seqs: impl IntoIterator<Item = u32>,
+    k: usize,
+    votes: impl Fn(u32) -> usize,
+) -> Option<u32> {
+    let mut seen = Vec::new();
+    let mut newest: Option<u32> = None;
+    for s in seqs {
+        if seen.contains(&s) {
+            continue;
+        }
+        seen.push(s);
+        if votes(s) >= k && newest.is_none_or(|n| seq_cmp(s, n) == Ordering::Greater) {
+            newest = Some(s);
+        }
+    }
+    newest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_newest_agreed_sequence_ignores_those_without_k_votes() {
+        let votes = |of: &'static [u32]| move |s: u32| of.iter().filter(|&&x| x == s).count();
+        // Three sequences a third of the ring apart: each is newer than the next (a cycle).
+        let third = SEQ_MAX / 3;
+        let (a, b, c) = (1, 1 + third, 1 + 2 * third);
+        assert_eq!(seq_cmp(b, a), Ordering::Greater);
+        assert_eq!(seq_cmp(c, b), Ordering::Greater);
+        assert_eq!(seq_cmp(a, c), Ordering::Greater);
+        static CELLS: [u32; 7] = [1, 1, 1, 1 + SEQ_MAX / 3, 1 + 2 * (SEQ_MAX / 3), 9, 9];
+        assert_eq!(newest_agreed(CELLS, 3, votes(&CELLS)), Some(a));
+        assert_eq!(newest_agreed(CELLS, 2, votes(&CELLS)), Some(9));
+        assert_eq!(newest_agreed(CELLS, 4, votes(&CELLS)), None);
+        // Many cells in a cycle, one sequence with k votes: found, no panic.
+        let many: Vec<u32> = (0..200)
+            .map(|i| 1 + (i % 3) * third + i / 3)
+            .chain([5; 8])
+            .collect();
+        let count = |s: u32| many.iter().filter(|&&x| x == s).count();
+        assert_eq!(newest_agreed(many.clone(), 8, count), Some(5));
+        // Sequences spread at random over the ring (from damaged disks): no panic.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let spread: Vec<u32> = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                1 + (x % SEQ_MAX as u64) as u32
+            })
+            .collect();
+        let count = |s: u32| spread.iter().filter(|&&x| x == s).count();
+        assert!(newest_agreed(spread.clone(), 1, count).is_some());
+        assert_eq!(newest_agreed(spread.clone(), 2, count), None);
+    }
 
     fn id() -> CellId {
         CellId {

@@ -1321,16 +1321,13 @@ impl Shared {
                     }
                 }
             }
-            let mut candidates: Vec<u32> = offers.iter().flatten().map(|(q, _)| *q).collect();
-            candidates.sort_by(|a, b| seq_cmp(*b, *a));
-            candidates.dedup();
-            let newest = candidates.first().copied();
-            let target = candidates.iter().copied().find(|&q| {
+            let offered = || offers.iter().flatten().map(|(q, _)| *q);
+            let newest = crate::cell::newest_agreed(offered(), 1, |_| 1);
+            let target = crate::cell::newest_agreed(offered(), k, |q| {
                 offers
                     .iter()
                     .filter(|o| o.iter().any(|(s, _)| *s == q))
                     .count()
-                    >= k
             });
             let Some(target) = target else {
                 if newest.is_some()

@@ -12,7 +12,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::address::{check_range, stipe_spans, Reference};
 use crate::cell::{
-    check_cell, seq_cmp, CellCheck, CellId, CELL_BYTES, CELL_HEADER_BYTES, CELL_PAYLOAD_BYTES,
+    check_cell, newest_agreed, seq_cmp, CellCheck, CellId, CELL_BYTES, CELL_HEADER_BYTES,
+    CELL_PAYLOAD_BYTES,
 };
 use crate::error::{KelpError, Result};
 use crate::frond;
@@ -463,21 +464,12 @@ fn chunks(first: u32, count: u32) -> impl Iterator<Item = (u32, u32)> {
 
 /// The newest sequence (at least 1) carried by at least `k` valid cells.
 pub fn agreed_seq(cells: &[Option<Got>], k: usize) -> Option<u32> {
-    let mut seqs: Vec<u32> = cells
-        .iter()
-        .filter_map(|g| match g {
-            Some(Got::Cell(CellCheck::Valid { seq }, _)) => Some(*seq),
-            _ => None,
-        })
-        .collect();
-    seqs.sort_by(|a, b| seq_cmp(*b, *a));
-    seqs.dedup();
-    seqs.into_iter().find(|&s| {
-        cells
-            .iter()
-            .filter(|g| matches!(g, Some(Got::Cell(CellCheck::Valid { seq }, _)) if *seq == s))
-            .count()
-            >= k
+    let valid = |g: &Option<Got>| match g {
+        Some(Got::Cell(CellCheck::Valid { seq }, _)) => Some(*seq),
+        _ => None,
+    };
+    newest_agreed(cells.iter().filter_map(valid), k, |s| {
+        cells.iter().filter(|g| valid(g) == Some(s)).count()
     })
 }
 
