@@ -61,6 +61,19 @@ impl LogDb {
     /// A group's latest snapshot, checked against its CRC.
     fn read_snapshot(&self, group: u64) -> Result<Option<StoredSnapshot>, SErr> {
         let path = self.snapshot_path(group);
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(rerr(format!("{}: {e}", path.display()))),
+        };
+        // The snapshot's bytes and its metadata (the membership, a few KiB): a longer file is
+        // damage, not read into memory.
+        if len > crate::snapshot::SNAPSHOT_BYTES_MAX + (1 << 20) {
+            return Err(rerr(format!(
+                "{}: {len} bytes, longer than a snapshot can be",
+                path.display()
+            )));
+        }
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -498,6 +511,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LogDb::open(&dir.path().join("wal")).unwrap();
         assert!(log.read_snapshot(3).unwrap().is_none());
+        // A file far longer than a snapshot can be (sparse) is refused before it is read.
+        let path = log.snapshot_path(3);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(crate::snapshot::SNAPSHOT_BYTES_MAX * 2)
+            .unwrap();
+        let Err(e) = log.read_snapshot(3) else {
+            panic!("an 8 GiB snapshot file was read");
+        };
+        let e = e.to_string();
+        assert!(e.contains("longer than a snapshot can be"), "{e}");
         log.write_snapshot(3, &snapshot()).await.unwrap();
         let back = log.read_snapshot(3).unwrap().unwrap();
         assert_eq!(back.data, snapshot().data);
