@@ -723,6 +723,48 @@ async fn unsettled(fs: &Sealfs, p: u32, item: (u64, &[u8], u64)) -> Result<bool,
     }
 }
 
+/// A directory of the root, made, whose partition has other replicas than the root's; and
+/// the indices of two servers whose loss leaves the root's partition without a majority and
+/// the directory's with one (the root partition's replica the other lacks, and another).
+struct Beside {
+    ino: u64,
+    name: String,
+}
+
+async fn directory_beside_the_root(
+    c: &Cluster,
+    fs: &Sealfs,
+    prefix: &str,
+) -> (Beside, usize, usize) {
+    let root = fs.root();
+    let parts = fs.meta().partitions();
+    let map = fs.map();
+    let replicas =
+        |p: u32| -> BTreeSet<u64> { map.partitions[p as usize].iter().copied().collect() };
+    let deciding = replicas(partition_of(root));
+    let name = (0..1000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|n| replicas(sealfs_meta::dir_partition(root, n.as_bytes(), parts)) != deciding)
+        .expect("a partition with other replicas than the root's");
+    let made = fs.mkdir(root, name.as_bytes(), 0o755, 0, 0).await.unwrap();
+    let lacking = *deciding
+        .difference(&replicas(partition_of(made.ino)))
+        .next()
+        .unwrap();
+    let second = *deciding.iter().find(|&&s| s != lacking).unwrap();
+    let index = |id: u64| {
+        c.server_addrs
+            .iter()
+            .position(|a| map.servers[&id].addr == *a)
+            .unwrap()
+    };
+    let beside = Beside {
+        ino: made.ino,
+        name,
+    };
+    (beside, index(lacking), index(second))
+}
+
 /// The orphan scan decides a half-done operation by asking the partition that holds its
 /// entry. While that partition has no majority, the scan must wait rather than guess: an
 /// rmdir stopped after its first step (the directory dying, its entry still in place) keeps
@@ -735,35 +777,9 @@ async fn the_orphan_scan_waits_while_the_deciding_partition_has_no_majority() {
     let mut c = Cluster::start(dir.path(), 4, 8);
     let fs = connect(&c).await;
     let root = fs.root();
-    let parts = fs.meta().partitions();
-    let map = fs.map();
-    let deciding = partition_of(root);
-    let replicas =
-        |p: u32| -> BTreeSet<u64> { map.partitions[p as usize].iter().copied().collect() };
-    // A directory whose inode's partition has other replicas than the root's: killing the
-    // root partition's replica that the other lacks, and a second one of the root's, leaves
-    // the root's partition without a majority and the other with one.
-    let name = (0..1000)
-        .map(|i| format!("outage{i}"))
-        .find(|n| {
-            let p = sealfs_meta::dir_partition(root, n.as_bytes(), parts);
-            replicas(p) != replicas(deciding)
-        })
-        .expect("a partition with other replicas than the root's");
-    let kept = fs.mkdir(root, name.as_bytes(), 0o755, 0, 0).await.unwrap();
+    let (kept, x, y) = directory_beside_the_root(&c, &fs, "outage").await;
     let dying_p = partition_of(kept.ino);
-    let lacking = *replicas(deciding)
-        .difference(&replicas(dying_p))
-        .next()
-        .unwrap();
-    let second = *replicas(deciding).iter().find(|&&s| s != lacking).unwrap();
-    let index = |id: u64| {
-        c.server_addrs
-            .iter()
-            .position(|a| map.servers[&id].addr == *a)
-            .unwrap()
-    };
-    let (x, y) = (index(lacking), index(second));
+    let name = kept.name.clone();
 
     let prepare = Op::RmdirPrepare {
         ino: kept.ino,
@@ -815,6 +831,51 @@ async fn the_orphan_scan_waits_while_the_deciding_partition_has_no_majority() {
         .await
         .expect("the directory is whole");
     assert_eq!(fs.getattr(kept.ino).await.unwrap().nlink, 2);
+}
+
+/// A link across partitions whose second step (the entry, on the root's partition) waits out
+/// its deadline while that partition has no majority: the partition refuses it once back, and
+/// the client undoes the first step itself (the count taken back, no name), before the orphan
+/// scan's grace is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_whose_second_step_came_too_late_is_undone_by_its_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let root = fs.root();
+    let (sub, x, y) = directory_beside_the_root(&c, &fs, "linksrc").await;
+    let f = fs
+        .create(sub.ino, b"f", &NewFile::file(0o644))
+        .await
+        .unwrap();
+    c.kill_server(x);
+    c.kill_server(y);
+    let started = Instant::now();
+    let link = {
+        let fs = fs.clone();
+        tokio::spawn(async move { fs.link(f.ino, root, b"linked").await })
+    };
+    // Past the second step's deadline (half the 10 s grace; a leader takes a process start
+    // and an election more), with most of the client's 10 s of retries left: the root's
+    // partition comes back and elects a leader.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    c.start_server(x);
+    c.start_server(y);
+    let r = link.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.err(), Some(Error::TIMEDOUT), "link after {took:?}");
+    // Undone by the client: nothing left for the scan (whose grace is not up yet).
+    let item = (root, b"linked".as_slice(), f.ino);
+    assert_eq!(unsettled(&fs, partition_of(f.ino), item).await, Ok(false));
+    assert!(
+        took < Duration::from_secs(10),
+        "the scan may have undone it: {took:?}"
+    );
+    assert_eq!(fs.getattr(f.ino).await.unwrap().nlink, 1);
+    assert_eq!(fs.lookup(root, b"linked").await.err(), Some(Error::NOENT));
+    // The file links again.
+    fs.link(f.ino, root, b"linked").await.unwrap();
+    assert_eq!(fs.getattr(f.ino).await.unwrap().nlink, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
