@@ -184,6 +184,12 @@ pub enum ReadError {
 
 /// Reads one frame; the header is checked before the body is allocated.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ReadError> {
+    let header = read_header(r).await?;
+    read_body(r, header).await
+}
+
+/// Reads and checks one frame's header (the body's lengths are within the bounds).
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, ReadError> {
     let mut head = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -197,7 +203,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ReadEr
         }
         got += n;
     }
-    let header = Header::decode(&head)?;
+    Ok(Header::decode(&head)?)
+}
+
+/// Reads the body that `header` announces.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: Header,
+) -> Result<Frame, ReadError> {
     let meta = read_exact_bytes(r, header.meta_len as usize).await?;
     let data = read_exact_bytes(r, header.data_len as usize).await?;
     Ok(Frame { header, meta, data })

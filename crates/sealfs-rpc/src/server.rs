@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::auth::{self, ClusterKey};
 use crate::frame::{
-    read_frame, Header, Kind, ReadError, DATA_BYTES_MAX, META_BYTES_MAX, READ_BUFFER,
+    read_body, read_header, Header, Kind, ReadError, DATA_BYTES_MAX, META_BYTES_MAX, READ_BUFFER,
 };
 use crate::wire::{writer, Outgoing, WRITE_QUEUE_MAX};
 use crate::{Request, Response, Status};
@@ -38,6 +38,11 @@ pub struct ServerConfig {
     pub inflight_per_connection: usize,
     /// Connections open at once at most; more are closed right after accept.
     pub connections_max: usize,
+    /// Bytes of requests (metadata and data) of one connection read and not yet answered, at
+    /// most (never less than one frame's bound): a frame past it waits, its body unread, until
+    /// requests of that connection finish. Per connection, so that requests waiting on one
+    /// peer never hold up another's (a holdfast's request can wait on a call to a peer).
+    pub request_bytes_per_connection: usize,
 }
 
 impl Default for ServerConfig {
@@ -45,9 +50,13 @@ impl Default for ServerConfig {
         ServerConfig {
             inflight_per_connection: 256,
             connections_max: 4096,
+            request_bytes_per_connection: 256 << 20,
         }
     }
 }
+
+/// One frame's bytes at most.
+const FRAME_BODY_MAX: usize = META_BYTES_MAX as usize + DATA_BYTES_MAX as usize;
 
 /// A running server; dropping it (or `shutdown`) closes the listener and every connection.
 pub struct ServerHandle {
@@ -168,6 +177,10 @@ async fn serve(
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
     let write = tokio::spawn(writer(wr, rx));
     let slots = Arc::new(Semaphore::new(cfg.inflight_per_connection.max(1)));
+    let budget = Arc::new(Semaphore::new(
+        cfg.request_bytes_per_connection
+            .clamp(FRAME_BODY_MAX, Semaphore::MAX_PERMITS),
+    ));
     let mut requests = JoinSet::new();
     let outcome = loop {
         let permit = slots
@@ -175,17 +188,26 @@ async fn serve(
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let frame = match read_frame(&mut rd).await {
-            Ok(f) if f.header.kind == Kind::Request && f.header.id != 0 => f,
-            Ok(f) => {
+        let header = match read_header(&mut rd).await {
+            Ok(h) if h.kind == Kind::Request && h.id != 0 => h,
+            Ok(h) => {
                 break Err(format!(
                     "unexpected frame kind {:?} with id {}",
-                    f.header.kind, f.header.id
+                    h.kind, h.id
                 ))
             }
-            Err(ReadError::Closed) => break Ok(()),
-            Err(ReadError::Frame(e)) => break Err(e.to_string()),
-            Err(ReadError::Io(e)) => break Err(format!("read: {e}")),
+            Err(e) => break read_failed(e),
+        };
+        // The header's lengths are within a frame's bounds, so within the budget's.
+        let bytes = header.meta_len + header.data_len;
+        let budget = budget
+            .clone()
+            .acquire_many_owned(bytes)
+            .await
+            .expect("semaphore never closed");
+        let frame = match read_body(&mut rd, header).await {
+            Ok(f) => f,
+            Err(e) => break read_failed(e),
         };
         while requests.try_join_next().is_some() {}
         let (handler, tx) = (handler.clone(), tx.clone());
@@ -213,7 +235,7 @@ async fn serve(
                 handler.handle(req).await
             };
             let _ = tx.send(response(h, resp)).await;
-            drop(permit);
+            drop((permit, budget));
         });
     };
     if let Err(msg) = &outcome {
@@ -243,6 +265,15 @@ async fn serve(
     requests.abort_all();
     let _ = write.await;
     outcome
+}
+
+/// How a connection ends when a read fails.
+fn read_failed(e: ReadError) -> Result<(), String> {
+    match e {
+        ReadError::Closed => Ok(()),
+        ReadError::Frame(e) => Err(e.to_string()),
+        ReadError::Io(e) => Err(format!("read: {e}")),
+    }
 }
 
 fn response(req: Header, mut r: Response) -> Outgoing {

@@ -404,6 +404,57 @@ async fn clients_reconnect_with_backoff_after_a_restart() {
     assert!(started.elapsed() < Duration::from_secs(3), "{err}");
 }
 
+/// Holds each request 300 ms and records the most request bytes it held at once.
+#[derive(Default)]
+struct Holding {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Holding {
+    async fn handle(&self, req: Request) -> Response {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = req.meta.len() + req.data.len();
+        let held = self.now.fetch_add(n, SeqCst) + n;
+        self.peak.fetch_max(held, SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.now.fetch_sub(n, SeqCst);
+        Response::ok(Bytes::new(), Bytes::new())
+    }
+}
+
+/// The bytes of requests a server holds for one connection are bounded: past the bound a
+/// frame waits unread until others are answered, and every call still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_stay_within_a_connections_byte_budget() {
+    const MIB: usize = 1 << 20;
+    let holding = Arc::new(Holding::default());
+    let cfg = ServerConfig {
+        request_bytes_per_connection: 100 * MIB,
+        ..ServerConfig::default()
+    };
+    let srv = Server::bind("127.0.0.1:0", key(), cfg, holding.clone())
+        .await
+        .unwrap();
+    let body = Bytes::from(vec![7u8; 40 * MIB]);
+    // Six calls of 40 MiB at once on one connection.
+    let client = Arc::new(client_of(&srv));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (c, body) = (client.clone(), body.clone());
+        calls.spawn(async move { c.call(echo(b"", body), Duration::from_secs(60)).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        assert_eq!(r.unwrap().unwrap().status, 0);
+    }
+    let peak = holding.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak >= 40 * MIB, "{peak}");
+    assert!(peak <= 100 * MIB, "held {} MiB at once", peak / MIB);
+    assert_eq!(client.connects(), 1);
+    srv.shutdown().await;
+}
+
 /// A handler's answer too large for a frame fails its call alone: the connection and the
 /// calls on it go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
