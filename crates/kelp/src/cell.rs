@@ -236,20 +236,19 @@ pub fn seq_cmp(a: u32, b: u32) -> Ordering {
 /// The newest of `seqs` that `votes` counts at least `k` times. Sequences read from disks can
 /// be spread around the ring so that [`seq_cmp`] orders them in a cycle (no total order, which
 /// a sort may panic on): only those with `k` votes are compared, and the newest is found by one
-/// pass (with k of n voting, at most n / k of them).
+/// pass (with k of n voting, at most n / k of them), without allocating.
 pub fn newest_agreed(
     seqs: impl IntoIterator<Item = u32>,
     k: usize,
     votes: impl Fn(u32) -> usize,
 ) -> Option<u32> {
-    let mut seen = Vec::new();
     let mut newest: Option<u32> = None;
     for s in seqs {
-        if seen.contains(&s) {
+        // The cells of a stipe mostly carry one sequence: it is counted once.
+        if newest == Some(s) {
             continue;
         }
-        seen.push(s);
-        if votes(s) >= k && newest.is_none_or(|n| seq_cmp(s, n) == Ordering::Greater) {
+        if newest.is_none_or(|n| seq_cmp(s, n) == Ordering::Greater) && votes(s) >= k {
             newest = Some(s);
         }
     }
