@@ -191,10 +191,10 @@ fn k_done(from: u32, id: u64) -> [u8; 12] {
 /// The big-endian number at `at` in a key; a key too short for it (a damaged store or
 /// snapshot) is an error.
 fn u64_at(b: &[u8], at: usize) -> R<u64> {
-    match b.get(at..at + 8) {
-        Some(s) => Ok(u64::from_be_bytes(s.try_into().expect("8 bytes"))),
-        None => Err(Fail::Storage(format!("a key of {} bytes", b.len()))),
-    }
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Fail::Storage(format!("a key of {} bytes", b.len())))
 }
 
 /// How long applied commands may wait in the open transaction.
