@@ -108,16 +108,23 @@ async fn wait_for(r: &Replica, n: usize) -> Vec<String> {
     }
 }
 
+/// Three replicas of group 7 on loopback, their files in `dir`, started and initialized;
+/// with the index of the elected leader.
+async fn three(dir: &std::path::Path) -> (Vec<Replica>, usize) {
+    let mut rs = Vec::new();
+    for node in 1..=3 {
+        rs.push(Replica::start(node, "127.0.0.1:0", dir).await);
+    }
+    let members: BTreeMap<u64, String> = rs.iter().map(|r| (r.node, r.addr.clone())).collect();
+    rs[0].group().initialize(members).await.unwrap();
+    let l = leader(&rs).await;
+    (rs, l)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_survive_the_loss_of_their_leader() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rs = Vec::new();
-    for node in 1..=3 {
-        rs.push(Replica::start(node, "127.0.0.1:0", dir.path()).await);
-    }
-    let members: BTreeMap<u64, String> = rs.iter().map(|r| (r.node, r.addr.clone())).collect();
-    rs[0].group().initialize(members.clone()).await.unwrap();
-    let l = leader(&rs).await;
+    let (mut rs, l) = three(dir.path()).await;
     let mut written = Vec::new();
     for i in 0..60 {
         let cmd = format!("entry {i}");
@@ -213,13 +220,7 @@ async fn a_snapshot_chunk_far_past_the_end_is_refused() {
     use sealfs_rpc::{Client, ClientConfig, Request};
 
     let dir = tempfile::tempdir().unwrap();
-    let mut rs = Vec::new();
-    for node in 1..=3 {
-        rs.push(Replica::start(node, "127.0.0.1:0", dir.path()).await);
-    }
-    let members: BTreeMap<u64, String> = rs.iter().map(|r| (r.node, r.addr.clone())).collect();
-    rs[0].group().initialize(members).await.unwrap();
-    let l = leader(&rs).await;
+    let (mut rs, l) = three(dir.path()).await;
     rs[l].group().write(b"before".to_vec()).await.unwrap();
     let f = (l + 1) % 3;
 
