@@ -611,3 +611,50 @@ impl MapCache {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every map request with the same map, as a broken or hostile manager would.
+    struct Sends(ClusterMap);
+
+    #[async_trait]
+    impl Handler for Sends {
+        async fn handle(&self, _: Request) -> Response {
+            let meta = postcard::to_stdvec(&self.0).unwrap();
+            Response::ok(Bytes::from(meta), Bytes::new())
+        }
+    }
+
+    /// A map that fails its check is refused where it arrives: the client and the servers
+    /// keep the map they had instead of indexing past the end of a blade's shards.
+    #[tokio::test]
+    async fn a_map_that_fails_its_check_is_refused_when_it_arrives() {
+        let key = ClusterKey::from_secret(b"map test secret");
+        let mut map = ClusterMap::default();
+        map.apply(Command::Register {
+            addr: "127.0.0.1:1".into(),
+            zone: String::new(),
+            disks: vec![Disk {
+                capacity: 1 << 30,
+                free: 1 << 30,
+            }],
+            now_ms: 0,
+        });
+        map.partitions = vec![vec![1], vec![1, 9]];
+        let srv = Server::bind(
+            "127.0.0.1:0",
+            key.clone(),
+            ServerConfig::default(),
+            Arc::new(Sends(map)),
+        )
+        .await
+        .unwrap();
+        let cache = MapCache::new(&srv.addr().to_string(), key);
+        let e = cache.refresh().await.unwrap_err().to_string();
+        assert!(e.contains("partition 1: no server 9"), "{e}");
+        assert_eq!(cache.get().epoch, 0, "the map was taken");
+        srv.shutdown().await;
+    }
+}
