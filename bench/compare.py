@@ -334,6 +334,7 @@ def report(path, results, peak, entries, quick, work):
         lines.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
     lines += ["", f"Peak resident memory of the `sealfs up` process during its bench: "
               f"{(peak or 0) >> 20} MiB (bound checked: {RSS_MAX})."]
+    lines += targets(results, peak)
     plots = plot(Path(path).parent / "benchmarks", results)
     if plots:
         lines += ["", "## Plots", ""]
@@ -341,6 +342,117 @@ def report(path, results, peak, entries, quick, work):
             lines += [f"![{title}](benchmarks/{name})", ""]
     Path(path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# What limits each target that a run can miss, by what the profiles show (bench/profile,
+# docs/profiles.md), and what would lift it; the analysis behind them is docs/performance.md.
+LIMITS = {
+    "write": (
+        "the disk, not the cores (about 40% idle in the write profile; the busy part is pwrite "
+        "of cells by direct IO, syncs, checksums and copies): 8+8 erasure coding writes every "
+        "byte twice, so 270 MB/s of data is about 550 MB/s of cells on the one virtual disk "
+        "that holds all 16 disk folders; ext4's own figure is partly the host's cache",
+        "disks of their own per server (the cluster's shape), or a narrower code on one disk "
+        "(a 4+2 volume writes 1.5x the bytes, not 2x)"),
+    "read": (
+        "the disk's cold reads, not the cores (about 45% idle in the read profile; the busy "
+        "part is pread of cells and fio's own copies), with one 1 MiB read at a time from fio",
+        "more disks; a wider kernel read-ahead was tried and was slower (8 MiB: 631-763 MB/s "
+        "against 777-1,228 with the default 128 KiB, same mount, same hour)"),
+    "creates": (
+        "latency, not the cores (about 40% idle with 2 creating threads): each create waits "
+        "for one Raft command, a log write and fdatasync on two of three replicas (all on one "
+        "disk) and the hand-offs between Raft's tasks and the log threads (futex wake-ups); no "
+        "part of the code stands out (redb, malloc, syncs and wake-ups 5-8% each)",
+        "more callers at once (concurrent commands share syncs: 16 callers through the client "
+        "library make about 2.4x the creates of one, meta-bench.md), replicas on separate "
+        "machines' disks, fewer hand-offs per command"),
+    "tree": (
+        "the same latency: about 6,400 Raft commands for 2,600 entries, one after another "
+        "(tar waits for each); about half the cores' time idle in the tree profile",
+        "the same as for creates, except that tar gains nothing from shared syncs"),
+}
+
+
+def targets(results, peak):
+    """The targets of the mount and performance issues, checked against this run: for each, the
+    figure, whether it is met, by how much it falls short, and (where it is not met) what
+    limits it and what would lift it."""
+    s = results["sealfs"]
+    g = results.get("glusterfs", {})
+
+    def pick(fig, prefixes):
+        return [w for w in fig if w.startswith(prefixes)]
+
+    def ratios(prefixes, base):
+        out = []
+        for w in pick(s, prefixes):
+            b = results.get(base, {}).get(w)
+            if b and s[w]:
+                out.append(b / s[w] if w.endswith("(s)") else s[w] / b)
+        return out
+
+    rows = []
+
+    def row(what, kind, measured, ok, short):
+        limit, lift = LIMITS.get(kind, ("", ""))
+        rows.append(f"| {what} | {measured} | {'yes' if ok else 'no'} | "
+                    f"{'' if ok else short} | {'' if ok else limit} | {'' if ok else lift} |")
+
+    def floor(what, kind, value, target, unit, above=True):
+        if value is None:
+            return
+        ok = value >= target if above else value <= target
+        short = f"{value / target:.2f} of the target" if above else f"{value / target:.2f}x the target"
+        row(what, kind, f"{value:,.1f} {unit}", ok, short)
+
+    def group(what, kind, prefixes, base, target):
+        r = ratios(prefixes, base)
+        if not r:
+            return
+        low, high = min(r), max(r)
+        met = sum(1 for x in r if x >= target)
+        if len(r) == 1:
+            row(what, kind, f"{low:.2f}x", met == 1, f"{low / target:.2f} of the target")
+        else:
+            row(what, kind, f"{low:.2f}-{high:.2f}x over {len(r)} workloads ({met} met)",
+                met == len(r), f"the lowest is {low / target:.2f} of the target")
+
+    seq_w = ("bench bandwidth: write", "fio sequential write")
+    seq_r = ("bench bandwidth: read", "fio sequential read")
+    floor("sequential write >= 300 MB/s (fio)", "write", s.get("fio sequential write 1 MiB (MB/s)"),
+          300, "MB/s")
+    floor("sequential read >= 600 MB/s (fio, cold)", "read",
+          s.get("fio sequential read 1 MiB, cold (MB/s)"), 600, "MB/s")
+    creates = [v for w, v in s.items() if w.startswith("bench metadata: create")]
+    if creates:
+        floor(">= 4,000 creates/s on the mount", "creates", max(creates), 4000, "/s")
+    floor("source tree extracted in < 5 s", "tree", s.get("extract the source tree (s)"), 5, "s",
+          above=False)
+    if g:
+        group(">= 2x GlusterFS on sequential write", "write", seq_w, "glusterfs", 2)
+        group(">= 2x GlusterFS on sequential read", "read", seq_r, "glusterfs", 2)
+        group(">= 4x GlusterFS on 4 KiB IOPS", "iops", ("bench iops", "fio random"), "glusterfs", 4)
+        group(">= 10x GlusterFS on metadata", "creates", ("bench metadata", "bench small"),
+              "glusterfs", 10)
+        group(">= 10x GlusterFS on the tree's extraction", "tree", ("extract",), "glusterfs", 10)
+    group("sequential write >= 60% of ext4 (fio)", "write", ("fio sequential write",), "ext4", 0.6)
+    group("sequential read >= 60% of ext4's cold read (fio)", "read", ("fio sequential read",),
+          "ext4", 0.6)
+    group("sequential write >= 50% of the FUSE floor (fio)", "write", ("fio sequential write",),
+          "fuse", 0.5)
+    group("sequential read >= 50% of the FUSE floor (fio)", "read", ("fio sequential read",),
+          "fuse", 0.5)
+    bound = int(RSS_MAX.rstrip("G")) << 10
+    floor(f"`sealfs up` resident memory <= {RSS_MAX}iB", "memory", (peak or 0) >> 20, bound,
+          "MiB", above=False)
+    return ["", "## Targets", "",
+            "The targets of the mount and performance issues, checked against this run. Where "
+            "one is missed, the last two columns say what the profiles show as the limit "
+            "([profiles.md](profiles.md), written by `bench/profile`) and what would lift it; "
+            "[performance.md](performance.md) has the measurements behind them.", "",
+            "| target | this run | met | short by | the limit | what would lift it |",
+            "|---|---|---|---|---|---|"] + rows
 
 
 def git_rev():
