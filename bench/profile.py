@@ -113,10 +113,20 @@ def tree(mnt, tarball):
 def record(name, work, pid, fn):
     """Runs fn under `perf record -a` and returns (seconds, folded stacks of every sample)."""
     data = work / f"{name}.perf"
+    ctl, ack = work / "perf-ctl", work / "perf-ack"
+    for f in (ctl, ack):
+        f.unlink(missing_ok=True)
+        os.mkfifo(f)
+    # Started with sampling off, and switched on through its control fifo once it is ready, so
+    # that the samples cover the workload and nothing before it.
     perf = subprocess.Popen(
         ["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", str(FREQ), "--call-graph",
-         f"dwarf,{STACK}", "-o", str(data)], stderr=subprocess.DEVNULL)
-    time.sleep(0.5)  # perf's start
+         f"dwarf,{STACK}", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data)],
+        stderr=subprocess.DEVNULL)
+    with open(ctl, "w") as c, open(ack) as a:
+        c.write("enable\n")
+        c.flush()
+        a.readline()
     t = time.monotonic()
     fn()
     took = time.monotonic() - t
@@ -236,7 +246,7 @@ def report(path, out, results):
     for name, what, took, total, shares, by_thread in results:
         lines += [f"## {name}: {what}", "",
                   f"{took:.1f} s; {total / 1e9:.1f} s of the cores' time sampled (2 cores, "
-                  "from 0.5 s before the workload to its end). Flame graph: "
+                  "the workload from start to end). Flame graph: "
                   f"[{rel}/{name}.svg]({rel}/{name}.svg).", "",
                   "| where | share of samples |", "|---|---:|"]
         for k, v in shares.most_common():
