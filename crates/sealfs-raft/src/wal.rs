@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -394,33 +394,46 @@ struct Scan {
     torn: Option<String>,
 }
 
-/// Reads a segment's records into `state`.
-fn replay(state: &mut State, id: u64, bytes: &[u8]) -> Result<Scan, String> {
-    if bytes.len() < SEGMENT_HEADER as usize
-        || &bytes[..8] != MAGIC
-        || bytes[8..16] != id.to_le_bytes()
+/// Reads a segment's records into `state`, one at a time from `seg`: what is held at once is
+/// one record (at most [`RECORD_MAX`] bytes, and never more than the file has), whatever the
+/// file's length, which no bound sets (a batch longer than a segment makes its segment longer).
+fn replay(state: &mut State, id: u64, seg: &mut impl Read) -> Result<Scan, String> {
+    let mut head = [0u8; SEGMENT_HEADER as usize];
+    if read_full(seg, &mut head).map_err(|e| e.to_string())? < head.len()
+        || &head[..8] != MAGIC
+        || head[8..16] != id.to_le_bytes()
     {
         return Err(format!("segment {id:016x} has no valid header"));
     }
     let mut at = SEGMENT_HEADER as usize;
     let mut records = 0;
+    let mut body = Vec::new();
     let torn = loop {
-        let Some(head) = bytes.get(at..at + RECORD_HEADER) else {
+        let mut head = [0u8; RECORD_HEADER];
+        if read_full(seg, &mut head).map_err(|e| e.to_string())? < RECORD_HEADER {
             break None;
-        };
+        }
         let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
         if len == 0 {
             break None;
         }
-        let body = match bytes.get(at + RECORD_HEADER..at + RECORD_HEADER + len) {
-            Some(b) if len <= RECORD_MAX => b,
-            _ => break Some(format!("a record of {len} bytes at {at} passes the end")),
-        };
-        if crc32c::crc32c(body) != crc {
+        if len > RECORD_MAX {
+            break Some(format!(
+                "a record of {len} bytes at {at} is longer than any record is"
+            ));
+        }
+        body.clear();
+        seg.take(len as u64)
+            .read_to_end(&mut body)
+            .map_err(|e| e.to_string())?;
+        if body.len() < len {
+            break Some(format!("a record of {len} bytes at {at} passes the end"));
+        }
+        if crc32c::crc32c(&body) != crc {
             break Some(format!("the record at {at} fails its CRC"));
         }
-        let (rec, entry_at) = match Rec::decode(body) {
+        let (rec, entry_at) = match Rec::decode(&body) {
             Ok(r) => r,
             Err(e) => break Some(format!("the record at {at}: {e}")),
         };
@@ -439,6 +452,20 @@ fn replay(state: &mut State, id: u64, bytes: &[u8]) -> Result<Scan, String> {
         at += RECORD_HEADER + len;
     };
     Ok(Scan { records, torn })
+}
+
+/// Reads into `buf` until it is full or the source ends; how many bytes came.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 type OpenLogs = Mutex<HashMap<PathBuf, std::sync::Weak<WalInner>>>;
@@ -513,7 +540,6 @@ impl Wal {
         for &id in &ids {
             let path = seg_path(dir, id);
             let pctx = |e: std::io::Error| format!("{}: {e}", path.display());
-            let bytes = std::fs::read(&path).map_err(pctx)?;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -522,16 +548,18 @@ impl Wal {
             // What a process that crashed wrote but had not synced is in the page cache, and
             // is read back as stored: it must be on the disk before it counts as such.
             file.sync_data().map_err(pctx)?;
+            let file = Arc::new(file);
             state.segments.insert(
                 id,
                 Segment {
-                    file: Arc::new(file),
+                    file: file.clone(),
                     path: path.clone(),
                     live: 0,
                 },
             );
+            let mut seg = std::io::BufReader::with_capacity(1 << 20, &*file);
             let scan =
-                replay(&mut state, id, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+                replay(&mut state, id, &mut seg).map_err(|e| format!("{}: {e}", path.display()))?;
             if let Some(why) = scan.torn {
                 tracing::warn!(
                     "{}: read {} records; the rest is a write a crash cut short ({why})",
@@ -1125,6 +1153,31 @@ mod tests {
         drop(w);
         let w = Wal::open(dir.path()).unwrap();
         assert_eq!(indexes(&w, 1), vec![(1, 500), (2, 500), (3, 500), (4, 7)]);
+    }
+
+    /// A segment is read a record at a time: one far longer than memory (sparse here, 1 TiB)
+    /// opens with its records, and a record header claiming more than a record can be ends
+    /// the segment there instead of being believed. Before, the open read the whole file into
+    /// memory and the process aborted.
+    #[test]
+    fn a_segment_longer_than_memory_is_read_a_record_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        w.write_blocking((1..=3).map(|i| entry(1, 1, i, 500)).collect(), true)
+            .unwrap();
+        drop(w);
+        let (p, _, end) = last_segment(dir.path());
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 1), vec![(1, 500), (2, 500), (3, 500)]);
+        drop(w);
+        // After the last record, a header for 4 GiB less one byte: not a record. (Each open
+        // starts a segment of its own, so nothing was written after it since.)
+        f.write_all_at(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4], end as u64)
+            .unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(indexes(&w, 1), vec![(1, 500), (2, 500), (3, 500)]);
     }
 
     #[test]
