@@ -50,8 +50,8 @@ OWNERS = [
      re.compile(r"(malloc|free|memcpy|memmove|memset|memcmp|realloc|unlink_chunk)")),
 ]
 
-# A kernel sample's system call, by the call's entry frame.
-SYSCALL = re.compile(r"^(?:__x64_sys_|__do_sys_|ksys_)(\w+?)_\[k\]$")
+# The prefixes of a system call's first frames under do_syscall_64 (x64_sys_call dispatches).
+SYSCALL_PREFIX = re.compile(r"^(__x64_sys_|__se_sys_|__do_sys_|ksys_|do_)")
 SYSCALLS = [
     ("fdatasync (log and shard syncs)", ("fdatasync", "fsync", "sync_file_range")),
     ("futex (threads waking threads)", ("futex",)),
@@ -59,18 +59,32 @@ SYSCALLS = [
      ("read", "write", "readv", "writev", "sendmsg", "recvmsg", "sendto", "recvfrom")),
     ("pread, pwrite (shard and log files)", ("pread64", "pwrite64", "preadv", "pwritev")),
     ("epoll (waiting for sockets)", ("epoll_wait", "epoll_pwait", "epoll_ctl")),
+    ("switching threads on the way back from a call", ("exit_to_user_mode_loop",)),
 ]
+
+
+def syscall(frames):
+    """The system call a kernel sample is in (None: not in one), from the frame under
+    do_syscall_64: `__x64_sys_fdatasync`, `ksys_read` or `do_writev` name their call."""
+    for i, f in enumerate(frames):
+        if f == "do_syscall_64_[k]":
+            for g in frames[i + 1:]:
+                name = g.removesuffix("_[k]")
+                if name not in ("x64_sys_call", "syscall_exit_to_user_mode"):
+                    return SYSCALL_PREFIX.sub("", name)
+            return None
+    return None
 
 
 def owner(frames):
     """What a sample was doing, by its frames (the leaf last)."""
     leaf = frames[-1]
     if leaf.endswith("_[k]"):
-        calls = [m.group(1) for m in map(SYSCALL.match, frames) if m]
-        if not calls:
+        call = syscall(frames)
+        if call is None:
             return "kernel: page faults, interrupts"
         for name, names in SYSCALLS:
-            if calls[0] in names:
+            if call in names:
                 return f"kernel: {name}"
         return "kernel: other system calls"
     for name, pat in OWNERS:
