@@ -180,6 +180,19 @@ fn files_through_the_kernel() {
         b"written on the second"
     );
     assert!(m2.join("f2-renamed").exists() && !m2.join("f2").exists());
+    // A file the second mount wrote and read (its kernel holds its size and pages) and the
+    // first then grew: opened again there, it reads whole. (With the kernel's writeback
+    // cache, which keeps a file's own size and mtime over the server's, it read "aaaa".)
+    std::fs::write(m2.join("grown"), b"aaaa").unwrap();
+    assert_eq!(std::fs::read(m2.join("grown")).unwrap(), b"aaaa");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("grown"))
+        .unwrap();
+    f.write_all(b"bbbbbb").unwrap();
+    drop(f);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(std::fs::read(m2.join("grown")).unwrap(), b"aaaabbbbbb");
 
     // Mode, owner and times set on a file with bytes held (as tar does before close) show at
     // once on this mount, and reach the other with the bytes at close. A write after an
