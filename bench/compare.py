@@ -348,19 +348,22 @@ def report(path, results, peak, entries, quick, work):
 # docs/profiles.md), and what would lift it; the analysis behind them is docs/performance.md.
 LIMITS = {
     "write": (
-        "the disk, not the cores (about 40% idle in the write profile; the busy part is pwrite "
-        "of cells by direct IO, syncs, checksums and copies): 8+8 erasure coding writes every "
-        "byte twice, so 270 MB/s of data is about 550 MB/s of cells on the one virtual disk "
-        "that holds all 16 disk folders; ext4's own figure is partly the host's cache",
+        "the disk, not the cores (a fifth to two fifths of the cores idle in the write "
+        "profiles; the busy part is fio's copies into FUSE, the cells' pwrite by direct IO, "
+        "checksums and syncs): 8+8 erasure coding writes every byte twice, so the one virtual "
+        "disk that holds all 16 disk folders takes twice the data and more (799-894 MB/s "
+        "while fio wrote 386 MB/s); ext4's own figure is partly the host's cache",
         "disks of their own per server (the cluster's shape), or a narrower code on one disk "
         "(a 4+2 volume writes 1.5x the bytes, not 2x)"),
     "read": (
-        "the disk's cold reads, not the cores (about 45% idle in the read profile; the busy "
-        "part is pread of cells and fio's own copies), with one 1 MiB read at a time from fio",
+        "the disk's cold reads, not the cores (about 40% idle in the read profiles; the busy "
+        "part is fio's copies, the replies' copies into the page cache and the cells' pread), "
+        "with one 1 MiB read at a time from fio",
         "more disks; a wider kernel read-ahead was tried and was slower (8 MiB: 631-763 MB/s "
         "against 777-1,228 with the default 128 KiB, same mount, same hour)"),
     "creates": (
-        "latency, not the cores (about 40% idle with 2 creating threads): each create waits "
+        "latency, not the cores (about 40% idle in the profiles with 2 creating threads): "
+        "each create waits "
         "for one Raft command, a log write and fdatasync on two of three replicas (all on one "
         "disk) and the hand-offs between Raft's tasks and the log threads (futex wake-ups); no "
         "part of the code stands out (redb, malloc, syncs and wake-ups 5-8% each)",
@@ -369,7 +372,7 @@ LIMITS = {
         "machines' disks, fewer hand-offs per command"),
     "tree": (
         "the same latency: about 6,400 Raft commands for 2,600 entries, one after another "
-        "(tar waits for each); about half the cores' time idle in the tree profile",
+        "(tar waits for each); 40-50% of the cores' time idle in the tree profiles",
         "the same as for creates, except that tar gains nothing from shared syncs"),
 }
 
