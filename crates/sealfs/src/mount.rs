@@ -4,11 +4,12 @@
 //! Each request runs on the tokio runtime and answers when it is done, so that slow
 //! operations do not hold up the others.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -33,6 +34,64 @@ pub struct SealFuse {
     open: OpenFiles,
     dirs: Arc<Dirs>,
     next_fh: AtomicU64,
+    told: Arc<Told>,
+}
+
+/// Files whose size and times this mount gives the kernel at most: past it, what was told is
+/// forgotten, and the next open of each file makes the kernel ask again.
+const TOLD_MAX: usize = 1 << 16;
+
+/// The size, mtime and ctime this mount last gave the kernel for each regular file, and the
+/// way to make the kernel drop them.
+///
+/// Close-to-open: an open reads a file's attributes again from its partition, but the kernel
+/// keeps what it was told for the attribute TTL and reads no further than the size it holds,
+/// so a file another mount grew and closed a moment ago would read short here. When the
+/// attributes found at open differ from what the kernel was told, its copy is invalidated
+/// (the attributes only, which never waits on a page), and it asks again before it reads past
+/// its old end or shows them.
+#[derive(Default)]
+struct Told {
+    files: Mutex<HashMap<u64, (u64, i64, i64)>>,
+    notifier: OnceLock<fuser::Notifier>,
+}
+
+impl Told {
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, i64, i64)>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes the attributes of a reply to the kernel.
+    fn record(&self, a: &Attr) {
+        if a.kind != FileKind::File {
+            return;
+        }
+        let mut files = self.files();
+        if files.len() >= TOLD_MAX && !files.contains_key(&a.ino) {
+            files.clear();
+        }
+        files.insert(a.ino, (a.size, a.mtime, a.ctime));
+    }
+
+    /// Makes the kernel forget the attributes it holds for file `a` (its inode `ino` as the
+    /// kernel numbers it) unless they are `a`'s.
+    fn revalidate(&self, ino: u64, a: &Attr) {
+        let same = {
+            let mut files = self.files();
+            let same = files.get(&a.ino) == Some(&(a.size, a.mtime, a.ctime));
+            if !same {
+                files.remove(&a.ino);
+            }
+            same
+        };
+        if same {
+            return;
+        }
+        if let Some(n) = self.notifier.get() {
+            // ENOENT: the kernel holds nothing for it.
+            let _ = n.inval_inode(INodeNo(ino), -1, 0);
+        }
+    }
 }
 
 /// What readdirplus does with an entry, given its attributes as asked for and the entries
@@ -121,6 +180,7 @@ impl SealFuse {
             fs,
             rt,
             next_fh: AtomicU64::new(1),
+            told: Arc::default(),
         }
     }
 
@@ -426,9 +486,13 @@ impl Filesystem for SealFuse {
         let me = self.clone_view();
         let trunc = flags.0 & 0o1000 != 0;
         self.spawn(async move {
-            // Close-to-open: the attributes are read again at open.
+            // Close-to-open: the attributes are read again at open, and the kernel's copy
+            // dropped if it differs.
             let r = async {
                 let a = me.open.attr(fs.getattr(ino).await?);
+                if a.kind == FileKind::File {
+                    me.told.revalidate(ino, &a);
+                }
                 if trunc && a.size > 0 && a.kind == FileKind::File {
                     let zero = SetAttr {
                         size: Some(0),
@@ -989,6 +1053,7 @@ impl SealFuse {
             root: self.fs.root(),
             open: self.open.clone(),
             dirs: self.dirs.clone(),
+            told: self.told.clone(),
         }
     }
 
@@ -1038,6 +1103,7 @@ struct View {
     root: u64,
     open: OpenFiles,
     dirs: Arc<Dirs>,
+    told: Arc<Told>,
 }
 
 impl View {
@@ -1089,6 +1155,7 @@ impl View {
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
+        self.told.record(a);
         let ino = if a.ino == self.root { 1 } else { a.ino };
         FileAttr {
             ino: INodeNo(ino),
@@ -1124,7 +1191,12 @@ pub fn mount(
     ];
     cfg.acl = fuser::SessionACL::All;
     cfg.n_threads = Some(4);
-    fuser::spawn_mount(SealFuse::new(fs, rt), mountpoint, &cfg)
+    let fuse = SealFuse::new(fs, rt);
+    let told = fuse.told.clone();
+    let session = fuser::Session::new(fuse, mountpoint, &cfg)?;
+    // Set before the session runs: no request is answered before it is there.
+    let _ = told.notifier.set(session.notifier());
+    session.spawn()
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 mod common;
+use common::Proc;
 
 fn mounted(at: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -29,7 +29,8 @@ impl Drop for Unmount {
     }
 }
 
-fn up(data: &Path, mnt: &Path) -> Child {
+/// `sealfs up`, killed when dropped (a failed test leaves no process behind).
+fn up(data: &Path, mnt: &Path) -> Proc {
     let args = [
         "up",
         mnt.to_str().unwrap(),
@@ -40,8 +41,9 @@ fn up(data: &Path, mnt: &Path) -> Child {
     ];
     match common::start(&args, &[]) {
         common::Started::Running(child, line) => {
+            let p = Proc(child, mnt.display().to_string());
             assert!(line.contains("mounted at"), "{line}");
-            child
+            p
         }
         common::Started::Exited(code, err) => panic!("sealfs up exited ({code:?}): {err}"),
     }
@@ -65,11 +67,11 @@ fn up_mounts_stops_cleanly_and_finds_its_data_again() {
         .spawn()
         .unwrap();
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status();
     let t = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -90,9 +92,9 @@ fn up_mounts_stops_cleanly_and_finds_its_data_again() {
     let mut f = std::fs::File::create(mnt.join("synced")).unwrap();
     f.write_all(&body[..1_000_000]).unwrap();
     f.sync_all().unwrap();
-    common::kill(&mut child);
+    common::kill(&mut child.0);
     let mut child = up(&data, &mnt);
     assert!(std::fs::read(mnt.join("synced")).unwrap() == body[..1_000_000]);
     assert!(std::fs::read(mnt.join("dir/file")).unwrap() == body);
-    common::kill(&mut child);
+    common::kill(&mut child.0);
 }
