@@ -399,10 +399,7 @@ struct Scan {
 /// file's length, which no bound sets (a batch longer than a segment makes its segment longer).
 fn replay(state: &mut State, id: u64, seg: &mut impl Read) -> Result<Scan, String> {
     let mut head = [0u8; SEGMENT_HEADER as usize];
-    if read_full(seg, &mut head).map_err(|e| e.to_string())? < head.len()
-        || &head[..8] != MAGIC
-        || head[8..16] != id.to_le_bytes()
-    {
+    if !read_whole(seg, &mut head)? || &head[..8] != MAGIC || head[8..16] != id.to_le_bytes() {
         return Err(format!("segment {id:016x} has no valid header"));
     }
     let mut at = SEGMENT_HEADER as usize;
@@ -410,7 +407,7 @@ fn replay(state: &mut State, id: u64, seg: &mut impl Read) -> Result<Scan, Strin
     let mut body = Vec::new();
     let torn = loop {
         let mut head = [0u8; RECORD_HEADER];
-        if read_full(seg, &mut head).map_err(|e| e.to_string())? < RECORD_HEADER {
+        if !read_whole(seg, &mut head)? {
             break None;
         }
         let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
@@ -454,18 +451,13 @@ fn replay(state: &mut State, id: u64, seg: &mut impl Read) -> Result<Scan, Strin
     Ok(Scan { records, torn })
 }
 
-/// Reads into `buf` until it is full or the source ends; how many bytes came.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Fills `buf` from `r`; false if the source ends first.
+fn read_whole(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, String> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(got)
 }
 
 type OpenLogs = Mutex<HashMap<PathBuf, std::sync::Weak<WalInner>>>;

@@ -73,23 +73,26 @@ impl Told {
         files.insert(a.ino, (a.size, a.mtime, a.ctime));
     }
 
-    /// Makes the kernel forget the attributes it holds for file `a` (its inode `ino` as the
-    /// kernel numbers it) unless they are `a`'s.
-    fn revalidate(&self, ino: u64, a: &Attr) {
-        let same = {
-            let mut files = self.files();
-            let same = files.get(&a.ino) == Some(&(a.size, a.mtime, a.ctime));
-            if !same {
-                files.remove(&a.ino);
-            }
-            same
-        };
-        if same {
+    /// Whether the kernel may hold other attributes for file `a` than `a`'s; if so, what was
+    /// told is forgotten here, as the kernel is about to forget it.
+    fn stale(&self, a: &Attr) -> bool {
+        let mut files = self.files();
+        if files.get(&a.ino) == Some(&(a.size, a.mtime, a.ctime)) {
+            return false;
+        }
+        files.remove(&a.ino);
+        true
+    }
+
+    /// Makes the kernel forget the attributes it holds for file `a` unless they are `a`'s (a
+    /// file's inode has the same number for the kernel and for the cluster).
+    fn revalidate(&self, a: &Attr) {
+        if !self.stale(a) {
             return;
         }
         if let Some(n) = self.notifier.get() {
             // ENOENT: the kernel holds nothing for it.
-            let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            let _ = n.inval_inode(INodeNo(a.ino), -1, 0);
         }
     }
 }
@@ -491,7 +494,7 @@ impl Filesystem for SealFuse {
             let r = async {
                 let a = me.open.attr(fs.getattr(ino).await?);
                 if a.kind == FileKind::File {
-                    me.told.revalidate(ino, &a);
+                    me.told.revalidate(&a);
                 }
                 if trunc && a.size > 0 && a.kind == FileKind::File {
                     let zero = SetAttr {
@@ -1242,6 +1245,37 @@ mod tests {
             .expect("woken on the runtime");
         assert_eq!(what, "waited");
         assert_ne!(on, here);
+    }
+
+    /// What the kernel was told of a file is kept until an open finds it changed, and for at
+    /// most TOLD_MAX files: past that it starts over (an open then finds nothing told, and
+    /// the kernel is made to ask again).
+    #[test]
+    fn what_the_kernel_was_told_is_compared_at_open_and_bounded() {
+        let told = Told::default();
+        let mut a = crate::dirs::tests::dir(7, 0);
+        a.kind = FileKind::File;
+        a.size = 4;
+        assert!(told.stale(&a), "nothing told yet");
+        told.record(&a);
+        assert!(!told.stale(&a), "the same attributes");
+        let mut grown = a.clone();
+        grown.size = 10;
+        assert!(told.stale(&grown), "grown elsewhere");
+        assert!(told.stale(&a), "forgotten once found stale");
+        // Folders are not kept: an open of one is an opendir.
+        told.record(&crate::dirs::tests::dir(8, 0));
+        assert!(told.files().is_empty());
+        for ino in 0..TOLD_MAX as u64 + 10 {
+            let mut f = a.clone();
+            f.ino = 100 + ino;
+            told.record(&f);
+        }
+        assert!(told.files().len() <= TOLD_MAX);
+        // Without a notifier (no mount), revalidating a file found changed only forgets it.
+        told.record(&grown);
+        told.revalidate(&a);
+        assert!(told.stale(&grown));
     }
 
     /// A folder whose attributes cannot be had: in the reply's first place the call fails
