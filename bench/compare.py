@@ -446,9 +446,10 @@ def targets(results, peak):
           "fuse", 0.5)
     group("sequential read >= 50% of the FUSE floor (fio)", "read", ("fio sequential read",),
           "fuse", 0.5)
-    bound = int(RSS_MAX.rstrip("G")) << 10
-    floor(f"`sealfs up` resident memory <= {RSS_MAX}iB", "memory", (peak or 0) >> 20, bound,
-          "MiB", above=False)
+    if peak is not None:
+        bound = int(RSS_MAX.rstrip("G")) << 10
+        floor(f"`sealfs up` resident memory <= {RSS_MAX}iB", "memory", peak >> 20, bound,
+              "MiB", above=False)
     return ["", "## Targets", "",
             "The targets of the mount and performance issues, checked against this run. Where "
             "one is missed, the last two columns say what the profiles show as the limit "

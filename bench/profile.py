@@ -124,7 +124,7 @@ def tree(mnt, tarball):
     compare.run(["sync", "-f", str(d)])
 
 
-def record(name, work, pid, fn):
+def record(name, work, fn):
     """Runs fn under `perf record -a` and returns (seconds, folded stacks of every sample)."""
     data = work / f"{name}.perf"
     ctl, ack = work / "perf-ctl", work / "perf-ack"
@@ -154,39 +154,29 @@ def record(name, work, pid, fn):
                             capture_output=True, text=True, check=True).stdout
     script.wait()
     data.unlink()
-    return took, [l for l in folded.splitlines() if l.strip()], pid
+    return took, [l for l in folded.splitlines() if l.strip()]
 
 
 def split(folded, pid):
-    """Shares of the samples: idle, the other processes, and by owner within sealfs."""
-    shares = collections.Counter()
+    """Shares of the samples: idle, the other processes, and by owner within process `pid`;
+    and that process's samples by thread name (with inferno's --pid, a stack's first frame
+    is its thread's name and its process's id)."""
+    shares, threads = collections.Counter(), collections.Counter()
     total = 0
     for line in folded:
         stack, _, n = line.rpartition(" ")
         n = int(n)
         total += n
         frames = stack.split(";")
-        comm, _, of = frames[0].rpartition("-")  # "comm-pid" with --pid
+        comm, _, of = frames[0].rpartition("-")
         if comm == "swapper":
             shares["idle"] += n
         elif of != str(pid):
             shares[f"other processes ({comm})"] += n
         else:
             shares[f"sealfs up: {owner(frames)}"] += n
-    return total, shares
-
-
-def threads(folded, pid):
-    """Shares of the sealfs up process's samples by thread name (the first frame, with
-    inferno's --pid, is the thread's name and its process's id)."""
-    by = collections.Counter()
-    for line in folded:
-        stack, _, n = line.rpartition(" ")
-        frames = stack.split(";")
-        comm, _, of = frames[0].rpartition("-")
-        if of == str(pid):
-            by[comm] += int(n)
-    return by
+            threads[comm] += n
+    return total, shares, threads
 
 
 def main():
@@ -225,15 +215,15 @@ def main():
                 continue
             if name == "read":
                 compare.drop_caches()
-            took, folded, pid = record(name, work, up.proc.pid, fn)
+            took, folded = record(name, work, fn)
             (work / f"{name}.folded").write_text("\n".join(folded) + "\n")
             svg = out / f"{name}.svg"
             with open(svg, "w") as f:
                 subprocess.run(["inferno-flamegraph", "--title", f"sealfs up: {what}",
                                 "--width", "1400", str(work / f"{name}.folded")], stdout=f,
                                check=True)
-            total, shares = split(folded, pid)
-            results.append((name, what, took, total, shares, threads(folded, pid)))
+            total, shares, threads = split(folded, up.proc.pid)
+            results.append((name, what, took, total, shares, threads))
             compare.log(f"{name}: flame graph in {svg}")
     finally:
         up.stop()
