@@ -1,17 +1,19 @@
 //! The state machine of one metadata partition: a redb file holding inodes, entries, extents,
 //! intents and usage. Commands share one redb transaction, which stores the applied log position
 //! with them and is committed (not synced: the Raft log is, and Raft re-applies after a crash)
-//! at the end of the first batch after [`COMMIT_AFTER`], or of the [`COMMIT_BATCHES`]th, and
-//! before anything reads the store; a snapshot syncs it first. A quiet partition keeps its
-//! last batches open until the next batch or read; a crash loses them from this file only,
-//! and Raft applies them again from the position committed with the rest. One commit per
-//! batch cost each replica more than the commands it held.
+//! at the end of the first batch after [`COMMIT_AFTER`], or of the [`COMMIT_BATCHES`]th; a
+//! snapshot syncs it first. Queries read through the open transaction, so they see every
+//! applied command without committing it. A quiet partition keeps its last batches open until
+//! the next batch; a crash loses them from this file only, and Raft applies them again from
+//! the position committed with the rest. One commit per batch cost each replica more than the
+//! commands it held, and one per read a leader as much as the command before the read.
 //!
 //! Every command checks all it needs before it writes anything, so a refused command leaves no
 //! trace in the shared transaction.
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition, WriteTransaction,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -210,12 +212,35 @@ struct Open {
     batches: u32,
 }
 
+/// A transaction a query reads through: a read transaction, or the open write transaction
+/// (which sees the commands applied and not yet committed).
+trait Source {
+    type T<'s>: ReadableTable<&'static [u8], &'static [u8]>
+    where
+        Self: 's;
+    fn table(&self, t: Table) -> R<Self::T<'_>>;
+}
+
+impl Source for ReadTransaction {
+    type T<'s> = ReadOnlyTable<&'static [u8], &'static [u8]>;
+    fn table(&self, t: Table) -> R<Self::T<'_>> {
+        Ok(self.open_table(t)?)
+    }
+}
+
+impl Source for WriteTransaction {
+    type T<'s> = redb::Table<'s, &'static [u8], &'static [u8]>;
+    fn table(&self, t: Table) -> R<Self::T<'_>> {
+        Ok(self.open_table(t)?)
+    }
+}
+
 /// The state machine of partition `partition`.
 pub struct PartitionMachine {
     partition: u32,
     db: Database,
-    /// The open transaction: commands applied and not yet committed. Readers (which hold only
-    /// `&self`) commit it before they read.
+    /// The open transaction: commands applied and not yet committed. Queries (which hold only
+    /// `&self`) read through it while it is open.
     tx: std::sync::Mutex<Option<Open>>,
     /// A storage failure inside a batch; the batch's commit reports it and the group stops.
     poisoned: Option<String>,
@@ -251,7 +276,7 @@ impl PartitionMachine {
     }
 
     /// Commits the open transaction, if any (unsynced: see the module's note), so that a read
-    /// sees every applied command.
+    /// transaction sees every applied command (a snapshot's, and the applied position's).
     fn settle(&self) -> R<()> {
         let mut open = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(mut o) = open.take() {
@@ -269,11 +294,24 @@ impl PartitionMachine {
         w.apply(op)
     }
 
+    /// Answers `q` from the applied state: through the open transaction when commands wait in
+    /// it (not committing them), else through a read transaction.
     fn ask(&self, q: Query) -> R<Reply> {
-        self.settle()?;
-        let tx = self.db.begin_read()?;
+        let open = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = open.as_ref() {
+            if let Some(e) = &self.poisoned {
+                // The batch holds a failed command's half-made change: never shown.
+                return Err(Fail::Storage(e.clone()));
+            }
+            return self.ask_in(&o.tx, q);
+        }
+        drop(open);
+        self.ask_in(&self.db.begin_read()?, q)
+    }
+
+    fn ask_in<S: Source>(&self, tx: &S, q: Query) -> R<Reply> {
         let get = |t: Table, k: &[u8]| -> R<Option<Vec<u8>>> {
-            Ok(tx.open_table(t)?.get(k)?.map(|g| g.value().to_vec()))
+            Ok(tx.table(t)?.get(k)?.map(|g| g.value().to_vec()))
         };
         let inode = |ino: u64| -> R<Inode> {
             match get(INODES, &k_ino(ino))? {
@@ -300,10 +338,10 @@ impl PartitionMachine {
                 }
             }
             Query::LookupAttr { parent, name } => {
-                let r = self.ask(Query::Lookup { parent, name })?;
+                let r = self.ask_in(tx, Query::Lookup { parent, name })?;
                 match r {
                     Reply::Entry { ino, .. } if partition_of(ino) == self.partition => {
-                        match self.ask(Query::GetAttr { ino }) {
+                        match self.ask_in(tx, Query::GetAttr { ino }) {
                             Ok(a) => a,
                             // Let the caller ask for the attributes on their own.
                             Err(_) => r,
@@ -325,8 +363,8 @@ impl PartitionMachine {
                 if inode(ino)?.attr.kind != Kind::Dir {
                     return Err(Errno::NOTDIR.into());
                 }
-                let cookies = tx.open_table(COOKIES)?;
-                let entries = tx.open_table(ENTRIES)?;
+                let cookies = tx.table(COOKIES)?;
+                let entries = tx.table(ENTRIES)?;
                 let from = k_pair(ino, after.saturating_add(1));
                 let to = k_pair(ino, u64::MAX);
                 let mut out = Vec::new();
@@ -350,7 +388,8 @@ impl PartitionMachine {
                 Reply::Entries(out)
             }
             Query::ReadDirPlus { ino, after, max } => {
-                let Reply::Entries(list) = self.ask(Query::ReadDir { ino, after, max })? else {
+                let Reply::Entries(list) = self.ask_in(tx, Query::ReadDir { ino, after, max })?
+                else {
                     return Err(Errno::IO.into());
                 };
                 let mut out = Vec::with_capacity(list.len());
@@ -366,7 +405,7 @@ impl PartitionMachine {
             }
             Query::Extents { ino, offset, len } => {
                 let i = inode(ino)?;
-                let t = tx.open_table(EXTENTS)?;
+                let t = tx.table(EXTENTS)?;
                 let end = offset.saturating_add(len).min(i.attr.size);
                 let mut out = Vec::new();
                 // The extent that starts before `offset` may reach into the range.
@@ -400,7 +439,7 @@ impl PartitionMachine {
             }
             Query::Usage => {
                 let mut out = Vec::new();
-                for item in tx.open_table(USAGE)?.iter()? {
+                for item in tx.table(USAGE)?.iter()? {
                     let (k, v) = item?;
                     let vol: [u8; 4] = k.value().try_into().map_err(|_| {
                         Fail::Storage(format!("a usage key of {} bytes", k.value().len()))
@@ -412,7 +451,7 @@ impl PartitionMachine {
             }
             Query::Intents { before } => {
                 let mut out = Vec::new();
-                for item in tx.open_table(INTENTS)?.iter()? {
+                for item in tx.table(INTENTS)?.iter()? {
                     let i: Intent = dec(item?.1.value())?;
                     if i.created < before {
                         out.push(i);
@@ -422,7 +461,7 @@ impl PartitionMachine {
             }
             Query::Unsettled { before } => {
                 let mut out = Vec::new();
-                for item in tx.open_table(INODES)?.iter()? {
+                for item in tx.table(INODES)?.iter()? {
                     let (_, v) = item?;
                     let i: Inode = dec(v.value())?;
                     match i.state {
@@ -447,7 +486,7 @@ impl PartitionMachine {
                         _ => {}
                     }
                 }
-                for item in tx.open_table(LINKS)?.iter()? {
+                for item in tx.table(LINKS)?.iter()? {
                     let (k, v) = item?;
                     let since: Nanos = dec(v.value())?;
                     let k = k.value();
@@ -459,7 +498,7 @@ impl PartitionMachine {
                         });
                     }
                 }
-                for item in tx.open_table(ENTRIES)?.iter()? {
+                for item in tx.table(ENTRIES)?.iter()? {
                     let (k, v) = item?;
                     let e: EntryRec = dec(v.value())?;
                     if let Some(l) = e.lock {
