@@ -210,17 +210,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, c: Option<LogId<NodeId>>) -> Result<(), SErr> {
         // Not synced, nor waited for: after a crash the committed index is found again from a
-        // majority. (The writer keeps the order: it lands after the entries it covers.) Never
-        // past what this replica has synced: a restart applies up to it.
+        // majority. Written lazily, with the next batch (it lands after the entries it
+        // covers): one write of its own, and a wake-up of the writer, per command on every
+        // replica cost more than it saves a restart. Never past what this replica has synced:
+        // a restart applies up to it.
         let group = self.group;
-        let recs = vec![Rec::Committed {
+        self.log.0.write_lazily(Rec::Committed {
             group,
             committed: self.unsynced.clamp(c, &self.log.0, group),
-        }];
-        self.log
-            .0
-            .write_then(recs, false, Box::new(|_| ()))
-            .map_err(werr)
+        });
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {

@@ -49,6 +49,9 @@ const BODY_HEAD: usize = 9;
 const RECORD_MAX: usize = 256 << 20;
 /// Jobs one write takes at most.
 const BATCH_MAX: usize = 1024;
+/// How long a record handed to be written lazily ([`Wal::write_lazily`]) waits at most for a
+/// write to go with when nothing else is written.
+pub const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// Written entries a group keeps in memory at most (the unwritten ones are always kept)...
 pub const RECENT_MAX: usize = 64;
 /// ... and the bytes they may take.
@@ -293,6 +296,11 @@ struct Segment {
 struct State {
     groups: HashMap<u64, GroupState>,
     segments: BTreeMap<u64, Segment>,
+    /// Jobs handed to the writer so far (each job's number).
+    handed: u64,
+    /// Records to write with a later batch, each after the jobs handed before it (the number
+    /// of the last of them).
+    lazy: Vec<(u64, Rec)>,
 }
 
 impl State {
@@ -367,6 +375,38 @@ struct Job {
     durable: bool,
     /// Told once they are synced (if `durable`).
     done: Done,
+    /// Its number, in the order jobs were handed (given by [`Wal::submit`]).
+    seq: u64,
+}
+
+/// Which jobs the writer has received, as numbers: all up to `through`, and `above` (jobs
+/// are numbered before they are sent, so two sent at once may come in either order).
+#[derive(Default)]
+struct Received {
+    through: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl Received {
+    fn add(&mut self, seq: u64) {
+        if seq <= self.through {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.first() == Some(&(self.through + 1)) {
+            self.above.pop_first();
+            self.through += 1;
+        }
+    }
+}
+
+/// Takes from `lazy` (in the order handed) the records handed after no job beyond `through`.
+fn ready_lazy(lazy: &mut Vec<(u64, Rec)>, through: u64) -> Vec<Rec> {
+    let ready = lazy
+        .iter()
+        .take_while(|(after, _)| *after <= through)
+        .count();
+    lazy.drain(..ready).map(|(_, r)| r).collect()
 }
 
 /// A server's Raft log: see the module's documentation.
@@ -588,14 +628,27 @@ impl Wal {
         &self.0.dir
     }
 
-    fn submit(&self, job: Job) -> Result<(), String> {
+    fn submit(&self, mut job: Job) -> Result<(), String> {
         {
             let mut st = self.0.state.lock().expect("raft log index");
             for r in &job.recs {
                 st.groups.entry(r.group()).or_default().handed(r);
             }
+            st.handed += 1;
+            job.seq = st.handed;
         }
         self.0.jobs.send(job).map_err(|_| STOPPED.to_string())
+    }
+
+    /// Hands `rec` to be written with the next batch, after every record handed before it,
+    /// without waking the writer: within [`LAZY_WAIT`] when nothing else is written. Nothing
+    /// is told when it is written, and it is never synced but by a later batch's sync: for
+    /// records a crash may lose (a committed index, found again from the leader).
+    pub fn write_lazily(&self, rec: Rec) {
+        let mut st = self.0.state.lock().expect("raft log index");
+        st.groups.entry(rec.group()).or_default().handed(&rec);
+        let after = st.handed;
+        st.lazy.push((after, rec));
     }
 
     /// Writes `recs` in the next batch; returns once they are written (and synced if
@@ -609,6 +662,7 @@ impl Wal {
             recs,
             durable,
             done,
+            seq: 0,
         })?;
         rx.await.unwrap_or_else(|_| Err(STOPPED.into()))
     }
@@ -622,6 +676,7 @@ impl Wal {
             recs,
             durable,
             done,
+            seq: 0,
         })
     }
 
@@ -635,6 +690,7 @@ impl Wal {
             recs,
             durable,
             done,
+            seq: 0,
         })?;
         rx.recv().unwrap_or_else(|_| Err(STOPPED.into()))
     }
@@ -764,9 +820,17 @@ struct Committer {
 
 impl Committer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut received = Received::default();
+        loop {
+            let (first, stopped) = match rx.recv_timeout(LAZY_WAIT) {
+                Ok(j) => (Some(j), false),
+                Err(RecvTimeoutError::Timeout) => (None, false),
+                // The log was dropped: what waits lazily is written before the writer stops.
+                Err(RecvTimeoutError::Disconnected) => (None, true),
+            };
+            let mut batch: Vec<Job> = first.into_iter().collect();
+            while !batch.is_empty() && batch.len() < BATCH_MAX {
                 match rx.try_recv() {
                     Ok(j) => batch.push(j),
                     Err(_) => break,
@@ -776,22 +840,38 @@ impl Committer {
             let mut recs = Vec::new();
             let mut dones = Vec::with_capacity(batch.len());
             for j in batch {
+                received.add(j.seq);
                 recs.extend(j.recs);
                 dones.push(j.done);
             }
-            let r = self.write(recs, durable);
-            if let Err(e) = &r {
-                tracing::error!("raft log write failed: {e}");
-            }
-            for d in dones {
-                d(r.clone());
-            }
-            if r.is_ok() {
-                if let Err(e) = self.compact() {
-                    tracing::error!("raft log compaction failed: {e}");
+            recs.extend(self.take_lazy(received.through));
+            if !recs.is_empty() {
+                let r = self.write(recs, durable);
+                if let Err(e) = &r {
+                    tracing::error!("raft log write failed: {e}");
+                }
+                for d in dones {
+                    d(r.clone());
+                }
+                if r.is_ok() {
+                    if let Err(e) = self.compact() {
+                        tracing::error!("raft log compaction failed: {e}");
+                    }
                 }
             }
+            if stopped {
+                return;
+            }
         }
+    }
+
+    /// The lazy records that may be written now: those handed after no job beyond `through`
+    /// (every job handed before them is in this batch or an earlier one), in the order handed.
+    fn take_lazy(&self, through: u64) -> Vec<Rec> {
+        ready_lazy(
+            &mut self.state.lock().expect("raft log index").lazy,
+            through,
+        )
     }
 
     /// Makes a new segment whole and synced, starts it with a checkpoint and makes it active.
@@ -1051,6 +1131,67 @@ mod tests {
                 (i, b.len())
             })
             .collect()
+    }
+
+    /// A lazy record goes with the next batch, or alone once the writer has waited
+    /// [`LAZY_WAIT`] for one, and is read back after a reopen.
+    #[test]
+    fn a_lazy_record_goes_with_the_next_batch_or_alone_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        let committed = |i| Rec::Committed {
+            group: 7,
+            committed: Some(id(1, i)),
+        };
+        w.write_blocking((1..=3).map(|i| entry(7, 1, i, 10)).collect(), true)
+            .unwrap();
+        w.write_lazily(committed(3));
+        assert_eq!(w.meta(7).committed, None, "not written on its own at once");
+        w.write_blocking(vec![entry(7, 1, 4, 10)], true).unwrap();
+        assert_eq!(
+            w.meta(7).committed,
+            Some(id(1, 3)),
+            "written with the next batch"
+        );
+        w.write_lazily(committed(4));
+        let t = std::time::Instant::now();
+        while w.meta(7).committed != Some(id(1, 4)) {
+            assert!(t.elapsed() < LAZY_WAIT * 10, "never written alone");
+            std::thread::sleep(LAZY_WAIT / 10);
+        }
+        w.write_lazily(committed(2));
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        assert_eq!(
+            w.meta(7).committed,
+            Some(id(1, 2)),
+            "what waits when the log is dropped is written"
+        );
+        assert_eq!(indexes(&w, 7).len(), 4);
+    }
+
+    /// A lazy record lands after every job handed before it, though jobs may reach the
+    /// writer out of order.
+    #[test]
+    fn a_lazy_record_waits_for_the_jobs_handed_before_it() {
+        let mut r = Received::default();
+        for (seq, through) in [(2, 0), (1, 2), (4, 2), (5, 2), (3, 5), (3, 5)] {
+            r.add(seq);
+            assert_eq!(r.through, through, "after job {seq}");
+        }
+        let c = |i| Rec::Committed {
+            group: 1,
+            committed: Some(id(1, i)),
+        };
+        let mut lazy = vec![(1, c(1)), (3, c(3)), (3, c(4)), (6, c(6))];
+        assert_eq!(ready_lazy(&mut lazy, 0).len(), 0);
+        let got = ready_lazy(&mut lazy, 5);
+        assert!(matches!(
+            got.as_slice(),
+            [Rec::Committed { committed: Some(a), .. }, _, Rec::Committed { committed: Some(b), .. }]
+                if a.index == 1 && b.index == 4
+        ));
+        assert_eq!(lazy.len(), 1, "the one handed after job 6 waits");
     }
 
     #[test]
