@@ -57,7 +57,8 @@ fn main() {
             let cmd = postcard::to_stdvec(&create(i)).expect("encoded");
             let t = Instant::now();
             m.apply(&cmd);
-            m.commit(i.to_string().as_bytes(), false).expect("committed");
+            m.commit(i.to_string().as_bytes(), false)
+                .expect("committed");
             applying += t.elapsed();
             if lookups {
                 let q = Query::Lookup {
@@ -70,7 +71,11 @@ fn main() {
         let each = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         println!(
             "{n} creates{}: {:.1} us each in all, {:.1} us applying and committing",
-            if lookups { ", a lookup between each" } else { "" },
+            if lookups {
+                ", a lookup between each"
+            } else {
+                ""
+            },
             each(start.elapsed()),
             each(applying)
         );
