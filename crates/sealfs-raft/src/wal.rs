@@ -400,13 +400,33 @@ impl Received {
     }
 }
 
-/// Takes from `lazy` (in the order handed) the records handed after no job beyond `through`.
-fn ready_lazy(lazy: &mut Vec<(u64, Rec)>, through: u64) -> Vec<Rec> {
+/// Takes from `lazy` (in the order handed) the records handed after no job beyond `through`,
+/// each with the number of the last job handed before it.
+fn ready_lazy(lazy: &mut Vec<(u64, Rec)>, through: u64) -> Vec<(u64, Rec)> {
     let ready = lazy
         .iter()
         .take_while(|(after, _)| *after <= through)
         .count();
-    lazy.drain(..ready).map(|(_, r)| r).collect()
+    lazy.drain(..ready).collect()
+}
+
+/// The records of a batch of jobs and of the lazy records ready with it, in the order they
+/// were handed: each lazy record right after the job handed before it (jobs by their number,
+/// which is the order they were handed in, whatever order they reached the writer in). The
+/// jobs' `done`s go to `dones`.
+fn in_order(mut jobs: Vec<Job>, lazy: Vec<(u64, Rec)>, dones: &mut Vec<Done>) -> Vec<Rec> {
+    jobs.sort_by_key(|j| j.seq);
+    let mut lazy = lazy.into_iter().peekable();
+    let mut recs = Vec::new();
+    for j in jobs {
+        while let Some((_, r)) = lazy.next_if(|(after, _)| *after < j.seq) {
+            recs.push(r);
+        }
+        recs.extend(j.recs);
+        dones.push(j.done);
+    }
+    recs.extend(lazy.map(|(_, r)| r));
+    recs
 }
 
 /// A server's Raft log: see the module's documentation.
@@ -640,10 +660,11 @@ impl Wal {
         self.0.jobs.send(job).map_err(|_| STOPPED.to_string())
     }
 
-    /// Hands `rec` to be written with the next batch, after every record handed before it,
-    /// without waking the writer: within [`LAZY_WAIT`] when nothing else is written. Nothing
-    /// is told when it is written, and it is never synced but by a later batch's sync: for
-    /// records a crash may lose (a committed index, found again from the leader).
+    /// Hands `rec` to be written with the next batch, in its place among the records handed
+    /// before and after it, without waking the writer (within [`LAZY_WAIT`] when nothing else
+    /// is written). Nothing is told when it is written, and it is never synced but by a later
+    /// batch's sync: for records a crash may lose (a committed index, found again from the
+    /// leader).
     pub fn write_lazily(&self, rec: Rec) {
         let mut st = self.0.state.lock().expect("raft log index");
         st.groups.entry(rec.group()).or_default().handed(&rec);
@@ -837,14 +858,12 @@ impl Committer {
                 }
             }
             let durable = batch.iter().any(|j| j.durable);
-            let mut recs = Vec::new();
-            let mut dones = Vec::with_capacity(batch.len());
-            for j in batch {
+            for j in &batch {
                 received.add(j.seq);
-                recs.extend(j.recs);
-                dones.push(j.done);
             }
-            recs.extend(self.take_lazy(received.through));
+            let lazy = self.take_lazy(received.through);
+            let mut dones = Vec::with_capacity(batch.len());
+            let recs = in_order(batch, lazy, &mut dones);
             if !recs.is_empty() {
                 let r = self.write(recs, durable);
                 if let Err(e) = &r {
@@ -867,7 +886,7 @@ impl Committer {
 
     /// The lazy records that may be written now: those handed after no job beyond `through`
     /// (every job handed before them is in this batch or an earlier one), in the order handed.
-    fn take_lazy(&self, through: u64) -> Vec<Rec> {
+    fn take_lazy(&self, through: u64) -> Vec<(u64, Rec)> {
         ready_lazy(
             &mut self.state.lock().expect("raft log index").lazy,
             through,
@@ -1170,8 +1189,8 @@ mod tests {
         assert_eq!(indexes(&w, 7).len(), 4);
     }
 
-    /// A lazy record lands after every job handed before it, though jobs may reach the
-    /// writer out of order.
+    /// A lazy record lands in the order it was handed, among the jobs, though jobs may reach
+    /// the writer out of order.
     #[test]
     fn a_lazy_record_waits_for_the_jobs_handed_before_it() {
         let mut r = Received::default();
@@ -1185,13 +1204,34 @@ mod tests {
         };
         let mut lazy = vec![(1, c(1)), (3, c(3)), (3, c(4)), (6, c(6))];
         assert_eq!(ready_lazy(&mut lazy, 0).len(), 0);
-        let got = ready_lazy(&mut lazy, 5);
-        assert!(matches!(
-            got.as_slice(),
-            [Rec::Committed { committed: Some(a), .. }, _, Rec::Committed { committed: Some(b), .. }]
-                if a.index == 1 && b.index == 4
-        ));
+        let ready = ready_lazy(&mut lazy, 5);
+        assert_eq!(ready.len(), 3);
         assert_eq!(lazy.len(), 1, "the one handed after job 6 waits");
+        // Jobs 2 to 5 in one batch, come in as 3, 2, 5, 4 (job 1 went in an earlier one):
+        // each lazy record lands right after the job handed before it.
+        let job = |seq: u64| Job {
+            recs: vec![entry(9, 1, seq, 1)],
+            durable: false,
+            done: Box::new(|_| ()),
+            seq,
+        };
+        let mut dones = Vec::new();
+        let recs = in_order(vec![job(3), job(2), job(5), job(4)], ready, &mut dones);
+        let order: Vec<String> = recs
+            .iter()
+            .map(|r| match r {
+                Rec::Entry { log_id, .. } => format!("job {}", log_id.index),
+                Rec::Committed { committed, .. } => {
+                    format!("lazy {}", committed.map_or(0, |c| c.index))
+                }
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            ["lazy 1", "job 2", "job 3", "lazy 3", "lazy 4", "job 4", "job 5"]
+        );
+        assert_eq!(dones.len(), 4);
     }
 
     #[test]
