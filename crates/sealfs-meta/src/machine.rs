@@ -13,7 +13,7 @@
 
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableDefinition, WriteTransaction,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -290,7 +290,11 @@ impl PartitionMachine {
     fn run(&mut self, op: Op) -> R<Reply> {
         let partition = self.partition;
         let tx = self.tx()?;
-        let mut w = W { tx, partition };
+        let mut w = W {
+            tx,
+            partition,
+            open: Default::default(),
+        };
         w.apply(op)
     }
 
@@ -676,25 +680,54 @@ fn new_attr(ino: u64, kind: Kind, perm: u16, uid: u32, gid: u32, volume: u32, no
     }
 }
 
+/// A table open in the batch's transaction.
+type TableIn<'a> = redb::Table<'a, &'static [u8], &'static [u8]>;
+
 /// One command applied inside the batch's transaction.
 struct W<'a> {
-    tx: &'a mut WriteTransaction,
+    tx: &'a WriteTransaction,
     partition: u32,
+    /// The tables this command has opened, by their place in [`TABLES`]: each is opened once
+    /// per command, not at every read and write (an open and its close cost redb about as
+    /// much as the read).
+    open: [std::cell::RefCell<Option<TableIn<'a>>>; TABLES.len()],
 }
 
-impl W<'_> {
+impl<'a> W<'a> {
+    /// Runs `f` on table `t`, opened at its first use in this command. `f` must not use `t`
+    /// again through `self` (the table is lent to it).
+    fn with<T>(&self, t: Table, f: impl FnOnce(&mut TableIn<'a>) -> R<T>) -> R<T> {
+        let slot = TABLES
+            .iter()
+            .position(|d| d.name() == t.name())
+            .and_then(|i| self.open.get(i))
+            .ok_or_else(|| Fail::Storage(format!("no table {}", t.name())))?;
+        let mut slot = slot
+            .try_borrow_mut()
+            .map_err(|_| Fail::Storage(format!("table {} used while lent", t.name())))?;
+        let table = match &mut *slot {
+            Some(table) => table,
+            empty => empty.insert(self.tx.open_table(t)?),
+        };
+        f(table)
+    }
+
     fn get(&self, t: Table, k: &[u8]) -> R<Option<Vec<u8>>> {
-        Ok(self.tx.open_table(t)?.get(k)?.map(|g| g.value().to_vec()))
+        self.with(t, |t| Ok(t.get(k)?.map(|g| g.value().to_vec())))
     }
 
     fn put(&self, t: Table, k: &[u8], v: &[u8]) -> R<()> {
-        self.tx.open_table(t)?.insert(k, v)?;
-        Ok(())
+        self.with(t, |t| {
+            t.insert(k, v)?;
+            Ok(())
+        })
     }
 
     fn del(&self, t: Table, k: &[u8]) -> R<()> {
-        self.tx.open_table(t)?.remove(k)?;
-        Ok(())
+        self.with(t, |t| {
+            t.remove(k)?;
+            Ok(())
+        })
     }
 
     /// Forgets the oldest answers of `Op::Once` kept since before `before`, a few at a time.
@@ -703,14 +736,13 @@ impl W<'_> {
             return Ok(());
         }
         let before = (before as u64).to_be_bytes();
-        let old: Vec<Vec<u8>> = {
-            let t = self.tx.open_table(ONCE_AT)?;
+        let old: Vec<Vec<u8>> = self.with(ONCE_AT, |t| {
             let mut old = Vec::new();
             for item in t.range(..&before[..])?.take(ONCE_FORGET_MAX) {
                 old.push(item?.0.value().to_vec());
             }
-            old
-        };
+            Ok(old)
+        })?;
         for at in old {
             self.del(ONCE_AT, &at)?;
             self.del(ONCE, at.get(8..).unwrap_or_default())?;
@@ -829,11 +861,11 @@ impl W<'_> {
     }
 
     fn dir_is_empty(&self, ino: u64) -> R<bool> {
-        let t = self.tx.open_table(ENTRIES)?;
         let from = k_ino(ino);
         let to = k_ino(ino.saturating_add(1));
-        let empty = t.range::<&[u8]>(&from[..]..&to[..])?.next().is_none();
-        Ok(empty)
+        self.with(ENTRIES, |t| {
+            Ok(t.range::<&[u8]>(&from[..]..&to[..])?.next().is_none())
+        })
     }
 
     fn intent(&self, to: u32, op: FollowUp, now: Nanos) -> R<Intent> {
@@ -865,28 +897,29 @@ impl W<'_> {
     }
 
     fn drop_extents_from(&self, ino: u64, size: u64) -> R<()> {
-        let mut t = self.tx.open_table(EXTENTS)?;
-        // Trim the extent that crosses `size`.
-        let crossing = match t
-            .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, size)[..])?
-            .next_back()
-        {
-            Some(item) => Some(dec::<Extent>(item?.1.value())?),
-            None => None,
-        };
-        if let Some(mut e) = crossing {
-            if e.offset + e.len > size {
-                e.len = size - e.offset;
-                if !e.trim_inline() {
-                    return Err(damaged(ino, &e));
+        self.with(EXTENTS, |t| {
+            // Trim the extent that crosses `size`.
+            let crossing = match t
+                .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, size)[..])?
+                .next_back()
+            {
+                Some(item) => Some(dec::<Extent>(item?.1.value())?),
+                None => None,
+            };
+            if let Some(mut e) = crossing {
+                if e.offset + e.len > size {
+                    e.len = size - e.offset;
+                    if !e.trim_inline() {
+                        return Err(damaged(ino, &e));
+                    }
+                    t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
                 }
-                t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
             }
-        }
-        let from = k_pair(ino, size);
-        let to = k_pair(ino, u64::MAX);
-        t.retain_in::<&[u8], _>(&from[..]..=&to[..], |_, _| false)?;
-        Ok(())
+            let from = k_pair(ino, size);
+            let to = k_pair(ino, u64::MAX);
+            t.retain_in::<&[u8], _>(&from[..]..=&to[..], |_, _| false)?;
+            Ok(())
+        })
     }
 
     fn delete_inode(&self, i: &Inode) -> R<()> {
@@ -926,14 +959,17 @@ impl W<'_> {
 
     /// Inodes kept since before `before`: their mount never closed them (it was killed).
     fn forget_kept(&self, before: Nanos) -> R<()> {
-        let mut old = Vec::new();
-        for item in self.tx.open_table(KEPT)?.iter()? {
-            let (k, v) = item?;
-            let since: Nanos = dec(v.value())?;
-            if since < before {
-                old.push(k.value().to_vec());
+        let old = self.with(KEPT, |t| {
+            let mut old = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let since: Nanos = dec(v.value())?;
+                if since < before {
+                    old.push(k.value().to_vec());
+                }
             }
-        }
+            Ok(old)
+        })?;
         for k in old {
             let ino = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| Errno::IO)?);
             self.unkeep(ino)?;
@@ -945,12 +981,12 @@ impl W<'_> {
     fn destroy_dir(&self, i: &Inode) -> R<()> {
         let from = k_ino(i.attr.ino);
         let to = k_ino(i.attr.ino.saturating_add(1));
-        self.tx
-            .open_table(ENTRIES)?
-            .retain_in::<&[u8], _>(&from[..]..&to[..], |_, _| false)?;
-        self.tx
-            .open_table(COOKIES)?
-            .retain_in::<&[u8], _>(&from[..]..&to[..], |_, _| false)?;
+        for t in [ENTRIES, COOKIES] {
+            self.with(t, |t| {
+                t.retain_in::<&[u8], _>(&from[..]..&to[..], |_, _| false)?;
+                Ok(())
+            })?;
+        }
         self.delete_inode(i)
     }
 
@@ -1479,10 +1515,13 @@ impl W<'_> {
                     // applied here, not at each.
                     if self.counter("done_applied", 0)? % DONE_SWEEP_EVERY == 0 {
                         let old = intent.created - DONE_KEEP;
-                        self.tx.open_table(DONE)?.retain(|_, v| {
-                            postcard::from_bytes::<Nanos>(v)
-                                .map(|t| t >= old)
-                                .unwrap_or(true)
+                        self.with(DONE, |t| {
+                            t.retain(|_, v| {
+                                postcard::from_bytes::<Nanos>(v)
+                                    .map(|t| t >= old)
+                                    .unwrap_or(true)
+                            })?;
+                            Ok(())
                         })?;
                     }
                 }
@@ -1807,50 +1846,51 @@ impl W<'_> {
             };
             end = end.max(stop);
         }
-        let mut t = self.tx.open_table(EXTENTS)?;
-        for e in extents {
-            let a = e.offset;
-            let b = a + e.len;
-            // Cut what the new extent covers out of the extents there.
-            let mut cut: Vec<Extent> = Vec::new();
-            if let Some(item) = t
-                .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, a)[..])?
-                .next_back()
-            {
-                let old: Extent = dec(item?.1.value())?;
-                if old.offset + old.len > a {
-                    cut.push(old);
-                }
-            }
-            for item in t.range::<&[u8]>(&k_pair(ino, a)[..]..&k_pair(ino, b)[..])? {
-                cut.push(dec(item?.1.value())?);
-            }
-            for old in cut {
-                t.remove(&k_pair(ino, old.offset)[..])?;
-                let old_end = old.offset + old.len;
-                if old.offset < a {
-                    let mut left = old.clone();
-                    left.len = a - old.offset;
-                    if !left.trim_inline() {
-                        return Err(damaged(ino, &left));
+        self.with(EXTENTS, |t| {
+            for e in extents {
+                let a = e.offset;
+                let b = a + e.len;
+                // Cut what the new extent covers out of the extents there.
+                let mut cut: Vec<Extent> = Vec::new();
+                if let Some(item) = t
+                    .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, a)[..])?
+                    .next_back()
+                {
+                    let old: Extent = dec(item?.1.value())?;
+                    if old.offset + old.len > a {
+                        cut.push(old);
                     }
-                    t.insert(&k_pair(ino, left.offset)[..], enc(&left)?.as_slice())?;
                 }
-                if old_end > b {
-                    let mut right = old;
-                    let d = b - right.offset;
-                    right.offset = b;
-                    right.len = old_end - b;
-                    right.skip += d as u32;
-                    if !right.trim_inline() {
-                        return Err(damaged(ino, &right));
+                for item in t.range::<&[u8]>(&k_pair(ino, a)[..]..&k_pair(ino, b)[..])? {
+                    cut.push(dec(item?.1.value())?);
+                }
+                for old in cut {
+                    t.remove(&k_pair(ino, old.offset)[..])?;
+                    let old_end = old.offset + old.len;
+                    if old.offset < a {
+                        let mut left = old.clone();
+                        left.len = a - old.offset;
+                        if !left.trim_inline() {
+                            return Err(damaged(ino, &left));
+                        }
+                        t.insert(&k_pair(ino, left.offset)[..], enc(&left)?.as_slice())?;
                     }
-                    t.insert(&k_pair(ino, right.offset)[..], enc(&right)?.as_slice())?;
+                    if old_end > b {
+                        let mut right = old;
+                        let d = b - right.offset;
+                        right.offset = b;
+                        right.len = old_end - b;
+                        right.skip += d as u32;
+                        if !right.trim_inline() {
+                            return Err(damaged(ino, &right));
+                        }
+                        t.insert(&k_pair(ino, right.offset)[..], enc(&right)?.as_slice())?;
+                    }
                 }
+                t.insert(&k_pair(ino, a)[..], enc(&e)?.as_slice())?;
             }
-            t.insert(&k_pair(ino, a)[..], enc(&e)?.as_slice())?;
-        }
-        drop(t);
+            Ok(())
+        })?;
         self.usage(i.attr.volume, end as i128 - i.attr.size as i128, 0)?;
         i.attr.size = end;
         i.attr.mtime = now;
