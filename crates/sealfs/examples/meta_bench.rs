@@ -5,6 +5,10 @@
 //! `cargo build --release -p sealfs && cargo run --release -p sealfs --example meta_bench -- [FILES_PER_LEVEL] [PARTITIONS] [CALLERS,...]`
 //!
 //! `META_BENCH_SERVER_THREADS=N` sets the tokio worker threads of the manager and the servers.
+//!
+//! Beside each rate it prints the CPU time the manager and servers took per operation (from
+//! `/proc/PID/stat`): far less sensitive than the rates to the time a virtual machine's host
+//! takes from it, so builds can be compared when the host is noisy.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +26,25 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// CPU time (user and system) the processes `pids` have taken so far.
+fn cpu_time(pids: &[u32]) -> Duration {
+    // `/proc` counts in USER_HZ, 100 a second on Linux whatever the kernel's own tick.
+    let tick = Duration::from_millis(10);
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|st| {
+            // The fields after the command name (which may hold spaces) start with the state;
+            // utime and stime are the 12th and 13th of them.
+            let rest = st.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            n(11) + n(12)
+        })
+        .sum();
+    tick * ticks as u32
 }
 
 fn free_addr() -> String {
@@ -124,8 +147,12 @@ async fn main() {
     println!(
         "metadata: 4 servers x 4 disks, {partitions} partitions x 3 replicas, {per_level} files per level"
     );
-    println!("| callers | creates/s | stats/s | unlinks/s |");
-    println!("|---:|---:|---:|---:|");
+    let mut pids: Vec<u32> = servers.iter().map(|k: &Kill| k.0.id()).collect();
+    pids.push(_m.0.id());
+    println!(
+        "| callers | creates/s | stats/s | unlinks/s | server CPU per create / stat / unlink (us) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
     for callers in levels {
         let each = per_level / callers;
         let mut dirs = Vec::new();
@@ -140,9 +167,9 @@ async fn main() {
         }
         let phase = |what: u8| {
             let fs = fs.clone();
-            let dirs = dirs.clone();
+            let (dirs, pids) = (dirs.clone(), pids.clone());
             async move {
-                let t = Instant::now();
+                let (t, cpu) = (Instant::now(), cpu_time(&pids));
                 let tasks: Vec<_> = dirs
                     .iter()
                     .map(|&d| {
@@ -170,13 +197,15 @@ async fn main() {
                 for t in tasks {
                     t.await.expect("caller");
                 }
-                (each * dirs.len()) as f64 / t.elapsed().as_secs_f64()
+                let ops = (each * dirs.len()) as f64;
+                let cpu = (cpu_time(&pids) - cpu).as_secs_f64();
+                (ops / t.elapsed().as_secs_f64(), cpu / ops * 1e6)
             }
         };
-        let c = phase(0).await;
-        let st = phase(1).await;
-        let u = phase(2).await;
-        println!("| {callers} | {c:.0} | {st:.0} | {u:.0} |");
+        let (c, cc) = phase(0).await;
+        let (st, sc) = phase(1).await;
+        let (u, uc) = phase(2).await;
+        println!("| {callers} | {c:.0} | {st:.0} | {u:.0} | {cc:.0} / {sc:.0} / {uc:.0} |");
     }
     drop(servers);
 }
