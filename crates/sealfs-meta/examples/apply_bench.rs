@@ -1,9 +1,11 @@
-//! What applying creates costs one partition's state machine (a redb file in a temporary
-//! folder): N creates in one directory, each a Raft batch of its own, then N more with a
-//! lookup of a missing name between each (as the kernel asks before every `open(O_CREAT)`).
-//! Prints the time per create, in all and in the apply and commit alone.
+//! What applying creates costs partitions' state machines (redb files in a temporary folder):
+//! N creates, each a Raft batch of its own, then N more with a lookup of a missing name between
+//! each (as the kernel asks before every `open(O_CREAT)`). With P partitions (default 1) the
+//! creates go to each in turn, one directory in each, as a server holding P replicas sees them
+//! when P callers create at once. Prints the time per create, in all and in the apply and
+//! commit alone.
 //!
-//! `cargo run --release -p sealfs-meta --example apply_bench -- [N]`
+//! `cargo run --release -p sealfs-meta --example apply_bench -- [N] [P]`
 
 use std::time::{Duration, Instant};
 
@@ -30,17 +32,22 @@ fn create(i: u64) -> Op {
     }
 }
 
-fn main() {
-    let n: u64 = match std::env::args().nth(1).map(|a| a.parse()) {
-        None => 20_000,
+/// Argument `at` as a number above 0, else `default`.
+fn arg(at: usize, what: &str, default: u64) -> u64 {
+    match std::env::args().nth(at).map(|a| a.parse()) {
+        None => default,
         Some(Ok(n)) if n > 0 => n,
         Some(_) => {
-            eprintln!("apply_bench: the count must be a number above 0");
+            eprintln!("apply_bench: the {what} must be a number above 0");
             std::process::exit(2);
         }
-    };
+    }
+}
+
+fn main() {
+    let n = arg(1, "count", 20_000);
+    let partitions = arg(2, "partition count", 1);
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let mut m = PartitionMachine::open(0, &dir.path().join("p.redb")).expect("the store");
     let root = Op::EnsureRoot {
         ino: 1,
         volume: 1,
@@ -49,11 +56,20 @@ fn main() {
         gid: 0,
         now: 1,
     };
-    m.apply(&postcard::to_stdvec(&root).expect("encoded"));
-    m.commit(b"0", false).expect("committed");
+    let mut machines: Vec<PartitionMachine> = (0..partitions)
+        .map(|p| {
+            let path = dir.path().join(format!("p{p}.redb"));
+            let mut m = PartitionMachine::open(p as u32, &path).expect("the store");
+            m.apply(&postcard::to_stdvec(&root).expect("encoded"));
+            m.commit(b"0", false).expect("committed");
+            m
+        })
+        .collect();
+    let count = machines.len() as u64;
     for (round, lookups) in [(0, false), (1, true)] {
         let (start, mut applying) = (Instant::now(), Duration::ZERO);
         for i in round * n..(round + 1) * n {
+            let m = &mut machines[(i % count) as usize];
             let cmd = postcard::to_stdvec(&create(i)).expect("encoded");
             let t = Instant::now();
             m.apply(&cmd);
@@ -70,7 +86,8 @@ fn main() {
         }
         let each = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         println!(
-            "{n} creates{}: {:.1} us each in all, {:.1} us applying and committing",
+            "{n} creates over {partitions} partition(s){}: {:.1} us each in all, {:.1} us \
+             applying and committing",
             if lookups {
                 ", a lookup between each"
             } else {
