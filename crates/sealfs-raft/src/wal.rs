@@ -865,9 +865,17 @@ impl Committer {
             let mut dones = Vec::with_capacity(batch.len());
             let recs = in_order(batch, lazy, &mut dones);
             if !recs.is_empty() {
+                let entries: Vec<(u64, LogId<NodeId>)> = recs
+                    .iter()
+                    .filter_map(|r| match r {
+                        Rec::Entry { group, log_id, .. } => Some((*group, *log_id)),
+                        _ => None,
+                    })
+                    .collect();
                 let r = self.write(recs, durable);
                 if let Err(e) = &r {
                     tracing::error!("raft log write failed: {e}");
+                    self.forget_unwritten(&entries);
                 }
                 for d in dones {
                     d(r.clone());
@@ -880,6 +888,25 @@ impl Committer {
             }
             if stopped {
                 return;
+            }
+        }
+    }
+
+    /// Takes entries of a failed write out of memory, where they were readable since they were
+    /// handed: the log never had them (a group that starts again in this process must not
+    /// count them, and they would hold back every later entry's leaving memory).
+    fn forget_unwritten(&self, entries: &[(u64, LogId<NodeId>)]) {
+        let mut st = self.state.lock().expect("raft log index");
+        for (group, log_id) in entries {
+            let Some(gs) = st.groups.get_mut(group) else {
+                continue;
+            };
+            let written = gs.entries.get(&log_id.index).map(|l| l.log_id) == Some(*log_id);
+            if written || gs.recent.get(&log_id.index).map(|(l, _)| *l) != Some(*log_id) {
+                continue;
+            }
+            if let Some((_, b)) = gs.recent.remove(&log_id.index) {
+                gs.recent_bytes -= b.len();
             }
         }
     }
@@ -1531,5 +1558,96 @@ mod tests {
         let w = Wal::open(dir.path()).unwrap();
         assert_eq!(w.entries(1, 0, u64::MAX).unwrap().len(), 5);
         assert_eq!(w.last(1), Some(id(2, 200)));
+    }
+
+    /// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+            std::fs::create_dir_all(at).unwrap();
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success())
+                .then(|| Tmpfs(at.to_path_buf()))
+        }
+
+        /// Gives the disk room: a new size.
+        fn resize(&self, size: &str) {
+            let ok = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "remount {}", self.0.display());
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// A full disk: the write that needs a new segment fails, saying why, and leaves nothing of
+    /// itself in the log, not even in memory; what was written before reads back; the open of a
+    /// log with no room for its new segment fails the same way; with room again, the log opens
+    /// whole and takes writes. Mounts a 20 MiB tmpfs, so it needs root (as CI has); elsewhere
+    /// it says so and passes.
+    #[test]
+    fn a_full_disk_fails_the_write_that_needs_room_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("wal");
+        let Some(disk) = Tmpfs::mount(&at, "20m") else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        // The first segment takes 16 MiB of the 20: no room for a second.
+        let w = Wal::open(&at).unwrap();
+        let mut acked = 0;
+        let mut failed = None;
+        for i in 1..=40 {
+            match w.write_blocking(vec![entry(5, 1, i, 1 << 20)], true) {
+                Ok(()) => acked = i,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = failed.expect("a write past the first segment fails on a 20 MiB disk");
+        assert!(e.contains("No space left on device"), "{e}");
+        assert!(acked >= 14, "only {acked} MiB went into a 16 MiB segment");
+        let written: Vec<u64> = (1..=acked).collect();
+        let check = |w: &Wal| {
+            let got: Vec<u64> = indexes(w, 5).into_iter().map(|(i, _)| i).collect();
+            assert_eq!(got, written);
+            assert_eq!(
+                w.last(5),
+                Some(id(1, acked)),
+                "the failed entry is not in the log"
+            );
+            assert!(w.log_id(5, acked + 1).is_none());
+        };
+        check(&w);
+        drop(w);
+        let e = Wal::open(&at)
+            .err()
+            .expect("no room for the new segment an open starts");
+        assert!(e.contains("No space left on device"), "{e}");
+        disk.resize("64m");
+        let w = Wal::open(&at).unwrap();
+        check(&w);
+        w.write_blocking(vec![entry(5, 1, acked + 1, 1 << 20)], true)
+            .unwrap();
+        assert_eq!(w.last(5), Some(id(1, acked + 1)));
+        drop(w);
+        let w = Wal::open(&at).unwrap();
+        assert_eq!(indexes(&w, 5).len() as u64, acked + 1);
     }
 }
