@@ -1079,3 +1079,101 @@ fn a_lookup_with_attributes_answers_in_one_query_when_the_inode_is_here() {
     });
     assert_eq!(r, Reply::Error(Errno::NOTDIR));
 }
+
+/// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    /// Gives the disk room: a new size.
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk under a partition's store: the batch that finds no room fails (the group then
+/// stops and Raft applies its commands again later), nothing panics, and reopened with room the
+/// store holds exactly the commands up to the position it last committed, and takes more.
+/// Mounts a small tmpfs, so it needs root (as CI has); elsewhere it says so and passes.
+#[test]
+fn a_full_disk_fails_the_batch_and_the_store_reopens_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("disk");
+    let Some(disk) = Tmpfs::mount(&at, "3m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let path = at.join("p.redb");
+    let mut m = PartitionMachine::open(0, &path).unwrap();
+    let root = Op::EnsureRoot {
+        ino: ROOT,
+        volume: 1,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        now: 1,
+    };
+    m.apply(&postcard::to_stdvec(&root).unwrap());
+    m.commit(b"0", true).unwrap();
+    let name = |i: usize| format!("{i:0>200}");
+    let mut failed = None;
+    for i in 1..100_000 {
+        let cmd = postcard::to_stdvec(&create_op(ROOT, &name(i), Kind::File)).unwrap();
+        let r: Reply = postcard::from_bytes(&m.apply(&cmd)).unwrap();
+        // Every 50th batch is made durable, as a snapshot makes it.
+        let c = m.commit(i.to_string().as_bytes(), i % 50 == 0);
+        match (r, c) {
+            (Reply::Made { .. }, Ok(())) => {}
+            (r, c) => {
+                failed = Some((i, format!("{r:?} / {c:?}")));
+                break;
+            }
+        }
+    }
+    let (at_failure, what) = failed.expect("a 3 MiB disk fills");
+    eprintln!("batch {at_failure} failed: {what}");
+    drop(m);
+    disk.resize("64m");
+    let mut m = PartitionMachine::open(0, &path).unwrap();
+    let pos: usize = std::str::from_utf8(&m.applied().unwrap().unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pos < at_failure, "position {pos}, failed at {at_failure}");
+    for i in 1..at_failure {
+        let q = Query::Lookup {
+            parent: ROOT,
+            name: name(i).into_bytes(),
+        };
+        let r: Reply = postcard::from_bytes(&m.query(&postcard::to_stdvec(&q).unwrap())).unwrap();
+        let found = !matches!(r, Reply::Error(_));
+        assert_eq!(found, i <= pos, "{} against position {pos}: {r:?}", i);
+    }
+    let cmd = postcard::to_stdvec(&create_op(ROOT, "after", Kind::File)).unwrap();
+    let r: Reply = postcard::from_bytes(&m.apply(&cmd)).unwrap();
+    assert!(matches!(r, Reply::Made { .. }), "{r:?}");
+    m.commit(b"after", true).unwrap();
+}
