@@ -15,7 +15,7 @@ use sealfs_rpc::{Request, Response, Status};
 
 use crate::{
     group_of, now_nanos, Errno, FollowUp, Intent, MetaClient, Nanos, Op, PartitionMachine, Query,
-    Reply, Unsettled, OP_META_READ, OP_META_WRITE,
+    ReplicaReport, Reply, Unsettled, OP_META_READ, OP_META_REPLICAS, OP_META_WRITE,
 };
 
 /// Settings of the partitions' background work.
@@ -186,6 +186,23 @@ impl MetaHost {
                 match g.query(&qb).await {
                     Ok(b) => Response::ok(Bytes::from(b), Bytes::new()),
                     Err(e) => reply(&group_reply(e, &g)),
+                }
+            }
+            OP_META_REPLICAS => {
+                let list: Vec<ReplicaReport> = self
+                    .groups
+                    .read()
+                    .expect("groups")
+                    .iter()
+                    .map(|(p, g)| ReplicaReport {
+                        partition: *p,
+                        leader: g.is_leader(),
+                        stopped: g.stopped(),
+                    })
+                    .collect();
+                match postcard::to_stdvec(&list) {
+                    Ok(b) => Response::ok(Bytes::from(b), Bytes::new()),
+                    Err(_) => Response::error(Status::Internal as u16, "encode"),
                 }
             }
             op => Response::error(

@@ -26,6 +26,18 @@ pub use route::MetaClient;
 pub const OP_META_WRITE: u16 = 0x0401;
 /// A query of a partition: `(partition, Query)`.
 pub const OP_META_READ: u16 = 0x0402;
+/// The replicas a server runs: [`ReplicaReport`]s (meta empty).
+pub const OP_META_REPLICAS: u16 = 0x0403;
+
+/// One partition replica of a server, for `sealfs status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub partition: u32,
+    pub leader: bool,
+    /// Why it stopped on its own (its log or store failed: a full disk, a failed sync); it
+    /// stays stopped until its server starts again.
+    pub stopped: Option<String>,
+}
 
 /// The Raft group id of partition `p` (group 0 is the manager's).
 pub fn group_of(p: u32) -> u64 {

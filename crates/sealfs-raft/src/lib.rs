@@ -338,6 +338,13 @@ impl Group {
         self.node
     }
 
+    /// Why this replica stopped on its own (its log or store failed), if it has.
+    pub fn stopped(&self) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.running_state.as_ref().err().map(|e| e.to_string())
+    }
+
     /// Stops this replica.
     pub async fn shutdown(&self) {
         self.router.remove(self.id);

@@ -235,6 +235,9 @@ struct GroupState {
     /// The last entries handed to the log, written or not (see the module's documentation).
     recent: BTreeMap<u64, (LogId<NodeId>, Arc<Vec<u8>>)>,
     recent_bytes: usize,
+    /// The first entry a failed write took out of memory, and why the write failed: told to
+    /// a read that names it (until it is written, or cut off by a truncate or a purge).
+    lost: Option<(u64, String)>,
 }
 
 impl GroupState {
@@ -277,6 +280,13 @@ impl GroupState {
         }
     }
 
+    /// Why the lost entry is missing, if a read of `lo..=hi` names it: a range with an end,
+    /// from one that counted it as handed; an open-ended read gets what is there.
+    fn lost_in(&self, lo: u64, hi: u64) -> Option<&str> {
+        let (i, why) = self.lost.as_ref()?;
+        (hi != u64::MAX && (lo..=hi).contains(i)).then_some(why.as_str())
+    }
+
     /// The last index, in memory or written.
     fn last(&self) -> Option<(u64, LogId<NodeId>)> {
         let mem = self.recent.last_key_value().map(|(i, (l, _))| (*i, *l));
@@ -315,6 +325,17 @@ impl State {
         let g = rec.group();
         let gs = self.groups.entry(g).or_default();
         let mut gone = Vec::new();
+        let covered = match &rec {
+            Rec::Entry { log_id, .. } => loc.is_some().then_some((log_id.index, log_id.index)),
+            Rec::Truncate { from, .. } => Some((*from, u64::MAX)),
+            Rec::Purge { upto, .. } => Some((0, upto.index)),
+            _ => None,
+        };
+        if let (Some((a, b)), Some((i, _))) = (covered, &gs.lost) {
+            if (a..=b).contains(i) {
+                gs.lost = None;
+            }
+        }
         match rec {
             Rec::Entry { log_id, .. } => {
                 if let Some(loc) = loc {
@@ -748,6 +769,10 @@ impl Wal {
         let Some(gs) = st.groups.get(&group) else {
             return Some(Vec::new());
         };
+        if gs.lost_in(lo, hi).is_some() {
+            // Not here: `entries` says why.
+            return None;
+        }
         let hi = hi.min(gs.last().map_or(0, |(i, _)| i));
         if lo > hi {
             return Some(Vec::new());
@@ -775,6 +800,9 @@ impl Wal {
             let Some(gs) = st.groups.get(&group) else {
                 return Ok(Vec::new());
             };
+            if let Some(why) = gs.lost_in(lo, hi) {
+                return Err(why.to_string());
+            }
             let mut wanted = BTreeMap::new();
             for (i, l) in gs.entries.range(lo..=hi) {
                 if let Some(s) = st.segments.get(&l.seg) {
@@ -875,7 +903,7 @@ impl Committer {
                 let r = self.write(recs, durable);
                 if let Err(e) = &r {
                     tracing::error!("raft log write failed: {e}");
-                    self.forget_unwritten(&entries);
+                    self.forget_unwritten(&entries, e);
                 }
                 for d in dones {
                     d(r.clone());
@@ -895,7 +923,7 @@ impl Committer {
     /// Takes entries of a failed write out of memory, where they were readable since they were
     /// handed: the log never had them (a group that starts again in this process must not
     /// count them, and they would hold back every later entry's leaving memory).
-    fn forget_unwritten(&self, entries: &[(u64, LogId<NodeId>)]) {
+    fn forget_unwritten(&self, entries: &[(u64, LogId<NodeId>)], error: &str) {
         let mut st = self.state.lock().expect("raft log index");
         for (group, log_id) in entries {
             let Some(gs) = st.groups.get_mut(group) else {
@@ -907,6 +935,10 @@ impl Committer {
             }
             if let Some((_, b)) = gs.recent.remove(&log_id.index) {
                 gs.recent_bytes -= b.len();
+            }
+            if gs.lost.as_ref().is_none_or(|(i, _)| log_id.index < *i) {
+                let why = format!("raft entry {log_id} was never written: {error}");
+                gs.lost = Some((log_id.index, why));
             }
         }
     }
@@ -1635,6 +1667,12 @@ mod tests {
             assert!(w.log_id(5, acked + 1).is_none());
         };
         check(&w);
+        // A read of the entry that was not written says why.
+        let e = w.entries(5, acked, acked + 1).unwrap_err();
+        assert!(
+            e.contains("never written") && e.contains("No space left"),
+            "{e}"
+        );
         drop(w);
         let e = Wal::open(&at)
             .err()

@@ -330,6 +330,50 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
         } else {
             println!("  UNAVAILABLE: {}", down.join(", "));
         }
+        // Each server's own view of its replicas: one that stopped on its own (its log or
+        // store failed) stays stopped, its partition running on the others, until its
+        // server starts again.
+        let (mut running, mut stopped) = (0usize, Vec::new());
+        for (id, s) in map
+            .servers
+            .iter()
+            .filter(|(_, s)| s.state == ServerState::Up)
+        {
+            let c =
+                sealfs_rpc::Client::new(s.addr.clone(), key_of_status.clone(), Default::default());
+            let req = sealfs_rpc::Request {
+                op: sealfs_meta::OP_META_REPLICAS,
+                ..Default::default()
+            };
+            let Ok(r) = c
+                .call(req, std::time::Duration::from_secs(3))
+                .await
+                .and_then(|r| r.into_result())
+            else {
+                continue;
+            };
+            let list: Vec<sealfs_meta::ReplicaReport> =
+                postcard::from_bytes(&r.meta).unwrap_or_default();
+            for rep in list {
+                match rep.stopped {
+                    None => running += 1,
+                    Some(why) => {
+                        stopped.push(format!("partition {} on server {id}: {why}", rep.partition))
+                    }
+                }
+            }
+        }
+        if stopped.is_empty() {
+            println!("  replicas: all {running} running");
+        } else {
+            println!(
+                "  replicas: {running} running, {} STOPPED until their server restarts:",
+                stopped.len()
+            );
+            for s in stopped {
+                println!("    {s}");
+            }
+        }
     }
     // The holdfasts' view: open blades and stipes waiting for repair.
     let (mut open, mut degraded, mut silent) = (0usize, 0u64, Vec::new());

@@ -217,6 +217,7 @@ async fn healthy(c: &Cluster, within: Duration) {
         if code == Some(0)
             && out.contains("(4 up)")
             && out.contains("partitions answer")
+            && out.contains("replicas: all")
             && out.contains("degraded stipes: 0")
             && !out.contains("did not answer")
         {
@@ -1058,4 +1059,154 @@ async fn blobs_are_stored_read_and_updated_in_place() {
     let (code, _, err) = c.cli(&["blob", "get", "not-a-reference", "-"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("ADDRESS:LEN:SEQ"), "{err}");
+}
+
+/// The raft log segments under `dir` (a server's state folder).
+fn log_segments(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == "wal") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    /// Gives the disk room: a new size.
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The folder a server keeps its Raft log and partition stores in fills up: its replicas stop
+/// when their log finds no room, the partitions go on with the other two replicas (files are
+/// written and read throughout), nothing acknowledged is lost; restarted with room, the server
+/// catches up and the cluster is healthy. Mounts a tmpfs as that folder, so it needs root (as
+/// CI has); elsewhere it says so and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_state_disk_fills_stops_its_replicas_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s1/state");
+    let Some(disk) = Tmpfs::mount(&state, "48m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    // Fill what is left of the folder; the log's first segment (16 MiB) is made already.
+    let filler = state.join("filler");
+    let chunk = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    assert_eq!(log_segments(&state), 1);
+    // Files of 60 KiB (kept inline, in the Raft log) in 8 folders, so that they go to every
+    // partition: about 3/4 of them, 26 MiB, pass through the full server's log.
+    let mut dirs = Vec::new();
+    for d in 0..8 {
+        let name = format!("full{d}");
+        dirs.push(
+            fs.mkdir(fs.root(), name.as_bytes(), 0o755, 0, 0)
+                .await
+                .unwrap()
+                .ino,
+        );
+    }
+    let mut acked = Vec::new();
+    let mut failures = 0;
+    for i in 0..1000u64 {
+        let d = dirs[i as usize % dirs.len()];
+        let name = format!("f{i}");
+        let r = async {
+            let a = fs.create(d, name.as_bytes(), &NewFile::file(0o644)).await?;
+            fs.write(a.ino, 0, &contents(i, 60 << 10)).await?;
+            Ok::<u64, Error>(a.ino)
+        }
+        .await;
+        match r {
+            Ok(ino) => acked.push((i, ino)),
+            Err(e) => {
+                failures += 1;
+                eprintln!("f{i}: {e:?}");
+            }
+        }
+    }
+    // `sealfs status` names the replicas that stopped, and why.
+    let (_, st, _) = c.cli(&["status"]);
+    assert!(
+        st.contains("STOPPED until their server restarts")
+            && st.contains("No space left on device"),
+        "{st}"
+    );
+    // The full server's log could not start a second segment; the others did.
+    assert_eq!(log_segments(&state), 1, "the full log took a new segment");
+    let others = log_segments(&dir.path().join("s0/state"));
+    assert!(others > 1, "server 0's log has {others} segments");
+    assert!(
+        acked.len() >= 990,
+        "writes go on with one server's log full: {} of 1000 ({failures} failed)",
+        acked.len()
+    );
+    let check = |fs: Sealfs, acked: Vec<(u64, u64)>| async move {
+        for (i, ino) in acked {
+            let got = fs.read(ino, 0, 60 << 10).await.unwrap();
+            assert!(got == contents(i, 60 << 10), "f{i} changed");
+        }
+    };
+    check(fs.clone(), acked.clone()).await;
+    // Room again, and a restart: the server's replicas catch up from their leaders.
+    c.kill_server(1);
+    std::fs::remove_file(&filler).unwrap();
+    disk.resize("256m");
+    c.start_server(1);
+    healthy(&c, Duration::from_secs(60)).await;
+    check(fs.clone(), acked).await;
+    // Each partition answers with the server's replica among its majority: kill another.
+    c.kill_server(2);
+    let mut after = Vec::new();
+    for i in 1000..1016u64 {
+        let d = dirs[i as usize % dirs.len()];
+        let a = fs
+            .create(d, format!("f{i}").as_bytes(), &NewFile::file(0o644))
+            .await
+            .unwrap();
+        fs.write(a.ino, 0, &contents(i, 100)).await.unwrap();
+        after.push(i);
+    }
+    assert_eq!(after.len(), 16);
 }
