@@ -16,19 +16,24 @@ struct M {
 
 const ROOT: u64 = 1;
 
+/// Makes volume 1's root.
+fn root_op() -> Op {
+    Op::EnsureRoot {
+        ino: ROOT,
+        volume: 1,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        now: 1,
+    }
+}
+
 impl M {
     /// Partition 0, with volume 1's root.
     fn new() -> M {
         let mut m = M::partition(0);
         assert_eq!(root_ino(1, 64), ROOT);
-        m.op(Op::EnsureRoot {
-            ino: ROOT,
-            volume: 1,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            now: 1,
-        });
+        m.op(root_op());
         m
     }
     /// Partition `p`, empty.
@@ -1080,40 +1085,6 @@ fn a_lookup_with_attributes_answers_in_one_query_when_the_inode_is_here() {
     assert_eq!(r, Reply::Error(Errno::NOTDIR));
 }
 
-/// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success())
-            .then(|| Tmpfs(at.to_path_buf()))
-    }
-
-    /// Gives the disk room: a new size.
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A full disk under a partition's store: the batch that finds no room fails (the group then
 /// stops and Raft applies its commands again later), nothing panics, and reopened with room the
 /// store holds exactly the commands up to the position it last committed, and takes more.
@@ -1122,21 +1093,13 @@ impl Drop for Tmpfs {
 fn a_full_disk_fails_the_batch_and_the_store_reopens_whole() {
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().join("disk");
-    let Some(disk) = Tmpfs::mount(&at, "3m") else {
+    let Some(disk) = sealfs_raft::testing::Tmpfs::mount(&at, "3m") else {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     };
     let path = at.join("p.redb");
     let mut m = PartitionMachine::open(0, &path).unwrap();
-    let root = Op::EnsureRoot {
-        ino: ROOT,
-        volume: 1,
-        perm: 0o755,
-        uid: 0,
-        gid: 0,
-        now: 1,
-    };
-    m.apply(&postcard::to_stdvec(&root).unwrap());
+    m.apply(&postcard::to_stdvec(&root_op()).unwrap());
     m.commit(b"0", true).unwrap();
     let name = |i: usize| format!("{i:0>200}");
     let mut failed = None;

@@ -8,6 +8,8 @@
 pub mod network;
 pub mod snapshot;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod unsynced;
 pub mod wal;
 

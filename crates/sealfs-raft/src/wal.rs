@@ -1592,40 +1592,6 @@ mod tests {
         assert_eq!(w.last(1), Some(id(2, 200)));
     }
 
-    /// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
-    struct Tmpfs(PathBuf);
-
-    impl Tmpfs {
-        fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-            std::fs::create_dir_all(at).unwrap();
-            std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(at)
-                .status()
-                .is_ok_and(|s| s.success())
-                .then(|| Tmpfs(at.to_path_buf()))
-        }
-
-        /// Gives the disk room: a new size.
-        fn resize(&self, size: &str) {
-            let ok = std::process::Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
-                .arg(&self.0)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "remount {}", self.0.display());
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-
     /// A full disk: the write that needs a new segment fails, saying why, and leaves nothing of
     /// itself in the log, not even in memory; what was written before reads back; the open of a
     /// log with no room for its new segment fails the same way; with room again, the log opens
@@ -1635,7 +1601,7 @@ mod tests {
     fn a_full_disk_fails_the_write_that_needs_room_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let at = dir.path().join("wal");
-        let Some(disk) = Tmpfs::mount(&at, "20m") else {
+        let Some(disk) = crate::testing::Tmpfs::mount(&at, "20m") else {
             eprintln!("skipped: mounting a tmpfs needs root");
             return;
         };

@@ -1078,40 +1078,6 @@ fn log_segments(dir: &Path) -> usize {
     n
 }
 
-/// A tmpfs mounted for a test (root only), unmounted (lazily) when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success())
-            .then(|| Tmpfs(at.to_path_buf()))
-    }
-
-    /// Gives the disk room: a new size.
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// The folder a server keeps its Raft log and partition stores in fills up: its replicas stop
 /// when their log finds no room, the partitions go on with the other two replicas (files are
 /// written and read throughout), nothing acknowledged is lost; restarted with room, the server
@@ -1121,7 +1087,7 @@ impl Drop for Tmpfs {
 async fn a_server_whose_state_disk_fills_stops_its_replicas_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("s1/state");
-    let Some(disk) = Tmpfs::mount(&state, "48m") else {
+    let Some(disk) = sealfs_raft::testing::Tmpfs::mount(&state, "48m") else {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     };
