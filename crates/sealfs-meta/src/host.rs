@@ -50,8 +50,13 @@ pub struct MetaHost {
     groups: RwLock<HashMap<u32, Group>>,
     log: std::sync::Mutex<Option<sealfs_raft::LogDb>>,
     starting: tokio::sync::Mutex<()>,
+    /// When each stopped replica was last started again.
+    restarted: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
     cfg: HostConfig,
 }
+
+/// A replica that stopped on its own is started again at most this often.
+const RESTART_AFTER: Duration = Duration::from_secs(10);
 
 fn reply(r: &Reply) -> Response {
     match postcard::to_stdvec(r) {
@@ -87,6 +92,7 @@ impl MetaHost {
             groups: RwLock::default(),
             log: std::sync::Mutex::new(None),
             starting: tokio::sync::Mutex::new(()),
+            restarted: std::sync::Mutex::default(),
             cfg,
         })
     }
@@ -108,6 +114,7 @@ impl MetaHost {
     /// Starts the replicas `map` gives server `me` that are not running yet.
     pub async fn follow(&self, map: &ClusterMap, me: u64) -> Result<(), String> {
         let _one = self.starting.lock().await;
+        self.restart_stopped().await;
         for (p, set) in map.partitions.iter().enumerate() {
             let p = p as u32;
             if !set.contains(&me) || self.group(p).is_some() {
@@ -150,6 +157,32 @@ impl MetaHost {
             self.groups.write().expect("groups").insert(p, g);
         }
         Ok(())
+    }
+
+    /// Takes out the replicas that stopped on their own (their log or store failed: a full
+    /// disk, say), at most once per [`RESTART_AFTER`] each, so that [`MetaHost::follow`] starts
+    /// them again from their files, as a restart of the server would: once the disk has room,
+    /// they catch up from their leaders.
+    async fn restart_stopped(&self) {
+        let stopped: Vec<(u32, Group, String)> = self
+            .groups
+            .read()
+            .expect("groups")
+            .iter()
+            .filter_map(|(p, g)| g.stopped().map(|why| (*p, g.clone(), why)))
+            .collect();
+        for (p, g, why) in stopped {
+            {
+                let mut r = self.restarted.lock().expect("restarted");
+                if r.get(&p).is_some_and(|t| t.elapsed() < RESTART_AFTER) {
+                    continue;
+                }
+                r.insert(p, std::time::Instant::now());
+            }
+            tracing::warn!("partition {p}: the replica stopped ({why}); starting it again");
+            self.groups.write().expect("groups").remove(&p);
+            g.shutdown().await;
+        }
     }
 
     /// Answers a metadata request.

@@ -34,8 +34,9 @@ pub const OP_META_REPLICAS: u16 = 0x0403;
 pub struct ReplicaReport {
     pub partition: u32,
     pub leader: bool,
-    /// Why it stopped on its own (its log or store failed: a full disk, a failed sync); it
-    /// stays stopped until its server starts again.
+    /// Why it stopped on its own (its log or store failed: a full disk, a failed sync). Its
+    /// server starts it again every 10 s: after a full disk it comes back once there is room;
+    /// after a failed sync (the log then refuses every write) only once the server restarts.
     pub stopped: Option<String>,
 }
 

@@ -340,11 +340,15 @@ impl Group {
         self.node
     }
 
-    /// Why this replica stopped on its own (its log or store failed), if it has.
+    /// Why this replica stopped on its own (its log or store failed, or it panicked), if it
+    /// has; not when it was shut down.
     pub fn stopped(&self) -> Option<String> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.running_state.as_ref().err().map(|e| e.to_string())
+        match &m.running_state {
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// Stops this replica.

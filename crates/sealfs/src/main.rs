@@ -331,8 +331,8 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
             println!("  UNAVAILABLE: {}", down.join(", "));
         }
         // Each server's own view of its replicas: one that stopped on its own (its log or
-        // store failed) stays stopped, its partition running on the others, until its
-        // server starts again.
+        // store failed) is down, its partition running on the others, until its server starts
+        // it again (every 10 s while the failure lasts).
         let (mut running, mut stopped) = (0usize, Vec::new());
         for (id, s) in map
             .servers
@@ -367,7 +367,7 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
             println!("  replicas: all {running} running");
         } else {
             println!(
-                "  replicas: {running} running, {} STOPPED until their server restarts:",
+                "  replicas: {running} running, {} STOPPED (started again every 10 s):",
                 stopped.len()
             );
             for s in stopped {
