@@ -15,7 +15,7 @@ use sealfs_rpc::{Request, Response, Status};
 
 use crate::{
     group_of, now_nanos, Errno, FollowUp, Intent, MetaClient, Nanos, Op, PartitionMachine, Query,
-    ReplicaReport, Reply, Unsettled, OP_META_READ, OP_META_REPLICAS, OP_META_WRITE,
+    ReplicaReport, Reply, Unsettled, OP_META_READ, OP_META_REPLICAS, OP_META_WRITE, RESTART_AFTER,
 };
 
 /// Settings of the partitions' background work.
@@ -54,9 +54,6 @@ pub struct MetaHost {
     restarted: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
     cfg: HostConfig,
 }
-
-/// A replica that stopped on its own is started again at most this often.
-const RESTART_AFTER: Duration = Duration::from_secs(10);
 
 fn reply(r: &Reply) -> Response {
     match postcard::to_stdvec(r) {
@@ -229,7 +226,6 @@ impl MetaHost {
                     .iter()
                     .map(|(p, g)| ReplicaReport {
                         partition: *p,
-                        leader: g.is_leader(),
                         stopped: g.stopped(),
                     })
                     .collect();

@@ -28,14 +28,15 @@ pub const OP_META_WRITE: u16 = 0x0401;
 pub const OP_META_READ: u16 = 0x0402;
 /// The replicas a server runs: [`ReplicaReport`]s (meta empty).
 pub const OP_META_REPLICAS: u16 = 0x0403;
+/// A replica that stopped on its own is started again at most this often.
+pub const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One partition replica of a server, for `sealfs status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaReport {
     pub partition: u32,
-    pub leader: bool,
     /// Why it stopped on its own (its log or store failed: a full disk, a failed sync). Its
-    /// server starts it again every 10 s: after a full disk it comes back once there is room;
+    /// server starts it again every [`RESTART_AFTER`]: after a full disk it comes back once there is room;
     /// after a failed sync (the log then refuses every write) only once the server restarts.
     pub stopped: Option<String>,
 }

@@ -257,6 +257,26 @@ async fn manager(a: ManagerArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Asks server `s` a question with an empty request (`op`); its answer decoded, or `None` when
+/// it does not answer within 3 s or answers what does not decode.
+async fn ask<T: serde::de::DeserializeOwned>(
+    s: &sealfs_manager::map::ServerEntry,
+    key: &ClusterKey,
+    op: u16,
+) -> Option<T> {
+    let c = sealfs_rpc::Client::new(s.addr.clone(), key.clone(), Default::default());
+    let req = sealfs_rpc::Request {
+        op,
+        ..Default::default()
+    };
+    let r = c
+        .call(req, std::time::Duration::from_secs(3))
+        .await
+        .and_then(|r| r.into_result())
+        .ok()?;
+    postcard::from_bytes(&r.meta).ok()
+}
+
 async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     use sealfs_manager::map::ServerState;
     let manager =
@@ -268,13 +288,15 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let up = map
+    // The servers up, by id, for the questions asked of each below.
+    let up_servers: Vec<(u64, &sealfs_manager::map::ServerEntry)> = map
         .servers
-        .values()
-        .filter(|s| s.state == ServerState::Up)
-        .count();
+        .iter()
+        .filter(|(_, s)| s.state == ServerState::Up)
+        .map(|(id, s)| (*id, s))
+        .collect();
     println!("epoch {}", map.epoch);
-    println!("servers: {} ({up} up)", map.servers.len());
+    println!("servers: {} ({} up)", map.servers.len(), up_servers.len());
     for (id, s) in &map.servers {
         let cap: u64 = s.disks.iter().map(|d| d.capacity).sum();
         let free: u64 = s.disks.iter().map(|d| d.free).sum();
@@ -332,28 +354,18 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
         }
         // Each server's own view of its replicas: one that stopped on its own (its log or
         // store failed) is down, its partition running on the others, until its server starts
-        // it again (every 10 s while the failure lasts).
+        // it again (every RESTART_AFTER while the failure lasts).
         let (mut running, mut stopped) = (0usize, Vec::new());
-        for (id, s) in map
-            .servers
-            .iter()
-            .filter(|(_, s)| s.state == ServerState::Up)
-        {
-            let c =
-                sealfs_rpc::Client::new(s.addr.clone(), key_of_status.clone(), Default::default());
-            let req = sealfs_rpc::Request {
-                op: sealfs_meta::OP_META_REPLICAS,
-                ..Default::default()
-            };
-            let Ok(r) = c
-                .call(req, std::time::Duration::from_secs(3))
-                .await
-                .and_then(|r| r.into_result())
+        for (id, s) in &up_servers {
+            let Some(list) = ask::<Vec<sealfs_meta::ReplicaReport>>(
+                s,
+                &key_of_status,
+                sealfs_meta::OP_META_REPLICAS,
+            )
+            .await
             else {
-                continue;
+                continue; // said below, with the holdfasts' view
             };
-            let list: Vec<sealfs_meta::ReplicaReport> =
-                postcard::from_bytes(&r.meta).unwrap_or_default();
             for rep in list {
                 match rep.stopped {
                     None => running += 1,
@@ -367,8 +379,9 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
             println!("  replicas: all {running} running");
         } else {
             println!(
-                "  replicas: {running} running, {} STOPPED (started again every 10 s):",
-                stopped.len()
+                "  replicas: {running} running, {} STOPPED (started again every {} s):",
+                stopped.len(),
+                sealfs_meta::RESTART_AFTER.as_secs()
             );
             for s in stopped {
                 println!("    {s}");
@@ -377,28 +390,14 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     }
     // The holdfasts' view: open blades and stipes waiting for repair.
     let (mut open, mut degraded, mut silent) = (0usize, 0u64, Vec::new());
-    for (id, s) in map
-        .servers
-        .iter()
-        .filter(|(_, s)| s.state == ServerState::Up)
-    {
-        let c = sealfs_rpc::Client::new(s.addr.clone(), key_of_status.clone(), Default::default());
-        let req = sealfs_rpc::Request {
-            op: sealfs_client::blades::OP_BLADE_REPORT,
-            ..Default::default()
-        };
-        match c
-            .call(req, std::time::Duration::from_secs(3))
-            .await
-            .and_then(|r| r.into_result())
-        {
-            Ok(r) => {
-                let list: Vec<sealfs_client::blades::BladeReport> =
-                    postcard::from_bytes(&r.meta).unwrap_or_default();
+    for (id, s) in &up_servers {
+        let blades = sealfs_client::blades::OP_BLADE_REPORT;
+        match ask::<Vec<sealfs_client::blades::BladeReport>>(s, &key_of_status, blades).await {
+            Some(list) => {
                 open += list.len();
                 degraded += list.iter().map(|b| b.degraded).sum::<u64>();
             }
-            Err(_) => silent.push(*id),
+            None => silent.push(*id),
         }
     }
     println!("open blades: {open}, degraded stipes: {degraded}");
