@@ -1633,25 +1633,32 @@ mod tests {
             assert!(w.log_id(5, acked + 1).is_none());
         };
         check(&w);
-        // A read of the entry that was not written says why.
+        // A read of the entry that was not written says why, from memory or the files.
         let e = w.entries(5, acked, acked + 1).unwrap_err();
         assert!(
             e.contains("never written") && e.contains("No space left"),
             "{e}"
         );
+        assert!(w.recent_entries(5, acked + 1, acked + 1).is_none());
+        // Room again, the same log: the entry written again is read like any other.
+        disk.resize("64m");
+        w.write_blocking(vec![entry(5, 1, acked + 1, 1 << 20)], true)
+            .unwrap();
+        assert_eq!(w.last(5), Some(id(1, acked + 1)));
+        assert_eq!(w.entries(5, acked + 1, acked + 1).unwrap().len(), 1);
         drop(w);
+        // Full again: the open (which starts a new segment) says why it cannot.
+        let filler = at.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut f, &[0u8; 1 << 20]).is_ok() {}
+        drop(f);
         let e = Wal::open(&at)
             .err()
             .expect("no room for the new segment an open starts");
         assert!(e.contains("No space left on device"), "{e}");
-        disk.resize("64m");
+        std::fs::remove_file(&filler).unwrap();
         let w = Wal::open(&at).unwrap();
-        check(&w);
-        w.write_blocking(vec![entry(5, 1, acked + 1, 1 << 20)], true)
-            .unwrap();
-        assert_eq!(w.last(5), Some(id(1, acked + 1)));
-        drop(w);
-        let w = Wal::open(&at).unwrap();
-        assert_eq!(indexes(&w, 5).len() as u64, acked + 1);
+        let got: Vec<u64> = indexes(&w, 5).into_iter().map(|(i, _)| i).collect();
+        assert_eq!(got, (1..=acked + 1).collect::<Vec<_>>());
     }
 }
