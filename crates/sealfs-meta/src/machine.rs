@@ -412,16 +412,7 @@ impl PartitionMachine {
                 let t = tx.table(EXTENTS)?;
                 let end = offset.saturating_add(len).min(i.attr.size);
                 let mut out = Vec::new();
-                // The extent that starts before `offset` may reach into the range.
-                if let Some(item) = t
-                    .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, offset)[..])?
-                    .next_back()
-                {
-                    let e: Extent = dec(item?.1.value())?;
-                    if e.offset + e.len > offset {
-                        out.push(e);
-                    }
-                }
+                out.extend(extent_across(&t, ino, offset)?);
                 if end > offset {
                     for item in t.range::<&[u8]>(&k_pair(ino, offset)[..]..&k_pair(ino, end)[..])? {
                         if out.len() >= crate::EXTENTS_REPLY_MAX {
@@ -638,6 +629,22 @@ impl sealfs_raft::Machine for PartitionMachine {
         };
         run(self).map_err(Fail::into_message)
     }
+}
+
+/// The extent of file `ino` that starts before `at` and reaches past it, if one does.
+fn extent_across<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    ino: u64,
+    at: u64,
+) -> R<Option<Extent>> {
+    let Some(item) = t
+        .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, at)[..])?
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let e: Extent = dec(item?.1.value())?;
+    Ok((e.offset + e.len > at).then_some(e))
 }
 
 /// The error for an inline extent whose bytes no longer match their CRC.
@@ -899,21 +906,12 @@ impl<'a> W<'a> {
     fn drop_extents_from(&self, ino: u64, size: u64) -> R<()> {
         self.with(EXTENTS, |t| {
             // Trim the extent that crosses `size`.
-            let crossing = match t
-                .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, size)[..])?
-                .next_back()
-            {
-                Some(item) => Some(dec::<Extent>(item?.1.value())?),
-                None => None,
-            };
-            if let Some(mut e) = crossing {
-                if e.offset + e.len > size {
-                    e.len = size - e.offset;
-                    if !e.trim_inline() {
-                        return Err(damaged(ino, &e));
-                    }
-                    t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
+            if let Some(mut e) = extent_across(&*t, ino, size)? {
+                e.len = size - e.offset;
+                if !e.trim_inline() {
+                    return Err(damaged(ino, &e));
                 }
+                t.insert(&k_pair(ino, e.offset)[..], enc(&e)?.as_slice())?;
             }
             let from = k_pair(ino, size);
             let to = k_pair(ino, u64::MAX);
@@ -1851,16 +1849,7 @@ impl<'a> W<'a> {
                 let a = e.offset;
                 let b = a + e.len;
                 // Cut what the new extent covers out of the extents there.
-                let mut cut: Vec<Extent> = Vec::new();
-                if let Some(item) = t
-                    .range::<&[u8]>(&k_pair(ino, 0)[..]..&k_pair(ino, a)[..])?
-                    .next_back()
-                {
-                    let old: Extent = dec(item?.1.value())?;
-                    if old.offset + old.len > a {
-                        cut.push(old);
-                    }
-                }
+                let mut cut: Vec<Extent> = extent_across(&*t, ino, a)?.into_iter().collect();
                 for item in t.range::<&[u8]>(&k_pair(ino, a)[..]..&k_pair(ino, b)[..])? {
                     cut.push(dec(item?.1.value())?);
                 }
