@@ -7,8 +7,8 @@
 //! `META_BENCH_SERVER_THREADS=N` sets the tokio worker threads of the manager and the servers.
 //!
 //! Beside each rate it prints the CPU time the manager and servers took per operation (from
-//! `/proc/PID/stat`): far less sensitive than the rates to the time a virtual machine's host
-//! takes from it, so builds can be compared when the host is noisy.
+//! `/proc/PID/stat`). On a busy virtual machine it moves with the host as the rates do
+//! (docs/meta-bench.md), so it tells builds apart only when they differ by a lot.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -106,7 +106,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let maddr = free_addr();
     let s = |v: &str| v.to_string();
-    let _m = spawn(
+    let manager = spawn(
         &bin,
         &[
             s("manager"),
@@ -148,7 +148,7 @@ async fn main() {
         "metadata: 4 servers x 4 disks, {partitions} partitions x 3 replicas, {per_level} files per level"
     );
     let mut pids: Vec<u32> = servers.iter().map(|k: &Kill| k.0.id()).collect();
-    pids.push(_m.0.id());
+    pids.push(manager.0.id());
     println!(
         "| callers | creates/s | stats/s | unlinks/s | server CPU per create / stat / unlink (us) |"
     );
@@ -198,7 +198,8 @@ async fn main() {
                     t.await.expect("caller");
                 }
                 let ops = (each * dirs.len()) as f64;
-                let cpu = (cpu_time(&pids) - cpu).as_secs_f64();
+                // A process gone meanwhile counts no more: never below zero.
+                let cpu = cpu_time(&pids).saturating_sub(cpu).as_secs_f64();
                 (ops / t.elapsed().as_secs_f64(), cpu / ops * 1e6)
             }
         };
