@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod client;
 pub mod frame;
+pub mod ports;
 pub mod server;
 mod wire;
 

@@ -475,40 +475,9 @@ fn up_addresses(dir: &std::path::Path, n: usize) -> Result<Vec<String>, String> 
             v.len().saturating_sub(1)
         ));
     }
-    // Each port is free when chosen and bound again by its server a moment later. A port of
-    // the kernel's ephemeral range may be taken in between as the local port of some outgoing
-    // connection, so the ports are taken below that range when there is room.
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let mut seed = [0u8; 8];
-    getrandom_fill(&mut seed)?;
-    let mut pick = u64::from_le_bytes(seed);
-    // Held until all are chosen, so that they differ.
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let mut listener = None;
-        for _ in 0..QUIET_PORT_TRIES {
-            if first_ephemeral <= QUIET_PORT_MIN {
-                break;
-            }
-            pick = pick
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let span = u64::from(first_ephemeral - QUIET_PORT_MIN);
-            let port = QUIET_PORT_MIN + ((pick >> 33) % span) as u16;
-            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-                listener = Some(l);
-                break;
-            }
-        }
-        let l = match listener {
-            Some(l) => l,
-            None => std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?,
-        };
-        held.push(l);
-    }
+    // Held until all are chosen, so that they differ; below the ephemeral range when there is
+    // room, so that no outgoing connection takes one before its server binds it.
+    let held = sealfs_rpc::ports::quiet_listeners("127.0.0.1", n).map_err(|e| e.to_string())?;
     let v = held
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
@@ -517,11 +486,6 @@ fn up_addresses(dir: &std::path::Path, n: usize) -> Result<Vec<String>, String> 
     std::fs::write(&file, v.join("\n")).map_err(|e| format!("{}: {e}", file.display()))?;
     Ok(v)
 }
-
-/// The lowest port `sealfs up` picks for its listeners (below the kernel's ephemeral range).
-const QUIET_PORT_MIN: u16 = 10_000;
-/// Ports tried below the ephemeral range before one is taken from the kernel.
-const QUIET_PORT_TRIES: usize = 64;
 
 async fn up(a: UpArgs) -> Result<(), String> {
     if a.servers == 0 || a.disks == 0 || a.servers * a.disks < 16 {

@@ -62,17 +62,19 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_register_blades_spread_and_dead_servers_go_down() {
     let dir = tempfile::tempdir().unwrap();
+    // Addresses kept across restarts, picked where no outgoing connection takes them.
+    let mut addrs = common::free_addrs(5);
     let manager = spawn(&[
         "manager".into(),
         "--listen".into(),
-        "127.0.0.1:0".into(),
+        addrs.remove(0),
         "--data-dir".into(),
         dir.path().join("manager").display().to_string(),
         "--down-after-ms".into(),
         "1500".into(),
     ]);
     let mut servers: Vec<Proc> = (0..4)
-        .map(|s| server(dir.path(), s, &manager.1, "127.0.0.1:0"))
+        .map(|s| server(dir.path(), s, &manager.1, &addrs[s]))
         .collect();
     let m = ManagerClient::new(&manager.1, ClusterKey::from_secret(SECRET.as_bytes()));
     let map = until("4 servers up", async || {

@@ -107,16 +107,14 @@ async fn check(h: &Holdfast, acked: &[(Reference, usize)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_servers_lose_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
+    // Addresses kept across restarts, picked where no outgoing connection takes them.
+    let addrs = common::free_addrs(4);
     let mut procs: Vec<Proc> = (0..4)
         .map(|s| {
             let disks: Vec<PathBuf> = (0..4)
                 .map(|d| dir.path().join(format!("s{s}/disk{d}")))
                 .collect();
-            Proc::start(
-                &dir.path().join(format!("s{s}/state")),
-                &disks,
-                "127.0.0.1:0",
-            )
+            Proc::start(&dir.path().join(format!("s{s}/state")), &disks, &addrs[s])
         })
         .collect();
     let h = Holdfast::open(layout(&procs), config()).await.unwrap();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use sealfs_client::{NewFile, Sealfs};
 
 mod common;
-use common::{free_addr, start_listening, Proc};
+use common::{free_addrs, start_listening, Proc};
 
 const SECRET: &str = "three managers test secret";
 
@@ -35,7 +35,7 @@ fn manager(dir: &std::path::Path, i: usize, addrs: &[String]) -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_managers_survive_the_loss_of_any_one() {
     let dir = tempfile::tempdir().unwrap();
-    let maddrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let maddrs = free_addrs(3);
     let all = maddrs.join(",");
     let mut managers: Vec<Option<Proc>> = (0..3)
         .map(|i| Some(manager(dir.path(), i, &maddrs)))
@@ -47,7 +47,7 @@ async fn three_managers_survive_the_loss_of_any_one() {
                 all.clone(),
                 "server".into(),
                 "--listen".into(),
-                free_addr(),
+                "127.0.0.1:0".into(),
                 "--data-dir".into(),
                 dir.path().join(format!("s{s}/state")).display().to_string(),
             ];

@@ -81,11 +81,14 @@ pub fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A loopback address with a port free right now (for a process that must keep its address
-/// across restarts).
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("address").to_string()
+/// `n` distinct loopback addresses with ports free right now (for a process that must keep its address
+/// across restarts), below the kernel's ephemeral range: a port from that range could be taken
+/// by some outgoing connection before the process binds it.
+pub fn free_addrs(n: usize) -> Vec<String> {
+    let held = sealfs_rpc::ports::quiet_listeners("127.0.0.1", n).expect("bind free ports");
+    held.iter()
+        .map(|l| l.local_addr().expect("address").to_string())
+        .collect()
 }
 
 /// A running `sealfs` process, killed (SIGKILL) when dropped.
@@ -111,13 +114,14 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the manager (P partitions, 3 replicas) and `n` servers.
     pub fn start(dir: &std::path::Path, n: usize, partitions: u32) -> Cluster {
+        let mut addrs = free_addrs(n + 1);
         let mut c = Cluster {
             dir: dir.to_path_buf(),
             secret: "files test cluster secret".into(),
             manager: None,
-            manager_addr: free_addr(),
+            manager_addr: addrs.remove(0),
             servers: (0..n).map(|_| None).collect(),
-            server_addrs: (0..n).map(|_| free_addr()).collect(),
+            server_addrs: addrs,
             partitions,
         };
         c.start_manager();
