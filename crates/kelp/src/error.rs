@@ -58,9 +58,14 @@ pub enum KelpError {
         acked: usize,
         /// How many were needed.
         needed: usize,
+        /// How many of those that failed had no space left on their disk.
+        full: usize,
         /// The first errors seen.
         errors: String,
     },
+    /// A shard store's disk has no space left (what another server's store said of its own).
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// The blade has no room left for the requested bytes.
     #[error(
         "blade {blade:08x} is full: {needed} bytes requested at offset {offset}, limit {limit}"
@@ -105,17 +110,33 @@ impl KelpError {
                 op,
                 acked,
                 needed,
+                full,
                 errors,
             } => KelpError::Quorum {
                 blade: *blade,
                 op,
                 acked: *acked,
                 needed: *needed,
+                full: *full,
                 errors: errors.clone(),
             },
+            e if e.is_no_space() => KelpError::NoSpace(e.to_string()),
             KelpError::Invalid(m) => KelpError::Invalid(m.clone()),
             KelpError::Stopped(m) => KelpError::Stopped(m.clone()),
             other => KelpError::Stopped(other.to_string()),
+        }
+    }
+
+    /// Whether it failed for want of space: a disk with none left (ENOSPC), or a quorum
+    /// missed with some shards out of space (room elsewhere may take the write).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            KelpError::NoSpace(_) => true,
+            KelpError::Io { source, .. } => {
+                source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(28)
+            }
+            KelpError::Quorum { full, .. } => *full > 0,
+            _ => false,
         }
     }
 

@@ -734,6 +734,10 @@ impl Shared {
             op,
             acked,
             needed,
+            full: results
+                .iter()
+                .filter(|(_, r)| r.as_ref().is_err_and(KelpError::is_no_space))
+                .count(),
             errors: first_errors(
                 results
                     .iter()
@@ -841,7 +845,7 @@ impl Shared {
             .collect();
         drop(runs);
         let mut on_quorum = Some(on_quorum);
-        let mut acked = 0;
+        let (mut acked, mut full) = (0, 0);
         let mut errors: Vec<(usize, String)> = (0..n)
             .filter(|&j| !ok[j])
             .map(|j| (j, "not prepared".to_string()))
@@ -866,6 +870,7 @@ impl Shared {
                 Ok(()) => acked += 1,
                 Err(e) => {
                     ok[j] = false;
+                    full += usize::from(e.is_no_space());
                     errors.push((j, e.to_string()));
                 }
             }
@@ -882,6 +887,7 @@ impl Shared {
                         op: "write",
                         acked: acked + writes.len(),
                         needed: quorum,
+                        full,
                         errors: first_errors(errors.iter().cloned()),
                     }));
                 }
@@ -1137,6 +1143,10 @@ impl Shared {
                 op: "open",
                 acked: ok,
                 needed: p.data(),
+                full: answered
+                    .iter()
+                    .filter(|(_, r)| r.as_ref().is_err_and(KelpError::is_no_space))
+                    .count(),
                 errors: first_errors(
                     answered
                         .iter()

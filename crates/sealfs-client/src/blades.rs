@@ -13,6 +13,7 @@ use sealfs_manager::MapCache;
 use sealfs_raft::Peers;
 use sealfs_rpc::{Handler, Request, Response, Status};
 use sealfs_shard::RemoteStore;
+use sealfs_shard::STATUS_NO_SPACE;
 use serde::{Deserialize, Serialize};
 
 /// Append an encoded frond to a blade: meta [`AppendReq`], data the frond; reply [`Appended`].
@@ -141,6 +142,17 @@ pub struct BladeHost {
     /// Each blade's holdfast, opened once (an open reads the blade's tail: one slow open must
     /// not hold up the others).
     open: Mutex<HashMap<u32, Arc<tokio::sync::OnceCell<Holdfast>>>>,
+}
+
+/// The answer to a data operation that failed: bad input, no space left on enough of the
+/// blade's disks ([`STATUS_NO_SPACE`], which the client tells its caller as ENOSPC when no
+/// blade has room), or not now.
+fn failed(e: KelpError) -> Response {
+    match e {
+        KelpError::Invalid(_) | KelpError::Frond { .. } => err(Status::BadRequest, e.to_string()),
+        e if e.is_no_space() => Response::error(STATUS_NO_SPACE, e.to_string()),
+        e => err(Status::Unavailable, e.to_string()),
+    }
 }
 
 fn err(status: Status, m: impl Into<String>) -> Response {
@@ -332,10 +344,7 @@ impl BladeHost {
         match req.op {
             OP_APPEND => match h.append(req.data).await {
                 Ok(r) => appended(r),
-                Err(e @ KelpError::Invalid(_)) | Err(e @ KelpError::Frond { .. }) => {
-                    err(Status::BadRequest, e.to_string())
-                }
-                Err(e) => err(Status::Unavailable, e.to_string()),
+                Err(e) => failed(e),
             },
             OP_UPDATE => {
                 let Ok(u) = postcard::from_bytes::<UpdateReq>(&req.meta) else {
@@ -351,15 +360,12 @@ impl BladeHost {
                 }
                 match h.update(r, req.data).await {
                     Ok(r) => appended(r),
-                    Err(e @ KelpError::Invalid(_)) | Err(e @ KelpError::Frond { .. }) => {
-                        err(Status::BadRequest, e.to_string())
-                    }
-                    Err(e) => err(Status::Unavailable, e.to_string()),
+                    Err(e) => failed(e),
                 }
             }
             OP_BLADE_SYNC => match h.sync().await {
                 Ok(()) => Response::ok(Bytes::new(), Bytes::new()),
-                Err(e) => err(Status::Unavailable, e.to_string()),
+                Err(e) => failed(e),
             },
             op => err(
                 Status::UnknownOp,

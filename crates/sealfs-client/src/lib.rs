@@ -22,7 +22,7 @@ use sealfs_meta::{
     RENAME_EXCHANGE, RENAME_NOREPLACE,
 };
 use sealfs_raft::Peers;
-use sealfs_rpc::{ClusterKey, Request};
+use sealfs_rpc::{ClusterKey, Request, RpcError};
 
 pub use sealfs_meta::{Errno as Error, Kind as FileKind};
 
@@ -172,6 +172,22 @@ fn io<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Errno + '_ {
         tracing::warn!("{what}: {e}");
         Errno::IO
     }
+}
+
+/// [`io`] for a data operation's reply: a holdfast that found no space on enough of its
+/// blade's disks ([`sealfs_shard::STATUS_NO_SPACE`]) is ENOSPC, anything else EIO.
+fn data_io(what: &str) -> impl FnOnce(RpcError) -> Errno + '_ {
+    move |e| {
+        tracing::warn!("{what}: {e}");
+        match no_space(&e) {
+            true => Errno::NOSPC,
+            false => Errno::IO,
+        }
+    }
+}
+
+fn no_space(e: &RpcError) -> bool {
+    matches!(e, RpcError::Remote { status, .. } if *status == sealfs_shard::STATUS_NO_SPACE)
 }
 
 fn entry(r: Reply) -> Result<(u64, Kind), Errno> {
@@ -1066,7 +1082,8 @@ impl Sealfs {
         map.servers.get(&b.shards[0].server).map(|s| s.addr.clone())
     }
 
-    /// Appends one frond of `data`; tries other blades when a holdfast fails.
+    /// Appends one frond of `data`; tries other blades when a holdfast fails. ENOSPC when
+    /// none took it and one of them had no room on enough of its disks.
     async fn append(&self, data: &[u8]) -> Result<Reference, Errno> {
         let encoded = kelp::frond::encode(data).map_err(io("encode"))?;
         let mut last = Errno::IO;
@@ -1106,14 +1123,14 @@ impl Sealfs {
                             seq: a.seq,
                         });
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!("append reply from {addr}: {e}");
-                        last = Errno::IO;
-                    }
+                    Ok(Err(e)) => tracing::warn!("append reply from {addr}: {e}"),
                     Err(e) => {
                         tracing::debug!("append to blade {blade:08x} at {addr}: {e}");
                         w.avoid.insert(blade, Instant::now() + AVOID);
-                        last = Errno::IO;
+                        // ENOSPC once any blade had no room (and none took the frond).
+                        if no_space(&e) {
+                            last = Errno::NOSPC;
+                        }
                     }
                 }
             }
@@ -1138,7 +1155,7 @@ impl Sealfs {
                     .call(req, Duration::from_secs(30))
                     .await
                     .and_then(|r| r.into_result())
-                    .map_err(io("sync"))?;
+                    .map_err(data_io("sync"))?;
                 Ok::<(), Errno>(())
             })
             .buffer_unordered(8)
@@ -1361,7 +1378,7 @@ impl Sealfs {
             );
             return Err(Errno::INVAL);
         }
-        let resp = resp.into_result().map_err(io("update"))?;
+        let resp = resp.into_result().map_err(data_io("update"))?;
         let a: Appended = postcard::from_bytes(&resp.meta).map_err(io("update reply"))?;
         self.sync_blades(&[blade].into()).await?;
         Ok(Reference {

@@ -38,6 +38,9 @@ pub mod op {
 
 /// Application status: the shard file does not exist.
 pub const STATUS_SHARD_MISSING: u16 = 256;
+/// Application status: the disk (or, from a holdfast, enough of the blade's disks) has no
+/// space left.
+pub const STATUS_NO_SPACE: u16 = 257;
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
 struct Shard {
@@ -206,6 +209,7 @@ impl Handler for ShardService {
             Err(e @ KelpError::Invalid(_)) => {
                 Response::error(Status::BadRequest as u16, e.to_string())
             }
+            Err(e) if e.is_no_space() => Response::error(STATUS_NO_SPACE, e.to_string()),
             Err(e) => Response::error(Status::Internal as u16, e.to_string()),
         }
     }
@@ -273,6 +277,11 @@ impl RemoteStore {
                 let msg = String::from_utf8_lossy(&r.meta).into_owned();
                 Err(KelpError::ShardMissing(msg, self.name.clone()))
             }
+            STATUS_NO_SPACE => Err(KelpError::NoSpace(format!(
+                "store {}: {}",
+                self.name,
+                String::from_utf8_lossy(&r.meta)
+            ))),
             s if s == Status::BadRequest as u16 => Err(KelpError::invalid(format!(
                 "store {}: {}",
                 self.name,

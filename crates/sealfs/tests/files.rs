@@ -1182,3 +1182,95 @@ async fn a_server_whose_state_disk_fills_stops_its_replicas_and_loses_nothing() 
         assert!(fs.read(a.ino, 0, 100).await.unwrap() == contents(i, 100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_disks_that_fill_refuse_writes_with_enospc_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every data disk of every server is a small tmpfs: 12 x 12 MiB and, on server 3, 4 x 4 MiB
+    // of cells. A 2 MiB file puts 256 KiB on each of the 16 disks (8+8).
+    let mut disks = Vec::new();
+    for s in 0..4 {
+        for d in 0..4 {
+            let at = dir.path().join(format!("s{s}/disk{d}"));
+            let size = if s == 3 { "4m" } else { "12m" };
+            let Some(t) = sealfs_raft::testing::Tmpfs::mount(&at, size) else {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return;
+            };
+            disks.push(t);
+        }
+    }
+    let c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    const LEN: usize = 2 << 20;
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..200u64 {
+        let t = Instant::now();
+        match put(&fs, &format!("b{i:04}"), &contents(i, LEN)).await {
+            Ok(_) => acked.push((format!("b{i:04}"), LEN)),
+            Err(e) => {
+                refused = Some((i, e, t.elapsed()));
+                break;
+            }
+        }
+    }
+    let (at, e, took) = refused.expect("200 files of 2 MiB fit on 16 disks of 12 MiB");
+    eprintln!(
+        "{} files went in; b{at:04} was refused after {took:?}: {e:?}",
+        acked.len()
+    );
+    assert_eq!(e, Error::NOSPC, "a write with no room left");
+    assert!(
+        took < Duration::from_secs(30),
+        "refused only after {took:?}"
+    );
+    // Server 3's disks filled first: writes went on with 12 of the 16 cells of each stipe
+    // (k + w), the other 4 waiting for repair.
+    assert!(
+        acked.len() >= 24,
+        "only {} files before the disks filled",
+        acked.len()
+    );
+    let (_, st, _) = c.cli(&["status"]);
+    assert!(!st.contains("degraded stipes: 0"), "{st}");
+    // Metadata goes on (its own disk has room); small files are kept inline.
+    put(&fs, "small", &contents(999, 1000)).await.unwrap();
+    check_all(&fs, &acked).await;
+    // Room again (disks replaced by larger ones): writes go on, nothing acknowledged changed.
+    for t in &disks {
+        t.resize("64m");
+    }
+    let t = Instant::now();
+    let mut more = Vec::new();
+    for i in 200..210u64 {
+        let name = format!("b{i:04}");
+        loop {
+            match put(&fs, &name, &contents(i, LEN)).await {
+                Ok(_) => break,
+                Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("{name}: {e:?}, again");
+                    // The file was made before the write failed: a new name for the next try.
+                    let _ = fs.unlink(fs.root(), name.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("{name}: {e:?} 60 s after the disks had room"),
+            }
+        }
+        more.push((name, LEN));
+    }
+    eprintln!(
+        "writes went on {:.1} s after the disks had room",
+        t.elapsed().as_secs_f64()
+    );
+    // Repair writes the cells the full disks missed.
+    healthy(&c, Duration::from_secs(60)).await;
+    eprintln!(
+        "healthy {:.1} s after the disks had room",
+        t.elapsed().as_secs_f64()
+    );
+    check_all(&fs, &acked).await;
+    check_all(&fs, &more).await;
+    drop(c);
+}
