@@ -211,19 +211,9 @@ impl BladeHost {
     /// that the first writes after a start find them open. A blade that cannot open yet (its
     /// shard servers not up) opens on first use.
     pub async fn open_all(&self) {
-        let Some(me) = *self.me.lock().expect("me") else {
+        let Some((mine, epoch)) = self.mine().await else {
             return;
         };
-        let Ok(map) = self.maps.refresh().await else {
-            return;
-        };
-        let mine: Vec<u32> = map
-            .blades
-            .iter()
-            .filter(|(_, b)| b.shards.first().is_some_and(|s| s.server == me))
-            .map(|(id, _)| *id)
-            .collect();
-        let epoch = map.epoch;
         let t = std::time::Instant::now();
         let opened = futures::stream::iter(mine)
             .map(|blade| async move {
@@ -244,6 +234,72 @@ impl BladeHost {
         if opened > 0 {
             tracing::info!("opened {opened} blade(s) in {:.1?}", t.elapsed());
         }
+    }
+
+    /// The blades whose shard 0 is on this server (it is their holdfast), and the map's epoch;
+    /// `None` before it registered or while the manager does not answer.
+    async fn mine(&self) -> Option<(Vec<u32>, u64)> {
+        let me = (*self.me.lock().expect("me"))?;
+        let map = self.maps.refresh().await.ok()?;
+        let mine = map
+            .blades
+            .iter()
+            .filter(|(_, b)| b.shards.first().is_some_and(|s| s.server == me))
+            .map(|(id, _)| *id)
+            .collect();
+        Some((mine, map.epoch))
+    }
+
+    /// Scrubs every blade this server is the holdfast of, one after the other, reading at most
+    /// `pace` bytes of cells a second (0: no bound): every cell is read and those missing,
+    /// stale or corrupt are rebuilt (DESIGN 4.5). Returns what it found, over all blades.
+    pub async fn scrub_pass(&self, pace: u64) -> kelp::RepairReport {
+        let mut all = kelp::RepairReport::default();
+        let Some((mine, epoch)) = self.mine().await else {
+            return all;
+        };
+        let t = std::time::Instant::now();
+        let blades = mine.len();
+        for blade in mine {
+            let r = match self.holdfast(blade, epoch).await {
+                Ok(h) => h.scrub((pace > 0).then_some(pace)).await,
+                Err(e) => {
+                    let why = String::from_utf8_lossy(&e.meta).into_owned();
+                    tracing::warn!("scrub: blade {blade:08x} does not open: {why}");
+                    continue;
+                }
+            };
+            match r {
+                Ok(r) => {
+                    if !r.unrecoverable.is_empty() {
+                        tracing::error!(
+                            "scrub: blade {blade:08x} has {} stipes with fewer than k valid \
+                             cells: {:?}",
+                            r.unrecoverable.len(),
+                            r.unrecoverable
+                        );
+                    }
+                    all.stipes_checked += r.stipes_checked;
+                    all.stipes_fixed += r.stipes_fixed;
+                    all.cells_rewritten += r.cells_rewritten;
+                    all.rolled_back += r.rolled_back;
+                    all.cells_failed += r.cells_failed;
+                    all.stipes_failed.extend(r.stipes_failed);
+                    all.unrecoverable.extend(r.unrecoverable);
+                }
+                Err(e) => tracing::warn!("scrub of blade {blade:08x}: {e}"),
+            }
+        }
+        tracing::info!(
+            "scrub of {blades} blade(s) in {:.1?}: {} stipes read, {} fixed ({} cells \
+             rewritten), {} cells still to repair",
+            t.elapsed(),
+            all.stipes_checked,
+            all.stipes_fixed,
+            all.cells_rewritten,
+            all.cells_failed
+        );
+        all
     }
 
     /// True if every shard store of `blade`, as the map now places them, answers.

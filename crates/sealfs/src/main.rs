@@ -156,6 +156,13 @@ struct ServerArgs {
     /// Half-done metadata operations older than this are settled by the orphan scan.
     #[arg(long, default_value_t = 60_000, hide = true)]
     orphan_grace_ms: u64,
+    /// Seconds between scrubs: each reads every cell of the blades this server is the
+    /// holdfast of and rebuilds those missing, stale or corrupt.
+    #[arg(long, default_value_t = node::Scrub::default().every.as_secs())]
+    scrub_every_s: u64,
+    /// How fast a scrub reads, in MB of cells a second (0: as fast as the disks go).
+    #[arg(long, default_value_t = node::Scrub::default().pace / 1_000_000)]
+    scrub_mb_s: u64,
     /// A TOML file with any of: listen, data_dir, disks, secret_file. Flags and environment
     /// variables take precedence over it.
     #[arg(long, env = "SEALFS_CONFIG")]
@@ -176,6 +183,7 @@ struct ServerFile {
 /// Server settings after flags, environment, the config file and defaults, in that order.
 struct ServerSettings {
     orphan_grace_ms: u64,
+    scrub: node::Scrub,
     zone: String,
     listen: String,
     data_dir: PathBuf,
@@ -208,8 +216,15 @@ impl ServerArgs {
             .data_dir
             .or(file.data_dir)
             .ok_or("no data folder: pass --data-dir DIR or set data_dir in the config file")?;
+        if self.scrub_every_s == 0 {
+            return Err("--scrub-every-s must be at least 1".into());
+        }
         Ok(ServerSettings {
             orphan_grace_ms: self.orphan_grace_ms,
+            scrub: node::Scrub {
+                every: std::time::Duration::from_secs(self.scrub_every_s),
+                pace: self.scrub_mb_s.saturating_mul(1_000_000),
+            },
             zone: self.zone,
             listen: self
                 .listen
@@ -443,6 +458,7 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
             orphan_grace: std::time::Duration::from_millis(a.orphan_grace_ms),
             ..Default::default()
         },
+        scrub: a.scrub,
         near: Default::default(),
     })
     .await?;
@@ -541,6 +557,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
                 key: key.clone(),
                 manager: Some(addrs[0].clone()),
                 host: Default::default(),
+                scrub: Default::default(),
                 near: near.clone(),
             })
             .await?,

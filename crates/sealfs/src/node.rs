@@ -26,10 +26,31 @@ pub struct NodeSettings {
     pub key: ClusterKey,
     pub manager: Option<String>,
     pub host: HostConfig,
+    pub scrub: Scrub,
     /// The servers in this process: this one adds its store and handler to them by the
     /// address it listens on (and registers with), and its holdfasts reach their stores, its
     /// own among them, directly.
     pub near: InProcess,
+}
+
+/// How often and how fast a server scrubs the blades it is the holdfast of (DESIGN 4.5).
+#[derive(Clone, Copy, Debug)]
+pub struct Scrub {
+    /// Time between the end of one scrub and the start of the next (the first starts this
+    /// long after the server).
+    pub every: Duration,
+    /// Bytes of cells read a second (0: no bound).
+    pub pace: u64,
+}
+
+impl Default for Scrub {
+    /// Every cell read once a week, at 32 MB/s: a 10 TB server's share reads in 3.6 days.
+    fn default() -> Self {
+        Scrub {
+            every: Duration::from_secs(7 * 24 * 3600),
+            pace: 32_000_000,
+        }
+    }
 }
 
 struct Dispatch {
@@ -147,6 +168,7 @@ impl Node {
                 s.disks.clone(),
             )));
             tasks.push(meta.run_background());
+            let scrubbing = blades.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -154,6 +176,13 @@ impl Node {
                     if n > 0 {
                         tracing::info!("repair rewrote {n} cells");
                     }
+                }
+            }));
+            let scrub = s.scrub;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(scrub.every).await;
+                    scrubbing.scrub_pass(scrub.pace).await;
                 }
             }));
         }

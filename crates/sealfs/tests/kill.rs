@@ -189,7 +189,7 @@ fn the_server_refuses_bad_arguments_clearly() {
     );
     let base = ["server", "--data-dir", state.as_str()];
     let any = "127.0.0.1:0";
-    let cases: [(&[&str], Option<&str>, &str); 5] = [
+    let cases: [(&[&str], Option<&str>, &str); 6] = [
         (&["--disk", &d, "--listen", any], None, "no cluster secret"),
         (
             &["--disk", &d, "--listen", any],
@@ -207,6 +207,11 @@ fn the_server_refuses_bad_arguments_clearly() {
             "cannot listen",
         ),
         (&["--listen", any], Some(SECRET), "no disks"),
+        (
+            &["--disk", &d, "--listen", any, "--scrub-every-s", "0"],
+            Some(SECRET),
+            "--scrub-every-s must be at least 1",
+        ),
     ];
     for (extra, secret, want) in cases {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();

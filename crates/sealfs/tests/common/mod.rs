@@ -109,11 +109,23 @@ pub struct Cluster {
     pub servers: Vec<Option<Proc>>,
     pub server_addrs: Vec<String>,
     pub partitions: u32,
+    /// Flags given to every server after the usual ones.
+    pub server_flags: Vec<String>,
 }
 
 impl Cluster {
     /// Starts the manager (P partitions, 3 replicas) and `n` servers.
     pub fn start(dir: &std::path::Path, n: usize, partitions: u32) -> Cluster {
+        Cluster::start_with(dir, n, partitions, &[])
+    }
+
+    /// [`Cluster::start`], each server given `server_flags` too.
+    pub fn start_with(
+        dir: &std::path::Path,
+        n: usize,
+        partitions: u32,
+        server_flags: &[&str],
+    ) -> Cluster {
         let mut addrs = free_addrs(n + 1);
         let mut c = Cluster {
             dir: dir.to_path_buf(),
@@ -123,6 +135,7 @@ impl Cluster {
             servers: (0..n).map(|_| None).collect(),
             server_addrs: addrs,
             partitions,
+            server_flags: server_flags.iter().map(|f| f.to_string()).collect(),
         };
         c.start_manager();
         for s in 0..n {
@@ -174,6 +187,7 @@ impl Cluster {
             std::fs::create_dir_all(&disk).expect("disk folder");
             args.extend(["--disk".into(), disk.display().to_string()]);
         }
+        args.extend(self.server_flags.iter().cloned());
         self.servers[s] = Some(self.spawn(&args));
     }
 
