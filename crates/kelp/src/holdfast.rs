@@ -495,6 +495,20 @@ impl Holdfast {
             .sum()
     }
 
+    /// Puts the written ones of `stipes` on the list of degraded stipes, for the next repair:
+    /// a reader found a cell of theirs damaged or missing. Returns how many it took.
+    pub fn suspect(&self, stipes: &[u32]) -> usize {
+        let end = self
+            .append_pointer()
+            .div_ceil(self.sh.layout.profile.stipe_payload_bytes() as u64);
+        let mut taken = 0;
+        for &s in stipes.iter().filter(|&&s| u64::from(s) < end) {
+            self.sh.mark_degraded(s, 1);
+            taken += 1;
+        }
+        taken
+    }
+
     /// Stipes waiting for repair.
     pub fn degraded(&self) -> Vec<u32> {
         let st = self.sh.state.lock().expect("state");

@@ -29,5 +29,5 @@ pub use error::{KelpError, Result};
 pub use holdfast::{Holdfast, HoldfastConfig, RepairReport};
 pub use local::{LocalStore, LocalStoreConfig, DIRECT_WRITE_BYTES_MIN};
 pub use profile::Profile;
-pub use read::{BladeLayout, BladeReader, HedgeConfig, ShardPlacement};
+pub use read::{BladeLayout, BladeReader, HedgeConfig, ShardPlacement, SuspectHook};
 pub use store::{ShardInfo, ShardKey, ShardStore, WriteMode};

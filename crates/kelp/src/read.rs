@@ -4,6 +4,7 @@
 //! valid cells that agree on a sequence.
 
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,12 +118,17 @@ impl Got {
     }
 }
 
+/// Told the stipes of a blade in which a read found a cell damaged, empty or in a missing
+/// shard file: (blade, stipes). Its holdfast may repair them before the next scrub.
+pub type SuspectHook = Arc<dyn Fn(u32, Vec<u32>) + Send + Sync>;
+
 /// Reads fronds and byte ranges of one blade, hedging around slow or bad shards.
 #[derive(Clone)]
 pub struct BladeReader {
     layout: BladeLayout,
     hedge: HedgeConfig,
     latency: Arc<Vec<LatencyTracker>>,
+    suspect: Option<SuspectHook>,
 }
 
 type ShardRead = (usize, u32, Result<Bytes>);
@@ -135,7 +141,14 @@ impl BladeReader {
             layout,
             hedge,
             latency: Arc::new((0..n).map(|_| LatencyTracker::default()).collect()),
+            suspect: None,
         }
+    }
+
+    /// The same reader, telling `hook` of the stipes where a read found a bad cell.
+    pub fn with_suspect(mut self, hook: SuspectHook) -> Self {
+        self.suspect = Some(hook);
+        self
     }
 
     /// The layout read.
@@ -210,10 +223,29 @@ impl BladeReader {
         Ok(bytes.slice(data))
     }
 
-    #[allow(clippy::needless_range_loop)] // cells are addressed by (stipe, shard) throughout
     /// Reads `len` bytes of the stream at `start`; cells of the first stipe must have at least
     /// sequence `first_seq`, cells of later stipes at least 1.
     pub async fn read_range(&self, start: u64, len: usize, first_seq: u32) -> Result<Bytes> {
+        let mut suspect = BTreeSet::new();
+        let r = self
+            .read_range_noting(start, len, first_seq, &mut suspect)
+            .await;
+        if let (Some(hook), false) = (&self.suspect, suspect.is_empty()) {
+            hook(self.layout.blade, suspect.into_iter().collect());
+        }
+        r
+    }
+
+    #[allow(clippy::needless_range_loop)] // cells are addressed by (stipe, shard) throughout
+    /// [`BladeReader::read_range`], noting in `suspect` the stipes where a cell was damaged,
+    /// empty or in a missing shard file.
+    async fn read_range_noting(
+        &self,
+        start: u64,
+        len: usize,
+        first_seq: u32,
+        suspect: &mut BTreeSet<u32>,
+    ) -> Result<Bytes> {
         let p = self.layout.profile;
         check_range(self.layout.blade, start, len as u64)?;
         if len == 0 {
@@ -264,7 +296,7 @@ impl BladeReader {
                 tokio::select! {
                     next = inflight.next() => {
                         if let Some((shard, first, result)) = next {
-                            if !self.take(&mut got, s0, shard, first, result) {
+                            if !self.take(&mut got, s0, shard, first, result, suspect) {
                                 hedge_now = true;
                             }
                         }
@@ -320,6 +352,7 @@ impl BladeReader {
     }
 
     /// Files the cells of one store reply into `got`; false if anything was missing or invalid.
+    /// The stipes of damaged or empty cells, and of a missing shard file, go to `suspect`.
     fn take(
         &self,
         got: &mut [Vec<Option<Got>>],
@@ -327,14 +360,19 @@ impl BladeReader {
         shard: usize,
         first: u32,
         result: Result<Bytes>,
+        suspect: &mut BTreeSet<u32>,
     ) -> bool {
         let count = got.len() as u32;
         match result {
             Err(e) => {
                 tracing::debug!("blade {:08x} shard {shard}: {e}", self.layout.blade);
+                let missing = matches!(e, KelpError::ShardMissing(..));
                 for s in first..first.saturating_add(READ_STIPES_PER_CALL_MAX) {
                     if s >= s0 && s - s0 < count {
                         got[(s - s0) as usize][shard] = Some(Got::Failed);
+                        if missing {
+                            suspect.insert(s);
+                        }
                     }
                 }
                 false
@@ -354,6 +392,7 @@ impl BladeReader {
                     let check = check_cell(cell, id);
                     if !matches!(check, CellCheck::Valid { .. }) {
                         all_good = false;
+                        suspect.insert(stipe);
                     }
                     let at = i * CELL_BYTES;
                     got[(stipe - s0) as usize][shard] =
@@ -435,7 +474,7 @@ impl BladeReader {
             }
         }
         while let Some((shard, f, r)) = inflight.next().await {
-            self.take(&mut got, first, shard, f, r);
+            self.take(&mut got, first, shard, f, r, &mut BTreeSet::new());
         }
         got.into_iter()
             .map(|row| row.into_iter().map(|g| g.unwrap_or(Got::Failed)).collect())

@@ -28,6 +28,20 @@ pub const OP_UPDATE: u16 = 0x0503;
 /// The blades this server holds open: [`BladeReport`]s (meta empty).
 pub const OP_BLADE_REPORT: u16 = 0x0504;
 
+/// Stipes of a blade where a reader found a cell damaged or missing, for its holdfast to
+/// repair: meta [`SuspectReq`].
+pub const OP_BLADE_SUSPECT: u16 = 0x0505;
+
+/// Stipes told to a holdfast at once, at most.
+pub const SUSPECT_MAX: usize = 4096;
+
+/// Stipes of `blade` to check.
+#[derive(Serialize, Deserialize)]
+pub struct SuspectReq {
+    pub blade: u32,
+    pub stipes: Vec<u32>,
+}
+
 /// One open blade of a server.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct BladeReport {
@@ -419,6 +433,17 @@ impl BladeHost {
                     Err(e) => failed(e),
                 }
             }
+            OP_BLADE_SUSPECT => match postcard::from_bytes::<SuspectReq>(&req.meta) {
+                Ok(r) if r.stipes.len() <= SUSPECT_MAX => {
+                    let taken = h.suspect(&r.stipes);
+                    tracing::info!(
+                        "blade {:08x}: a reader found {taken} stipe(s) with a bad cell",
+                        r.blade
+                    );
+                    Response::ok(Bytes::new(), Bytes::new())
+                }
+                _ => err(Status::BadRequest, "malformed suspect request"),
+            },
             OP_BLADE_SYNC => match h.sync().await {
                 Ok(()) => Response::ok(Bytes::new(), Bytes::new()),
                 Err(e) => failed(e),

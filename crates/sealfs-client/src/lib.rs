@@ -156,14 +156,56 @@ pub struct Sealfs {
     fronds: Arc<Mutex<std::collections::VecDeque<(u64, Bytes)>>>,
     /// Shard stores of servers in this process, read without the network.
     near: InProcess,
-    _watch: Arc<WatchGuard>,
+    /// Stipes readers found bad, on their way to the blades' holdfasts.
+    suspects: tokio::sync::mpsc::Sender<(u32, Vec<u32>)>,
+    _tasks: Arc<Tasks>,
 }
 
-struct WatchGuard(tokio::task::JoinHandle<()>);
+/// The client's background tasks, stopped with its last clone.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
 
-impl Drop for WatchGuard {
+impl Drop for Tasks {
     fn drop(&mut self) {
-        self.0.abort();
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Tells each blade's holdfast of the stipes where a read found a bad cell, so that it repairs
+/// them before its next scrub. Best effort: the scrub finds what is not told.
+async fn tell_holdfasts(
+    maps: MapCache,
+    peers: Peers,
+    mut rx: tokio::sync::mpsc::Receiver<(u32, Vec<u32>)>,
+) {
+    while let Some((blade, mut stipes)) = rx.recv().await {
+        stipes.truncate(blades::SUSPECT_MAX);
+        let map = maps.get();
+        let Some(addr) = map
+            .blades
+            .get(&blade)
+            .and_then(|b| map.servers.get(&b.shards[0].server))
+            .map(|s| s.addr.clone())
+        else {
+            continue;
+        };
+        tracing::info!(
+            "blade {blade:08x}: {} stipe(s) read with a bad cell, told to its holdfast",
+            stipes.len()
+        );
+        let req = Request {
+            op: blades::OP_BLADE_SUSPECT,
+            epoch: map.epoch,
+            meta: Bytes::from(
+                postcard::to_stdvec(&blades::SuspectReq { blade, stipes }).unwrap_or_default(),
+            ),
+            data: Bytes::new(),
+        };
+        let r = peers.client(&addr).call(req, Duration::from_secs(10)).await;
+        if let Err(e) = r.and_then(|r| r.into_result()) {
+            tracing::debug!("telling blade {blade:08x}'s holdfast of bad cells: {e}");
+        }
     }
 }
 
@@ -254,6 +296,8 @@ impl Sealfs {
         let meta = MetaClient::new(maps.clone(), peers.clone());
         let root = root_ino(v.id, map.partitions.len() as u32);
         let watch = maps.watch(Duration::from_secs(1));
+        let (suspects, told) = tokio::sync::mpsc::channel(64);
+        let telling = tokio::spawn(tell_holdfasts(maps.clone(), peers.clone(), told));
         let fs = Sealfs {
             maps,
             peers,
@@ -267,7 +311,8 @@ impl Sealfs {
             usage: Arc::default(),
             fronds: Arc::default(),
             near,
-            _watch: Arc::new(WatchGuard(watch)),
+            suspects,
+            _tasks: Arc::new(Tasks(vec![watch, telling])),
         };
         let op = Op::EnsureRoot {
             ino: root,
@@ -1395,7 +1440,15 @@ impl Sealfs {
         let map = self.maps.get();
         let layout =
             blades::layout_for(&map, blade, &self.near, &self.peers).map_err(io("layout"))?;
-        let r = Arc::new(BladeReader::new(layout, HedgeConfig::default()));
+        let suspects = self.suspects.clone();
+        let r = Arc::new(
+            BladeReader::new(layout, HedgeConfig::default()).with_suspect(Arc::new(
+                move |blade, stipes| {
+                    // Dropped when many are waiting: the scrub finds them.
+                    let _ = suspects.try_send((blade, stipes));
+                },
+            )),
+        );
         self.readers
             .lock()
             .expect("readers")

@@ -1293,30 +1293,30 @@ fn kelp_files(dir: &Path, s: usize) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shard_files_deleted_or_damaged_on_disk_are_read_around_and_scrubbed_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start_with(dir.path(), 4, 8, &["--scrub-every-s", "2"]);
-    let fs = connect(&c).await;
-    let mut files = Vec::new();
-    for i in 0..12u64 {
-        let len = ((i * 7919) as usize % (3 << 20)) + (1 << 20);
-        let name = format!("w{i:04}");
-        put(&fs, &name, &contents(i, len)).await.unwrap();
-        files.push((name, len));
-    }
-    healthy(&c, Duration::from_secs(60)).await;
-    // On server 2 every other shard file is deleted and the rest get a damaged cell; on
-    // server 1 one file per disk gets one. A stipe loses at most 8 of its 16 cells.
-    let mut damaged = Vec::new();
-    for (s, every) in [(2, 1), (1, 4)] {
-        let all = kelp_files(dir.path(), s);
-        assert!(all.len() >= 4, "server {s} has {} shard files", all.len());
-        for (n, path) in all.into_iter().enumerate().filter(|(n, _)| n % every == 0) {
-            let before = std::fs::read(&path).unwrap();
-            if s == 2 && n % 2 == 0 {
-                std::fs::remove_file(&path).unwrap();
-            } else {
+/// What [`damage`] does to a shard file.
+enum Harm {
+    Delete,
+    Flip,
+}
+
+/// Deletes or damages (100 bytes in the middle flipped) the shard files of server `s` that
+/// `pick` chooses (by their place in [`kelp_files`] and name); returns each with its bytes
+/// before.
+fn damage(
+    dir: &Path,
+    s: usize,
+    mut pick: impl FnMut(usize, &str) -> Option<Harm>,
+) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (n, path) in kelp_files(dir, s).into_iter().enumerate() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(harm) = pick(n, &name) else {
+            continue;
+        };
+        let before = std::fs::read(&path).unwrap();
+        match harm {
+            Harm::Delete => std::fs::remove_file(&path).unwrap(),
+            Harm::Flip => {
                 let mut bad = before.clone();
                 let (at, end) = (bad.len() / 2, (bad.len() / 2 + 100).min(bad.len()));
                 for b in &mut bad[at..end] {
@@ -1324,14 +1324,14 @@ async fn shard_files_deleted_or_damaged_on_disk_are_read_around_and_scrubbed_bac
                 }
                 std::fs::write(&path, &bad).unwrap();
             }
-            damaged.push((path, before));
         }
+        out.push((path, before));
     }
-    eprintln!("{} shard files deleted or damaged", damaged.len());
-    // Reads go around the damage at once: CRCs reject bad cells, missing files are other
-    // cells' to make up for.
-    check_all(&fs, &files).await;
-    // The scrub finds every one and rebuilds it as it was.
+    out
+}
+
+/// Waits until every file in `damaged` has its bytes from before again.
+async fn rebuilt(damaged: &[(std::path::PathBuf, Vec<u8>)], within: Duration) {
     let t = Instant::now();
     loop {
         let left = damaged
@@ -1339,20 +1339,107 @@ async fn shard_files_deleted_or_damaged_on_disk_are_read_around_and_scrubbed_bac
             .filter(|(path, before)| std::fs::read(path).ok().as_ref() != Some(before))
             .count();
         if left == 0 {
-            break;
+            eprintln!(
+                "{} shard files rebuilt {:.1} s after the damage was read",
+                damaged.len(),
+                t.elapsed().as_secs_f64()
+            );
+            return;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(90),
+            t.elapsed() < within,
             "{left} of {} shard files not rebuilt after {:?}",
             damaged.len(),
             t.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!(
-        "all rebuilt {:.1} s after the damage",
-        t.elapsed().as_secs_f64()
-    );
+}
+
+/// Files of 1 to 4 MiB put under the root, and the cluster healthy.
+async fn some_files(c: &Cluster, fs: &Sealfs) -> Vec<(String, usize)> {
+    let mut files = Vec::new();
+    for i in 0..12u64 {
+        let len = ((i * 7919) as usize % (3 << 20)) + (1 << 20);
+        let name = format!("w{i:04}");
+        put(fs, &name, &contents(i, len)).await.unwrap();
+        files.push((name, len));
+    }
+    healthy(c, Duration::from_secs(60)).await;
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_files_deleted_or_damaged_on_disk_are_read_around_and_scrubbed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start_with(dir.path(), 4, 8, &["--scrub-every-s", "2"]);
+    let fs = connect(&c).await;
+    let files = some_files(&c, &fs).await;
+    // On server 2 every other shard file is deleted and the rest get a damaged cell; on
+    // server 1 one file per disk gets one. A stipe loses at most 8 of its 16 cells.
+    let mut damaged = damage(dir.path(), 2, |n, _| match n % 2 {
+        0 => Some(Harm::Delete),
+        _ => Some(Harm::Flip),
+    });
+    damaged.extend(damage(dir.path(), 1, |n, _| {
+        (n % 4 == 0).then_some(Harm::Flip)
+    }));
+    assert!(damaged.len() >= 8, "{} shard files damaged", damaged.len());
+    // Reads go around the damage at once: CRCs reject bad cells, missing files are other
+    // cells' to make up for.
+    check_all(&fs, &files).await;
+    // The scrub finds every one and rebuilds it as it was.
+    rebuilt(&damaged, Duration::from_secs(90)).await;
     healthy(&c, Duration::from_secs(60)).await;
     check_all(&fs, &files).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_finds_a_bad_cell_has_it_repaired_before_the_scrub() {
+    let dir = tempfile::tempdir().unwrap();
+    // No scrub within the test.
+    let c = Cluster::start_with(dir.path(), 4, 8, &["--scrub-every-s", "100000"]);
+    let fs = connect(&c).await;
+    let files = some_files(&c, &fs).await;
+    // Data cells (shards 0 to 7, the ones a healthy read asks for) damaged on server 2, and
+    // one shard file of data deleted on server 1.
+    let data = |name: &str| name.split('.').nth(1).is_some_and(|j| j < "08");
+    let mut damaged = damage(dir.path(), 2, |_, name| data(name).then_some(Harm::Flip));
+    let mut deleted = false;
+    damaged.extend(damage(dir.path(), 1, |_, name| {
+        (data(name) && !std::mem::replace(&mut deleted, true)).then_some(Harm::Delete)
+    }));
+    assert!(damaged.len() >= 2, "{} shard files damaged", damaged.len());
+    // The reads go around the bad cells and tell the holdfasts, which repair them.
+    check_all(&fs, &files).await;
+    rebuilt(&damaged, Duration::from_secs(30)).await;
+    check_all(&fs, &files).await;
+    // A holdfast refuses a list of stipes past the bound, and takes none past its blade's end.
+    let map = fs.map();
+    let (blade, b) = map.blades.iter().next().unwrap();
+    let holdfast = &map.servers[&b.shards[0].server].addr;
+    let client = sealfs_rpc::Client::new(holdfast.clone(), c.key(), Default::default());
+    for (stipes, want) in [
+        (vec![7u32; 4097], sealfs_rpc::Status::BadRequest as u16),
+        (vec![u32::MAX - 1], sealfs_rpc::Status::Ok as u16),
+    ] {
+        let req = sealfs_client::blades::SuspectReq {
+            blade: *blade,
+            stipes,
+        };
+        let r = client
+            .call(
+                sealfs_rpc::Request {
+                    op: sealfs_client::blades::OP_BLADE_SUSPECT,
+                    epoch: map.epoch,
+                    meta: postcard::to_stdvec(&req).unwrap().into(),
+                    data: bytes::Bytes::new(),
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, want);
+    }
+    healthy(&c, Duration::from_secs(30)).await;
 }
