@@ -238,6 +238,9 @@ struct GroupState {
     /// The first entry a failed write took out of memory, and why the write failed: told to
     /// a read that names it (until it is written, or cut off by a truncate or a purge).
     lost: Option<(u64, String)>,
+    /// Where each truncate handed to the log and not yet written cuts: the written entries
+    /// from the lowest of them on are gone for readers already.
+    cuts: Vec<u64>,
 }
 
 impl GroupState {
@@ -251,7 +254,10 @@ impl GroupState {
                     .into_iter()
                     .collect()
             }
-            Rec::Truncate { from, .. } => self.recent.split_off(from).into_values().collect(),
+            Rec::Truncate { from, .. } => {
+                self.cuts.push(*from);
+                self.recent.split_off(from).into_values().collect()
+            }
             Rec::Purge { upto, .. } => {
                 let kept = self.recent.split_off(&(upto.index + 1));
                 std::mem::replace(&mut self.recent, kept)
@@ -287,11 +293,32 @@ impl GroupState {
         (hi != u64::MAX && (lo..=hi).contains(i)).then_some(why.as_str())
     }
 
-    /// The last index, in memory or written.
+    /// The first index a truncate handed and not yet written has cut (`u64::MAX` if none).
+    fn cut(&self) -> u64 {
+        self.cuts.iter().min().copied().unwrap_or(u64::MAX)
+    }
+
+    /// The truncate from `from` is written, or failed to be: it no longer hides anything.
+    fn cut_done(&mut self, from: u64) {
+        if let Some(at) = self.cuts.iter().position(|c| *c == from) {
+            self.cuts.swap_remove(at);
+        }
+    }
+
+    /// The last index, in memory or written. An entry in memory is the newer of the two at
+    /// the same index (handed after a truncate that is not written yet).
     fn last(&self) -> Option<(u64, LogId<NodeId>)> {
         let mem = self.recent.last_key_value().map(|(i, (l, _))| (*i, *l));
-        let disk = self.entries.last_key_value().map(|(i, l)| (*i, l.log_id));
-        mem.into_iter().chain(disk).max_by_key(|(i, _)| *i)
+        let disk = self
+            .entries
+            .range(..self.cut())
+            .next_back()
+            .map(|(i, l)| (*i, l.log_id));
+        match (mem, disk) {
+            (Some(m), Some(d)) if d.0 > m.0 => Some(d),
+            (Some(m), _) => Some(m),
+            (None, d) => d,
+        }
     }
 }
 
@@ -348,7 +375,10 @@ impl State {
             }
             Rec::Vote { vote, .. } => gs.meta.vote = Some(vote),
             Rec::Committed { committed, .. } => gs.meta.committed = committed,
-            Rec::Truncate { from, .. } => gone.extend(gs.entries.split_off(&from).into_values()),
+            Rec::Truncate { from, .. } => {
+                gs.cut_done(from);
+                gone.extend(gs.entries.split_off(&from).into_values())
+            }
             Rec::Purge { upto, .. } => {
                 gs.meta.purged = Some(upto);
                 let kept = gs.entries.split_off(&(upto.index + 1));
@@ -759,7 +789,10 @@ impl Wal {
         gs.recent
             .get(&index)
             .map(|(l, _)| *l)
-            .or_else(|| gs.entries.get(&index).map(|l| l.log_id))
+            .or_else(|| match index < gs.cut() {
+                true => gs.entries.get(&index).map(|l| l.log_id),
+                false => None,
+            })
     }
 
     /// The bytes of a group's entries with index in `lo..=hi`, if all are in memory (`None`
@@ -804,9 +837,12 @@ impl Wal {
                 return Err(why.to_string());
             }
             let mut wanted = BTreeMap::new();
-            for (i, l) in gs.entries.range(lo..=hi) {
-                if let Some(s) = st.segments.get(&l.seg) {
-                    wanted.insert(*i, From::File(*l, s.file.clone()));
+            let cut = gs.cut();
+            if lo < cut {
+                for (i, l) in gs.entries.range(lo..=hi.min(cut - 1)) {
+                    if let Some(s) = st.segments.get(&l.seg) {
+                        wanted.insert(*i, From::File(*l, s.file.clone()));
+                    }
                 }
             }
             for (i, (_, b)) in gs.recent.range(lo..=hi) {
@@ -900,10 +936,17 @@ impl Committer {
                         _ => None,
                     })
                     .collect();
+                let cuts: Vec<(u64, u64)> = recs
+                    .iter()
+                    .filter_map(|r| match r {
+                        Rec::Truncate { group, from } => Some((*group, *from)),
+                        _ => None,
+                    })
+                    .collect();
                 let r = self.write(recs, durable);
                 if let Err(e) = &r {
                     tracing::error!("raft log write failed: {e}");
-                    self.forget_unwritten(&entries, e);
+                    self.forget_unwritten(&entries, &cuts, e);
                 }
                 for d in dones {
                     d(r.clone());
@@ -923,8 +966,15 @@ impl Committer {
     /// Takes entries of a failed write out of memory, where they were readable since they were
     /// handed: the log never had them (a group that starts again in this process must not
     /// count them, and they would hold back every later entry's leaving memory).
-    fn forget_unwritten(&self, entries: &[(u64, LogId<NodeId>)], error: &str) {
+    fn forget_unwritten(&self, entries: &[(u64, LogId<NodeId>)], cuts: &[(u64, u64)], error: &str) {
         let mut st = self.state.lock().expect("raft log index");
+        // A truncate that was not written cuts nothing: the file still has what it would
+        // have cut, and a group started again reads that.
+        for (group, from) in cuts {
+            if let Some(gs) = st.groups.get_mut(group) {
+                gs.cut_done(*from);
+            }
+        }
         for (group, log_id) in entries {
             let Some(gs) = st.groups.get_mut(group) else {
                 continue;
@@ -1526,12 +1576,16 @@ mod tests {
     fn entries_are_readable_before_they_are_written_and_the_last_stay_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let w = Wal::open(dir.path()).unwrap();
-        // The writer tells `done` on its own thread: this one holds it until let go.
+        // The writer tells `done` on its own thread: this one holds it until let go, so that
+        // what is handed meanwhile waits (it said it holds before the next are handed).
         let (gate, held) = std::sync::mpsc::channel::<()>();
+        let (holding, holds) = std::sync::mpsc::channel::<()>();
         let hold: Done = Box::new(move |_| {
+            let _ = holding.send(());
             let _ = held.recv();
         });
         w.write_then(vec![entry(1, 1, 1, 10)], true, hold).unwrap();
+        holds.recv().unwrap();
         let (tx, written) = std::sync::mpsc::channel();
         let tell: Done = Box::new(move |r| tx.send(r).unwrap());
         w.write_then((2..=4).map(|i| entry(1, 1, i, 10)).collect(), true, tell)
@@ -1590,6 +1644,63 @@ mod tests {
         let w = Wal::open(dir.path()).unwrap();
         assert_eq!(w.entries(1, 0, u64::MAX).unwrap().len(), 5);
         assert_eq!(w.last(1), Some(id(2, 200)));
+    }
+
+    #[test]
+    fn a_truncate_handed_hides_the_written_entries_it_cuts_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Wal::open(dir.path()).unwrap();
+        w.write_blocking((1..=6).map(|i| entry(1, 1, i, 10)).collect(), true)
+            .unwrap();
+        // Enough entries that the first written ones have left memory.
+        w.write_blocking((7..=300).map(|i| entry(1, 1, i, 10)).collect(), true)
+            .unwrap();
+        assert!(w.recent_entries(1, 1, 6).is_none());
+        // The writer held in a job's `done`: what is handed next is not written.
+        let (gate, held) = std::sync::mpsc::channel::<()>();
+        let (holding, holds) = std::sync::mpsc::channel::<()>();
+        let hold: Done = Box::new(move |_| {
+            let _ = holding.send(());
+            let _ = held.recv();
+        });
+        w.write_then(
+            vec![Rec::Committed {
+                group: 1,
+                committed: None,
+            }],
+            true,
+            hold,
+        )
+        .unwrap();
+        holds.recv().unwrap();
+        // A new leader's entry 4 replaces the written 4 to 300.
+        w.write_then(
+            vec![Rec::Truncate { group: 1, from: 4 }],
+            true,
+            Box::new(|_| ()),
+        )
+        .unwrap();
+        w.write_then(vec![entry(1, 2, 4, 7)], true, Box::new(|_| ()))
+            .unwrap();
+        assert_eq!(w.last(1), Some(id(2, 4)));
+        assert_eq!(w.log_id(1, 4), Some(id(2, 4)));
+        assert_eq!(w.log_id(1, 5), None);
+        let all = w.entries(1, 1, u64::MAX).unwrap();
+        assert_eq!(
+            all.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [10, 10, 10, 7]
+        );
+        gate.send(()).unwrap();
+        // Written: the same, and so after a reopen.
+        w.write_blocking(vec![entry(1, 2, 5, 8)], true).unwrap();
+        assert_eq!(w.last(1), Some(id(2, 5)));
+        drop(w);
+        let w = Wal::open(dir.path()).unwrap();
+        let all = w.entries(1, 1, u64::MAX).unwrap();
+        assert_eq!(
+            all.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [10, 10, 10, 7, 8]
+        );
     }
 
     /// A full disk: the write that needs a new segment fails, saying why, and leaves nothing of
