@@ -95,7 +95,8 @@ pub struct RepairReport {
 }
 
 impl RepairReport {
-    fn add(&mut self, o: RepairReport) {
+    /// Adds what another pass found (of another range or blade) to this one.
+    pub fn add(&mut self, o: RepairReport) {
         self.stipes_checked += o.stipes_checked;
         self.stipes_fixed += o.stipes_fixed;
         self.cells_rewritten += o.cells_rewritten;

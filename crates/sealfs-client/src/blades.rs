@@ -293,13 +293,7 @@ impl BladeHost {
                             r.unrecoverable
                         );
                     }
-                    all.stipes_checked += r.stipes_checked;
-                    all.stipes_fixed += r.stipes_fixed;
-                    all.cells_rewritten += r.cells_rewritten;
-                    all.rolled_back += r.rolled_back;
-                    all.cells_failed += r.cells_failed;
-                    all.stipes_failed.extend(r.stipes_failed);
-                    all.unrecoverable.extend(r.unrecoverable);
+                    all.add(r);
                 }
                 Err(e) => tracing::warn!("scrub of blade {blade:08x}: {e}"),
             }

@@ -1577,15 +1577,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Wal::open(dir.path()).unwrap();
         // The writer tells `done` on its own thread: this one holds it until let go, so that
-        // what is handed meanwhile waits (it said it holds before the next are handed).
-        let (gate, held) = std::sync::mpsc::channel::<()>();
-        let (holding, holds) = std::sync::mpsc::channel::<()>();
-        let hold: Done = Box::new(move |_| {
-            let _ = holding.send(());
-            let _ = held.recv();
-        });
-        w.write_then(vec![entry(1, 1, 1, 10)], true, hold).unwrap();
-        holds.recv().unwrap();
+        // what is handed meanwhile waits.
+        let gate = hold_writer(&w, vec![entry(1, 1, 1, 10)]);
         let (tx, written) = std::sync::mpsc::channel();
         let tell: Done = Box::new(move |r| tx.send(r).unwrap());
         w.write_then((2..=4).map(|i| entry(1, 1, i, 10)).collect(), true, tell)
@@ -1646,6 +1639,20 @@ mod tests {
         assert_eq!(w.last(1), Some(id(2, 200)));
     }
 
+    /// Hands `recs` and returns once the writer, having written them, is held in their
+    /// `done` until the returned sender sends (or is dropped).
+    fn hold_writer(w: &Wal, recs: Vec<Rec>) -> std::sync::mpsc::Sender<()> {
+        let (gate, held) = std::sync::mpsc::channel::<()>();
+        let (holding, holds) = std::sync::mpsc::channel::<()>();
+        let hold: Done = Box::new(move |_| {
+            let _ = holding.send(());
+            let _ = held.recv();
+        });
+        w.write_then(recs, true, hold).unwrap();
+        holds.recv().unwrap();
+        gate
+    }
+
     #[test]
     fn a_truncate_handed_hides_the_written_entries_it_cuts_until_it_is_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -1657,22 +1664,11 @@ mod tests {
             .unwrap();
         assert!(w.recent_entries(1, 1, 6).is_none());
         // The writer held in a job's `done`: what is handed next is not written.
-        let (gate, held) = std::sync::mpsc::channel::<()>();
-        let (holding, holds) = std::sync::mpsc::channel::<()>();
-        let hold: Done = Box::new(move |_| {
-            let _ = holding.send(());
-            let _ = held.recv();
-        });
-        w.write_then(
-            vec![Rec::Committed {
-                group: 1,
-                committed: None,
-            }],
-            true,
-            hold,
-        )
-        .unwrap();
-        holds.recv().unwrap();
+        let committed = Rec::Committed {
+            group: 1,
+            committed: None,
+        };
+        let gate = hold_writer(&w, vec![committed]);
         // A new leader's entry 4 replaces the written 4 to 300.
         w.write_then(
             vec![Rec::Truncate { group: 1, from: 4 }],

@@ -42,25 +42,34 @@ async fn get(fs: &Sealfs, name: &str) -> Result<Vec<u8>, Error> {
     fs.read(ino, 0, size).await
 }
 
+/// The files under `dir` (at any depth) whose names end in `.ext`, in a stable order.
+fn files_under(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == ext) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Shard files with data on each disk of each server.
 fn shard_files(dir: &Path, servers: usize) -> BTreeMap<(usize, usize), usize> {
     let mut out = BTreeMap::new();
     for s in 0..servers {
         for d in 0..4 {
-            let mut n = 0;
-            let mut stack = vec![dir.join(format!("s{s}/disk{d}"))];
-            while let Some(p) = stack.pop() {
-                for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-                    let path = e.path();
-                    if path.is_dir() {
-                        stack.push(path);
-                    } else if e.metadata().map(|m| m.len() > 0).unwrap_or(false)
-                        && path.extension().is_some_and(|x| x == "kelp")
-                    {
-                        n += 1;
-                    }
-                }
-            }
+            let files = files_under(&dir.join(format!("s{s}/disk{d}")), "kelp");
+            let n = files
+                .iter()
+                .filter(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+                .count();
             out.insert((s, d), n);
         }
     }
@@ -1063,19 +1072,7 @@ async fn blobs_are_stored_read_and_updated_in_place() {
 
 /// The raft log segments under `dir` (a server's state folder).
 fn log_segments(dir: &Path) -> usize {
-    let mut n = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|x| x == "wal") {
-                n += 1;
-            }
-        }
-    }
-    n
+    files_under(dir, "wal").len()
 }
 
 /// The folder a server keeps its Raft log and partition stores in fills up: its replicas stop
@@ -1277,20 +1274,7 @@ async fn data_disks_that_fill_refuse_writes_with_enospc_and_lose_nothing() {
 
 /// The shard files (`.kelp`) under server `s`'s disks, in a stable order.
 fn kelp_files(dir: &Path, s: usize) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join(format!("s{s}"))];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|x| x == "kelp") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
+    files_under(&dir.join(format!("s{s}")), "kelp")
 }
 
 /// What [`damage`] does to a shard file.
