@@ -1592,14 +1592,7 @@ mod tests {
         assert!(got[1].iter().all(|b| *b == 3));
         assert_eq!(w.last(1), Some(id(1, 4)));
         // A truncate handed to the log hides what it cuts at once; a new entry replaces it.
-        w.write_then(
-            vec![Rec::Truncate { group: 1, from: 4 }],
-            true,
-            Box::new(|_| ()),
-        )
-        .unwrap();
-        w.write_then(vec![entry(1, 2, 4, 7)], true, Box::new(|_| ()))
-            .unwrap();
+        replace_from_4(&w);
         let got = w.recent_entries(1, 1, u64::MAX).unwrap();
         assert_eq!(
             got.iter().map(|b| b.len()).collect::<Vec<_>>(),
@@ -1639,6 +1632,15 @@ mod tests {
         assert_eq!(w.last(1), Some(id(2, 200)));
     }
 
+    /// Hands what a follower gets from a new leader (term 2) whose log differs from index 4 on:
+    /// a truncate from 4 and the leader's entry 4 (7 bytes).
+    fn replace_from_4(w: &Wal) {
+        let cut = vec![Rec::Truncate { group: 1, from: 4 }];
+        w.write_then(cut, true, Box::new(|_| ())).unwrap();
+        w.write_then(vec![entry(1, 2, 4, 7)], true, Box::new(|_| ()))
+            .unwrap();
+    }
+
     /// Hands `recs` and returns once the writer, having written them, is held in their
     /// `done` until the returned sender sends (or is dropped).
     fn hold_writer(w: &Wal, recs: Vec<Rec>) -> std::sync::mpsc::Sender<()> {
@@ -1670,14 +1672,7 @@ mod tests {
         };
         let gate = hold_writer(&w, vec![committed]);
         // A new leader's entry 4 replaces the written 4 to 300.
-        w.write_then(
-            vec![Rec::Truncate { group: 1, from: 4 }],
-            true,
-            Box::new(|_| ()),
-        )
-        .unwrap();
-        w.write_then(vec![entry(1, 2, 4, 7)], true, Box::new(|_| ()))
-            .unwrap();
+        replace_from_4(&w);
         assert_eq!(w.last(1), Some(id(2, 4)));
         assert_eq!(w.log_id(1, 4), Some(id(2, 4)));
         assert_eq!(w.log_id(1, 5), None);
