@@ -159,6 +159,10 @@ impl Node {
         s.near.add(handle.addr().to_string(), store, dispatch);
         let mut tasks = Vec::new();
         if let (Some(maps), Some(meta), Some(blades)) = (maps, meta.clone(), blades) {
+            // The map followed every second on its own, not only between passes of following
+            // the partitions (which may take a while): a holdfast opens a blade with it when
+            // the manager does not answer.
+            tasks.push(maps.watch(Duration::from_secs(1)));
             tasks.push(tokio::spawn(take_part(
                 maps,
                 meta.clone(),

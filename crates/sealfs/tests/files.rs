@@ -1427,3 +1427,45 @@ async fn a_read_that_finds_a_bad_cell_has_it_repaired_before_the_scrub() {
     }
     healthy(&c, Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_manager_killed_files_go_on_and_it_comes_back_with_its_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 4, 8);
+    let fs = connect(&c).await;
+    let before = workload(fs.clone(), 0, 10).await;
+    assert_eq!(before.len(), 10);
+    // The servers follow the map every second: past that, they know every blade the
+    // client may write to without asking the manager.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.manager = None; // SIGKILL: files are put and read with the map the client and the
+                      // servers hold.
+    let t = Instant::now();
+    let during = workload(fs.clone(), 100, 10).await;
+    assert_eq!(during.len(), 10, "puts with the manager down");
+    check_all(&fs, &before).await;
+    check_all(&fs, &during).await;
+    eprintln!(
+        "10 files put and 20 read back in {:.1} s with the manager down",
+        t.elapsed().as_secs_f64()
+    );
+    // Status says the manager does not answer, within seconds.
+    let t = Instant::now();
+    let (code, _, err) = c.cli(&["status"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains(&c.manager_addr), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    eprintln!(
+        "status failed in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        err.trim()
+    );
+    // Started again on its folder, it has the map: all four servers, healthy.
+    c.start_manager();
+    healthy(&c, Duration::from_secs(60)).await;
+    let after = workload(fs.clone(), 200, 5).await;
+    assert_eq!(after.len(), 5);
+    check_all(&fs, &before).await;
+    check_all(&fs, &during).await;
+    check_all(&fs, &after).await;
+}
