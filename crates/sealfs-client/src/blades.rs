@@ -169,6 +169,12 @@ fn failed(e: KelpError) -> Response {
     }
 }
 
+/// The address of the server holding shard 0 of `blade` (its holdfast), as `map` has it.
+pub fn holdfast_addr(map: &ClusterMap, blade: u32) -> Option<String> {
+    let b = map.blades.get(&blade)?;
+    map.servers.get(&b.shards[0].server).map(|s| s.addr.clone())
+}
+
 fn err(status: Status, m: impl Into<String>) -> Response {
     Response::error(status as u16, m)
 }
@@ -225,7 +231,7 @@ impl BladeHost {
     /// that the first writes after a start find them open. A blade that cannot open yet (its
     /// shard servers not up) opens on first use.
     pub async fn open_all(&self) {
-        let Some((mine, epoch)) = self.mine().await else {
+        let Some(mine) = self.mine().await else {
             return;
         };
         let t = std::time::Instant::now();
@@ -239,7 +245,7 @@ impl BladeHost {
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                self.holdfast(blade, epoch).await.is_ok()
+                self.holdfast(blade).await.is_ok()
             })
             .buffer_unordered(2)
             .filter(|ok| std::future::ready(*ok))
@@ -250,9 +256,9 @@ impl BladeHost {
         }
     }
 
-    /// The blades whose shard 0 is on this server (it is their holdfast), and the map's epoch;
-    /// `None` before it registered or while the manager does not answer.
-    async fn mine(&self) -> Option<(Vec<u32>, u64)> {
+    /// The blades whose shard 0 is on this server (it is their holdfast); `None` before it
+    /// registered or while the manager does not answer.
+    async fn mine(&self) -> Option<Vec<u32>> {
         let me = (*self.me.lock().expect("me"))?;
         let map = self.maps.refresh().await.ok()?;
         let mine = map
@@ -261,7 +267,7 @@ impl BladeHost {
             .filter(|(_, b)| b.shards.first().is_some_and(|s| s.server == me))
             .map(|(id, _)| *id)
             .collect();
-        Some((mine, map.epoch))
+        Some(mine)
     }
 
     /// Scrubs every blade this server is the holdfast of, one after the other, reading at most
@@ -269,13 +275,13 @@ impl BladeHost {
     /// stale or corrupt are rebuilt (DESIGN 4.5). Returns what it found, over all blades.
     pub async fn scrub_pass(&self, pace: u64) -> kelp::RepairReport {
         let mut all = kelp::RepairReport::default();
-        let Some((mine, epoch)) = self.mine().await else {
+        let Some(mine) = self.mine().await else {
             return all;
         };
         let t = std::time::Instant::now();
         let blades = mine.len();
         for blade in mine {
-            let r = match self.holdfast(blade, epoch).await {
+            let r = match self.holdfast(blade).await {
                 Ok(h) => h.scrub((pace > 0).then_some(pace)).await,
                 Err(e) => {
                     let why = String::from_utf8_lossy(&e.meta).into_owned();
@@ -334,7 +340,7 @@ impl BladeHost {
             .await
     }
 
-    async fn holdfast(&self, blade: u32, epoch: u64) -> Result<Holdfast, Response> {
+    async fn holdfast(&self, blade: u32) -> Result<Holdfast, Response> {
         let Some(me) = *self.me.lock().expect("me") else {
             return Err(err(
                 Status::Unavailable,
@@ -348,23 +354,21 @@ impl BladeHost {
             .entry(blade)
             .or_default()
             .clone();
-        cell.get_or_try_init(|| self.open_one(blade, epoch, me))
+        cell.get_or_try_init(|| self.open_one(blade, me))
             .await
             .cloned()
     }
 
-    async fn open_one(&self, blade: u32, epoch: u64, me: u64) -> Result<Holdfast, Response> {
+    async fn open_one(&self, blade: u32, me: u64) -> Result<Holdfast, Response> {
+        // A blade's shards stay where they were placed: a map that has the blade places it as
+        // the newest would, and the manager is asked only for a blade this one lacks.
         let mut map = self.maps.get();
-        if !map.blades.contains_key(&blade) || map.epoch < epoch {
-            match self.maps.refresh().await {
-                Ok(m) => map = m,
-                // A blade's shards stay where they were placed: the map at hand places it
-                // as the newest would, and the manager is not needed to open it.
-                Err(e) if map.blades.contains_key(&blade) => {
-                    tracing::debug!("blade {blade:08x} opens with the map at hand: {e}")
-                }
-                Err(e) => return Err(err(Status::Unavailable, e.to_string())),
-            }
+        if !map.blades.contains_key(&blade) {
+            map = self
+                .maps
+                .refresh()
+                .await
+                .map_err(|e| err(Status::Unavailable, e.to_string()))?;
         }
         let Some(b) = map.blades.get(&blade) else {
             return Err(err(Status::BadRequest, format!("no blade {blade:08x}")));
@@ -405,7 +409,7 @@ impl BladeHost {
         let Ok(b) = postcard::from_bytes::<BladeReq>(&req.meta) else {
             return err(Status::BadRequest, "malformed blade request");
         };
-        let h = match self.holdfast(b.blade, req.epoch).await {
+        let h = match self.holdfast(b.blade).await {
             Ok(h) => h,
             Err(r) => return r,
         };

@@ -182,12 +182,7 @@ async fn tell_holdfasts(
     while let Some((blade, mut stipes)) = rx.recv().await {
         stipes.truncate(blades::SUSPECT_MAX);
         let map = maps.get();
-        let Some(addr) = map
-            .blades
-            .get(&blade)
-            .and_then(|b| map.servers.get(&b.shards[0].server))
-            .map(|s| s.addr.clone())
-        else {
+        let Some(addr) = blades::holdfast_addr(&map, blade) else {
             continue;
         };
         tracing::info!(
@@ -1122,9 +1117,7 @@ impl Sealfs {
     }
 
     fn holdfast_addr(&self, blade: u32) -> Option<String> {
-        let map = self.maps.get();
-        let b = map.blades.get(&blade)?;
-        map.servers.get(&b.shards[0].server).map(|s| s.addr.clone())
+        blades::holdfast_addr(&self.maps.get(), blade)
     }
 
     /// Appends one frond of `data`; tries other blades when a holdfast fails. ENOSPC when

@@ -16,10 +16,7 @@ const QUIET_PORT_TRIES: usize = 64;
 /// room. They are held until all are chosen, so that they differ; the caller reads their
 /// addresses and drops them for its processes to bind.
 pub fn quiet_listeners(host: &str, n: usize) -> std::io::Result<Vec<TcpListener>> {
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let first_ephemeral = first_ephemeral().unwrap_or(32768);
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(std::io::Error::other)?;
     let mut pick = u64::from_le_bytes(seed);
@@ -48,6 +45,13 @@ pub fn quiet_listeners(host: &str, n: usize) -> std::io::Result<Vec<TcpListener>
     Ok(held)
 }
 
+/// The first port of the kernel's ephemeral range, if it says.
+fn first_ephemeral() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,10 +64,7 @@ mod tests {
             .map(|l| l.local_addr().unwrap().port())
             .collect();
         assert_eq!(ports.len(), 32);
-        let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
-        if let Some(first) = first_ephemeral.filter(|f| *f > QUIET_PORT_MIN + 1000) {
+        if let Some(first) = first_ephemeral().filter(|f| *f > QUIET_PORT_MIN + 1000) {
             assert!(
                 ports.iter().all(|p| (QUIET_PORT_MIN..first).contains(p)),
                 "{ports:?}"
