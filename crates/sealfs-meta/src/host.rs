@@ -15,7 +15,8 @@ use sealfs_rpc::{Request, Response, Status};
 
 use crate::{
     group_of, now_nanos, Errno, FollowUp, Intent, MetaClient, Nanos, Op, PartitionMachine, Query,
-    ReplicaReport, Reply, Unsettled, OP_META_READ, OP_META_REPLICAS, OP_META_WRITE, RESTART_AFTER,
+    ReplicaReport, Reply, Unsettled, OP_META_READ, OP_META_REPLICAS, OP_META_ROOM, OP_META_WRITE,
+    RESTART_AFTER,
 };
 
 /// Settings of the partitions' background work.
@@ -29,6 +30,11 @@ pub struct HostConfig {
     pub orphan_grace: Duration,
     /// How often the background work runs.
     pub every: Duration,
+    /// Bytes kept free on the disk of the partitions' files: below this, commands that add
+    /// metadata (creates, mkdirs, links, extents, xattrs) are refused with ENOSPC before they
+    /// reach the Raft log, so that removals, renames and truncates still find room to free
+    /// space.
+    pub reserve: u64,
 }
 
 impl Default for HostConfig {
@@ -37,9 +43,14 @@ impl Default for HostConfig {
             intent_grace: Duration::from_secs(5),
             orphan_grace: Duration::from_secs(60),
             every: Duration::from_secs(2),
+            reserve: RESERVE_DEFAULT,
         }
     }
 }
+
+/// [`HostConfig::reserve`] unless set: room for the removals that free a full disk (a
+/// partition's store copies the pages it changes; the Raft log takes 16 MiB segments).
+pub const RESERVE_DEFAULT: u64 = 64 << 20;
 
 /// The metadata partitions of one server.
 pub struct MetaHost {
@@ -52,8 +63,15 @@ pub struct MetaHost {
     starting: tokio::sync::Mutex<()>,
     /// When each stopped replica was last started again.
     restarted: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
+    /// The other members of each partition hosted here (their addresses), from the map.
+    others: RwLock<HashMap<u32, Vec<String>>>,
+    /// Whether each server asked had room, and when it answered.
+    rooms: std::sync::Mutex<HashMap<String, (std::time::Instant, bool)>>,
     cfg: HostConfig,
 }
+
+/// How long a server's answer to [`OP_META_ROOM`] is taken as true.
+const ROOM_FRESH: Duration = Duration::from_secs(1);
 
 fn reply(r: &Reply) -> Response {
     match postcard::to_stdvec(r) {
@@ -90,6 +108,8 @@ impl MetaHost {
             log: std::sync::Mutex::new(None),
             starting: tokio::sync::Mutex::new(()),
             restarted: std::sync::Mutex::default(),
+            others: RwLock::default(),
+            rooms: std::sync::Mutex::default(),
             cfg,
         })
     }
@@ -112,6 +132,20 @@ impl MetaHost {
     pub async fn follow(&self, map: &ClusterMap, me: u64) -> Result<(), String> {
         let _one = self.starting.lock().await;
         self.restart_stopped().await;
+        *self.others.write().expect("others") = map
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, set)| set.contains(&me))
+            .map(|(p, set)| {
+                let addrs = set
+                    .iter()
+                    .filter(|s| **s != me)
+                    .filter_map(|s| map.servers.get(s).map(|e| e.addr.clone()))
+                    .collect();
+                (p as u32, addrs)
+            })
+            .collect();
         for (p, set) in map.partitions.iter().enumerate() {
             let p = p as u32;
             if !set.contains(&me) || self.group(p).is_some() {
@@ -198,6 +232,9 @@ impl MetaHost {
                 // One line per command at `--log trace` (how many commands a workload
                 // makes, by kind: docs/performance.md).
                 tracing::trace!("partition {p}: command {}", kind(op.inner()));
+                if adds(op.inner()) && !self.room() && !self.room_elsewhere(p).await {
+                    return reply(&Reply::Error(Errno::NOSPC));
+                }
                 let now = now_nanos();
                 op.set_now(now);
                 op.set_deadline(now, self.step_allowed());
@@ -218,6 +255,7 @@ impl MetaHost {
                     Err(e) => reply(&group_reply(e, &g)),
                 }
             }
+            OP_META_ROOM => Response::ok(Bytes::from(vec![u8::from(self.room())]), Bytes::new()),
             OP_META_REPLICAS => {
                 let list: Vec<ReplicaReport> = self
                     .groups
@@ -239,6 +277,57 @@ impl MetaHost {
                 format!("metadata: unknown operation {op:#x}"),
             ),
         }
+    }
+
+    /// Whether the disk of the partitions' files has more than the reserve free (true when
+    /// that cannot be told: the log's own writes then report a full disk).
+    fn room(&self) -> bool {
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) >= self.cfg.reserve,
+            Err(_) => true,
+        }
+    }
+
+    /// Whether another member of partition `p` has room: then a command that adds metadata
+    /// goes ahead here although this disk is short, as it did before there was a reserve (if
+    /// this replica's log fills, it stops and a member with room leads). Only when no member
+    /// has room (their disks fill together, or share one) is the command refused. A member
+    /// that does not answer within a second has none.
+    async fn room_elsewhere(&self, p: u32) -> bool {
+        let others = self
+            .others
+            .read()
+            .expect("others")
+            .get(&p)
+            .cloned()
+            .unwrap_or_default();
+        for addr in others {
+            let known = self.rooms.lock().expect("rooms").get(&addr).copied();
+            let room = match known {
+                Some((at, room)) if at.elapsed() < ROOM_FRESH => room,
+                _ => {
+                    let req = Request {
+                        op: OP_META_ROOM,
+                        epoch: 0,
+                        meta: Bytes::new(),
+                        data: Bytes::new(),
+                    };
+                    let room = self
+                        .peers
+                        .client(&addr)
+                        .call(req, Duration::from_secs(1))
+                        .await
+                        .is_ok_and(|r| r.status == 0 && r.meta.first() == Some(&1));
+                    let now = std::time::Instant::now();
+                    self.rooms.lock().expect("rooms").insert(addr, (now, room));
+                    room
+                }
+            };
+            if room {
+                return true;
+            }
+        }
+        false
     }
 
     /// Proposes `op` on partition `p` and completes the intents it recorded.
@@ -447,4 +536,20 @@ async fn forget_intent(g: &Group, id: u64) -> Result<(), Errno> {
     let b = postcard::to_stdvec(&Op::ClearIntent { id }).map_err(|_| Errno::INVAL)?;
     g.write(b).await.map_err(|_| Errno::UNAVAILABLE)?;
     Ok(())
+}
+
+/// Whether `op` begins an operation that adds metadata (refused when the disk is nearly
+/// full). Later steps of an operation already begun, removals, renames and attribute changes
+/// are not: what was started finishes, and what frees space still can.
+fn adds(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::EnsureRoot { .. }
+            | Op::Create { .. }
+            | Op::MkdirAlloc { .. }
+            | Op::Link { .. }
+            | Op::LinkPrepare { .. }
+            | Op::Write { .. }
+            | Op::SetXattr { .. }
+    )
 }

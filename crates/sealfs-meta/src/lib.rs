@@ -18,7 +18,7 @@ pub mod route;
 
 use serde::{Deserialize, Serialize};
 
-pub use host::{HostConfig, MetaHost};
+pub use host::{HostConfig, MetaHost, RESERVE_DEFAULT};
 pub use machine::PartitionMachine;
 pub use route::MetaClient;
 
@@ -28,6 +28,9 @@ pub const OP_META_WRITE: u16 = 0x0401;
 pub const OP_META_READ: u16 = 0x0402;
 /// The replicas a server runs: [`ReplicaReport`]s (meta empty).
 pub const OP_META_REPLICAS: u16 = 0x0403;
+/// Whether the server's partition disk has more than its reserve free: one byte, 1 if so
+/// (meta empty).
+pub const OP_META_ROOM: u16 = 0x0404;
 /// A replica that stopped on its own is started again at most this often.
 pub const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 

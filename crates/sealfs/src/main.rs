@@ -163,6 +163,10 @@ struct ServerArgs {
     /// How fast a scrub reads, in MB of cells a second (0: as fast as the disks go).
     #[arg(long, default_value_t = node::Scrub::default().pace / 1_000_000)]
     scrub_mb_s: u64,
+    /// MiB kept free on the disk of --data-dir: with less, creates, mkdirs, links, writes
+    /// and xattrs are refused (ENOSPC) and removals still work.
+    #[arg(long, default_value_t = sealfs_meta::RESERVE_DEFAULT >> 20)]
+    meta_reserve_mb: u64,
     /// A TOML file with any of: listen, data_dir, disks, secret_file. Flags and environment
     /// variables take precedence over it.
     #[arg(long, env = "SEALFS_CONFIG")]
@@ -183,6 +187,7 @@ struct ServerFile {
 /// Server settings after flags, environment, the config file and defaults, in that order.
 struct ServerSettings {
     orphan_grace_ms: u64,
+    meta_reserve: u64,
     scrub: node::Scrub,
     zone: String,
     listen: String,
@@ -221,6 +226,7 @@ impl ServerArgs {
         }
         Ok(ServerSettings {
             orphan_grace_ms: self.orphan_grace_ms,
+            meta_reserve: self.meta_reserve_mb.saturating_mul(1 << 20),
             scrub: node::Scrub {
                 every: std::time::Duration::from_secs(self.scrub_every_s),
                 pace: self.scrub_mb_s.saturating_mul(1_000_000),
@@ -456,6 +462,7 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
         manager,
         host: sealfs_meta::HostConfig {
             orphan_grace: std::time::Duration::from_millis(a.orphan_grace_ms),
+            reserve: a.meta_reserve,
             ..Default::default()
         },
         scrub: a.scrub,

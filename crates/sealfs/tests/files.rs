@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sealfs_client::{Error, FileKind, NewFile, Sealfs};
-use sealfs_meta::{now_nanos, partition_of, second_step, Op, Reply};
+use sealfs_meta::{now_nanos, partition_of, second_step, Op, Reply, SetAttr};
 
 mod common;
 use common::Cluster;
@@ -1269,6 +1269,115 @@ async fn data_disks_that_fill_refuse_writes_with_enospc_and_lose_nothing() {
     );
     check_all(&fs, &acked).await;
     check_all(&fs, &more).await;
+    drop(c);
+}
+
+/// Fills the file system holding `dir` with a file `dir/filler` until `left` bytes are free.
+fn fill_to(dir: &Path, left: u64) {
+    let st = rustix::fs::statvfs(dir).expect("statvfs");
+    let free = st.f_bavail * st.f_frsize;
+    let f = std::fs::File::create(dir.join("filler")).expect("filler");
+    f.set_len(0).unwrap();
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(f);
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut want = free.saturating_sub(left);
+    while want > 0 {
+        let n = want.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n]).expect("fill");
+        want -= n as u64;
+    }
+    w.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each server's state folder (its Raft log and partition stores) is a 64 MiB tmpfs.
+    let mut states = Vec::new();
+    for s in 0..4 {
+        let Some(t) =
+            sealfs_raft::testing::Tmpfs::mount(&dir.path().join(format!("s{s}/state")), "64m")
+        else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        states.push(t);
+    }
+    let c = Cluster::start_with(dir.path(), 4, 8, &["--meta-reserve-mb", "24"]);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    let mut acked = Vec::new();
+    for i in 0..20u64 {
+        // Small files are kept in the metadata; every fourth has fronds on the data disks.
+        let len = if i % 4 == 0 { 300 << 10 } else { 1000 };
+        put(&fs, &format!("m{i:04}"), &contents(i, len))
+            .await
+            .unwrap();
+        acked.push((format!("m{i:04}"), len));
+    }
+    // 12 MiB left on every state disk: under the reserve.
+    for s in 0..4 {
+        fill_to(&dir.path().join(format!("s{s}/state")), 12 << 20);
+    }
+    let t = Instant::now();
+    let root = fs.root();
+    let made = fs.create(root, b"new", &NewFile::file(0o644)).await;
+    assert_eq!(made.err(), Some(Error::NOSPC), "a create");
+    let took = t.elapsed();
+    assert_eq!(
+        fs.mkdir(root, b"dir", 0o755, 0, 0).await.err(),
+        Some(Error::NOSPC)
+    );
+    let (ino1, _) = fs.lookup(root, b"m0001").await.unwrap();
+    assert_eq!(
+        fs.link(ino1, root, b"l0001").await.err(),
+        Some(Error::NOSPC)
+    );
+    assert_eq!(
+        fs.setxattr(ino1, b"user.a", b"b", 0).await.err(),
+        Some(Error::NOSPC)
+    );
+    let (ino4, _) = fs.lookup(root, b"m0004").await.unwrap();
+    assert_eq!(
+        fs.write(ino4, 0, &contents(99, 300 << 10)).await.err(),
+        Some(Error::NOSPC),
+        "an overwrite"
+    );
+    eprintln!("a create refused in {took:?}");
+    assert!(took < Duration::from_secs(5), "refused only after {took:?}");
+    // What frees space, or needs none, still works; nothing acknowledged changed.
+    fs.unlink(root, b"m0002").await.unwrap();
+    acked.retain(|(n, _)| n != "m0002");
+    fs.rename(root, b"m0003", root, b"m0003-renamed", 0)
+        .await
+        .unwrap();
+    let set = SetAttr {
+        perm: Some(0o600),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(ino1, set).await.unwrap().perm, 0o600);
+    let set = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(ino4, set).await.unwrap().size, 0);
+    acked.retain(|(n, _)| n != "m0003" && n != "m0004");
+    check_all(&fs, &acked).await;
+    let got = get(&fs, "m0003-renamed").await.unwrap();
+    assert!(got == contents(3, 1000), "the renamed file changed");
+    // Room again: new entries go in at once.
+    for s in 0..4 {
+        std::fs::remove_file(dir.path().join(format!("s{s}/state/filler"))).unwrap();
+    }
+    for i in 20..25u64 {
+        put(&fs, &format!("m{i:04}"), &contents(i, 1000))
+            .await
+            .unwrap();
+        acked.push((format!("m{i:04}"), 1000));
+    }
+    fs.mkdir(root, b"dir", 0o755, 0, 0).await.unwrap();
+    check_all(&fs, &acked).await;
     drop(c);
 }
 
