@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use kelp::{BladeLayout, Holdfast, HoldfastConfig, KelpError, Profile, ShardPlacement, ShardStore};
-use sealfs_manager::map::ClusterMap;
+use sealfs_manager::map::{BladeChange, BladeState, ClusterMap};
 use sealfs_manager::MapCache;
 use sealfs_raft::Peers;
 use sealfs_rpc::{Handler, Request, Response, Status};
@@ -77,7 +77,16 @@ pub struct BladeReq {
 #[derive(Serialize, Deserialize)]
 pub struct AppendReq {
     pub blade: u32,
+    /// A blob (nothing in the namespace will refer to it): the blade is marked as holding
+    /// blobs, never reclaimed, before the append.
+    pub blob: bool,
 }
+
+/// The blade is sealed (full): append elsewhere.
+pub const STATUS_SEALED: u16 = 258;
+
+/// Payload bytes after which a blade takes no more appends, unless set otherwise.
+pub const SEAL_DEFAULT: u64 = 1 << 30;
 
 /// Where an appended frond is.
 #[derive(Serialize, Deserialize)]
@@ -156,6 +165,12 @@ pub struct BladeHost {
     /// Each blade's holdfast, opened once (an open reads the blade's tail: one slow open must
     /// not hold up the others).
     open: Mutex<HashMap<u32, Arc<tokio::sync::OnceCell<Holdfast>>>>,
+    /// Payload bytes after which a blade is sealed.
+    seal_at: std::sync::atomic::AtomicU64,
+    /// When this server first saw each of its blades sealed.
+    sealed_at: Mutex<HashMap<u32, std::time::Instant>>,
+    /// Blades whose shard files are being deleted: never opened again.
+    gone: Mutex<std::collections::HashSet<u32>>,
 }
 
 /// The answer to a data operation that failed: bad input, no space left on enough of the
@@ -201,7 +216,121 @@ impl BladeHost {
             near,
             me: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
+            seal_at: SEAL_DEFAULT.into(),
+            sealed_at: Mutex::default(),
+            gone: Mutex::default(),
         }
+    }
+
+    /// Seals blades once they hold `bytes` of payload.
+    pub fn set_seal_at(&self, bytes: u64) {
+        self.seal_at
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sealed(&self, h: &Holdfast) -> bool {
+        h.append_pointer() >= self.seal_at.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tells the manager of the blades open here that are full and not sealed in the map yet,
+    /// so that clients stop choosing them.
+    pub async fn seal_full(&self) {
+        let map = self.maps.get();
+        for h in self.opened() {
+            let blade = h.layout().blade;
+            let open = map
+                .blades
+                .get(&blade)
+                .is_some_and(|b| b.state == BladeState::Open);
+            if open && self.sealed(&h) {
+                match self
+                    .maps
+                    .manager()
+                    .change_blade(blade, BladeChange::Seal)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!("blade {blade:08x} sealed at {} bytes", h.append_pointer())
+                    }
+                    Err(e) => tracing::warn!("sealing blade {blade:08x}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// The blades this server is the holdfast of that have been sealed, without blobs, for
+    /// at least `grace` as far as this server has seen (since its start at most): those
+    /// whose last appends had time to be recorded, or given up.
+    pub fn sealed_since(&self, grace: Duration) -> Vec<u32> {
+        let Some(me) = *self.me.lock().expect("me") else {
+            return Vec::new();
+        };
+        let map = self.maps.get();
+        let mut seen = self.sealed_at.lock().expect("sealed");
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        for (id, b) in &map.blades {
+            if b.shards[0].server != me || b.state != BladeState::Sealed || b.blobs {
+                continue;
+            }
+            if now.duration_since(*seen.entry(*id).or_insert(now)) >= grace {
+                out.push(*id);
+            }
+        }
+        out
+    }
+
+    /// The blades this server is the holdfast of whose deletion began.
+    pub fn deleting(&self) -> Vec<u32> {
+        let Some(me) = *self.me.lock().expect("me") else {
+            return Vec::new();
+        };
+        self.maps
+            .get()
+            .blades
+            .iter()
+            .filter(|(_, b)| b.shards[0].server == me && b.state == BladeState::Deleting)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Deletes the shard files of `blade` (marked Deleting in the map) wherever they are
+    /// and drops it from the map. A shard whose server does not answer keeps its file until
+    /// that server's own reclaim pass finds it.
+    pub async fn delete(&self, blade: u32) -> Result<(), String> {
+        self.gone.lock().expect("gone").insert(blade);
+        self.open.lock().expect("open").remove(&blade);
+        let map = self.maps.get();
+        let layout = layout_for(&map, blade, &self.near, &self.peers).map_err(|e| e.to_string())?;
+        let removed = futures::stream::iter(0..layout.shards.len())
+            .map(|j| {
+                let (store, key) = (layout.shards[j].store.clone(), layout.key(j));
+                async move {
+                    match tokio::time::timeout(SHARD_DEADLINE, store.delete(key)).await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(e)) => {
+                            tracing::warn!("blade {blade:08x}: shard {j} not deleted: {e}");
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        self.maps
+            .manager()
+            .change_blade(blade, BladeChange::Drop)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.sealed_at.lock().expect("sealed").remove(&blade);
+        tracing::info!(
+            "blade {blade:08x} reclaimed: {removed} of {} shard files deleted",
+            layout.shards.len()
+        );
+        Ok(())
     }
 
     /// Sets this server's id (once registered).
@@ -341,6 +470,12 @@ impl BladeHost {
     }
 
     async fn holdfast(&self, blade: u32) -> Result<Holdfast, Response> {
+        if self.gone.lock().expect("gone").contains(&blade) {
+            return Err(err(
+                Status::BadRequest,
+                format!("blade {blade:08x} was reclaimed"),
+            ));
+        }
         let Some(me) = *self.me.lock().expect("me") else {
             return Err(err(
                 Status::Unavailable,
@@ -373,6 +508,12 @@ impl BladeHost {
         let Some(b) = map.blades.get(&blade) else {
             return Err(err(Status::BadRequest, format!("no blade {blade:08x}")));
         };
+        if b.state == BladeState::Deleting {
+            return Err(err(
+                Status::BadRequest,
+                format!("blade {blade:08x} is being reclaimed"),
+            ));
+        }
         if b.shards[0].server != me {
             let mut r = err(
                 Status::StaleEpoch,
@@ -414,10 +555,37 @@ impl BladeHost {
             Err(r) => return r,
         };
         match req.op {
-            OP_APPEND => match h.append(req.data).await {
-                Ok(r) => appended(r),
-                Err(e) => failed(e),
-            },
+            OP_APPEND => {
+                let Ok(a) = postcard::from_bytes::<AppendReq>(&req.meta) else {
+                    return err(Status::BadRequest, "malformed append request");
+                };
+                if self.sealed(&h) {
+                    return Response::error(
+                        STATUS_SEALED,
+                        format!("blade {:08x} is sealed", a.blade),
+                    );
+                }
+                let marked = self
+                    .maps
+                    .get()
+                    .blades
+                    .get(&a.blade)
+                    .is_some_and(|b| b.blobs);
+                if a.blob && !marked {
+                    if let Err(e) = self
+                        .maps
+                        .manager()
+                        .change_blade(a.blade, BladeChange::Blobs)
+                        .await
+                    {
+                        return err(Status::Unavailable, e.to_string());
+                    }
+                }
+                match h.append(req.data).await {
+                    Ok(r) => appended(r),
+                    Err(e) => failed(e),
+                }
+            }
             OP_UPDATE => {
                 let Ok(u) = postcard::from_bytes::<UpdateReq>(&req.meta) else {
                     return err(Status::BadRequest, "malformed update request");

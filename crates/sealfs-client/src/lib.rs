@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use kelp::{Address, BladeReader, HedgeConfig, Reference};
-use sealfs_manager::map::{ClusterMap, ServerState, Volume};
+use sealfs_manager::map::{BladeState, ClusterMap, ServerState, Volume};
 use sealfs_manager::MapCache;
 use sealfs_meta::{
     check_name, dir_partition, now_nanos, partition_of, root_ino, second_step, Attr, DirEntry,
@@ -58,6 +58,7 @@ impl NewFile<'static> {
 
 use blades::{
     AppendReq, Appended, BladeReq, InProcess, UpdateReq, OP_APPEND, OP_BLADE_SYNC, OP_UPDATE,
+    STATUS_SEALED,
 };
 
 /// Data bytes per frond the client writes (the last frond of a write may be shorter).
@@ -129,6 +130,13 @@ pub struct Staged {
     total: usize,
 }
 
+impl Staged {
+    /// The blades the ranges were appended to.
+    pub fn blades(&self) -> &BTreeSet<u32> {
+        &self.blades
+    }
+}
+
 #[derive(Default)]
 struct WriterState {
     /// Holdfast latency in µs (EWMA) by blade, and when it was last measured.
@@ -137,6 +145,8 @@ struct WriterState {
     inflight: HashMap<u32, usize>,
     /// Blades to avoid until then.
     avoid: HashMap<u32, Instant>,
+    /// Blades whose holdfast said they are sealed (before the map says so).
+    sealed: std::collections::HashSet<u32>,
     turn: usize,
 }
 
@@ -1038,14 +1048,19 @@ impl Sealfs {
 
     // ----- data -----
 
-    /// Blades of the volume's profile whose holdfast is up, allocating some when there are
-    /// fewer than wanted.
-    async fn writable_blades(&self) -> Result<Vec<u32>, Errno> {
+    /// Open blades of the volume's profile whose holdfast is up, allocating some when there
+    /// are fewer than wanted. Blobs and files' fronds go to separate blades (`blobs`): a
+    /// blade with blobs is never reclaimed.
+    async fn writable_blades(&self, blobs: bool) -> Result<Vec<u32>, Errno> {
         let v = &self.volume;
+        let sealed = self.writer.lock().expect("writer").sealed.clone();
         let pick = |map: &ClusterMap| -> Vec<u32> {
             map.blades
                 .iter()
                 .filter(|(_, b)| b.k == v.k && b.m == v.m && b.w == v.w)
+                .filter(|(id, b)| {
+                    b.state == BladeState::Open && b.blobs == blobs && !sealed.contains(*id)
+                })
                 .filter(|(_, b)| {
                     map.servers
                         .get(&b.shards[0].server)
@@ -1120,13 +1135,13 @@ impl Sealfs {
         blades::holdfast_addr(&self.maps.get(), blade)
     }
 
-    /// Appends one frond of `data`; tries other blades when a holdfast fails. ENOSPC when
-    /// none took it and one of them had no room on enough of its disks.
-    async fn append(&self, data: &[u8]) -> Result<Reference, Errno> {
+    /// Appends one frond of `data` (a blob's if `blob`); tries other blades when a holdfast
+    /// fails. ENOSPC when none took it and one of them had no room on enough of its disks.
+    async fn append(&self, data: &[u8], blob: bool) -> Result<Reference, Errno> {
         let encoded = kelp::frond::encode(data).map_err(io("encode"))?;
         let mut last = Errno::IO;
         for attempt in 0..3 {
-            let blades = self.writable_blades().await?;
+            let blades = self.writable_blades(blob).await?;
             for blade in self.blade_order(&blades) {
                 let Some(addr) = self.holdfast_addr(blade) else {
                     continue;
@@ -1135,7 +1150,7 @@ impl Sealfs {
                     op: OP_APPEND,
                     epoch: self.maps.get().epoch,
                     meta: Bytes::from(
-                        postcard::to_stdvec(&AppendReq { blade }).unwrap_or_default(),
+                        postcard::to_stdvec(&AppendReq { blade, blob }).unwrap_or_default(),
                     ),
                     data: encoded.clone(),
                 };
@@ -1162,6 +1177,10 @@ impl Sealfs {
                         });
                     }
                     Ok(Err(e)) => tracing::warn!("append reply from {addr}: {e}"),
+                    Err(RpcError::Remote { status, .. }) if status == STATUS_SEALED => {
+                        // Full: the next call of writable_blades leaves it out.
+                        w.sealed.insert(blade);
+                    }
                     Err(e) => {
                         tracing::debug!("append to blade {blade:08x} at {addr}: {e}");
                         w.avoid.insert(blade, Instant::now() + AVOID);
@@ -1178,23 +1197,40 @@ impl Sealfs {
         Err(last)
     }
 
+    /// STALE if `blade` was reclaimed or is being reclaimed (its appends are lost: they must
+    /// be written again), as the manager's map now has it; else `e`.
+    async fn reclaimed_or(&self, blade: u32, e: Errno) -> Errno {
+        match self.maps.refresh().await {
+            Ok(map) => match map.blades.get(&blade) {
+                Some(b) if b.state != BladeState::Deleting => e,
+                _ => Errno::STALE,
+            },
+            Err(_) => e,
+        }
+    }
+
     async fn sync_blades(&self, blades: &BTreeSet<u32>) -> Result<(), Errno> {
         stream::iter(blades.iter().copied())
             .map(|blade| async move {
-                let addr = self.holdfast_addr(blade).ok_or(Errno::IO)?;
+                let Some(addr) = self.holdfast_addr(blade) else {
+                    return Err(self.reclaimed_or(blade, Errno::IO).await);
+                };
                 let req = Request {
                     op: OP_BLADE_SYNC,
                     epoch: self.maps.get().epoch,
                     meta: Bytes::from(postcard::to_stdvec(&BladeReq { blade }).unwrap_or_default()),
                     data: Bytes::new(),
                 };
-                self.peers
+                let r = self
+                    .peers
                     .client(&addr)
                     .call(req, Duration::from_secs(30))
                     .await
-                    .and_then(|r| r.into_result())
-                    .map_err(data_io("sync"))?;
-                Ok::<(), Errno>(())
+                    .and_then(|r| r.into_result());
+                match r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(self.reclaimed_or(blade, data_io("sync")(e)).await),
+                }
             })
             .buffer_unordered(8)
             .try_collect::<Vec<()>>()
@@ -1235,7 +1271,16 @@ impl Sealfs {
             };
         }
         let staged = self.stage_ranges(ino, ranges).await?;
-        self.commit_staged(ino, staged, then).await
+        match self.commit_staged(ino, staged, then.clone()).await {
+            // A blade of the fronds was reclaimed before they were recorded (they took
+            // longer than its grace): append them again, to open blades.
+            Err(Errno::STALE) => {
+                tracing::warn!("write of file {ino}: a blade was reclaimed; writing again");
+                let staged = self.stage_ranges(ino, ranges).await?;
+                self.commit_staged(ino, staged, then).await
+            }
+            r => r,
+        }
     }
 
     /// The first half of [`Sealfs::write_ranges`]: the ranges appended as fronds (or kept
@@ -1269,7 +1314,7 @@ impl Sealfs {
         let started = std::time::Instant::now();
         let extents: Vec<Vec<Extent>> = stream::iter(fronds)
             .map(|(bytes, pieces)| async move {
-                let r = self.append(&bytes).await?;
+                let r = self.append(&bytes, false).await?;
                 Ok::<Vec<Extent>, Errno>(
                     pieces
                         .into_iter()
@@ -1366,7 +1411,7 @@ impl Sealfs {
         if data.len() > kelp::frond::FROND_DATA_BYTES_MAX {
             return Err(Errno::FBIG);
         }
-        let r = self.append(data).await?;
+        let r = self.append(data, true).await?;
         self.sync_blades(&[r.address.blade()].into()).await?;
         Ok(r)
     }

@@ -28,6 +28,8 @@ pub const OP_ALLOCATE: u16 = 0x0303;
 pub const OP_MAP: u16 = 0x0304;
 /// Create or delete a volume.
 pub const OP_VOLUME: u16 = 0x0305;
+/// Move a blade a step in its life: sealed, holding blobs, being deleted, dropped.
+pub const OP_BLADE_CHANGE: u16 = 0x0306;
 
 /// The Raft group id of the manager.
 pub const MANAGER_GROUP: u64 = 0;
@@ -47,7 +49,7 @@ impl Machine for MapMachine {
         postcard::to_stdvec(&self.0).unwrap_or_default()
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.0 = postcard::from_bytes(snapshot).map_err(|e| e.to_string())?;
+        self.0 = ClusterMap::decode(snapshot)?;
         Ok(())
     }
 }
@@ -84,6 +86,12 @@ enum VolumeReq {
     Delete {
         name: String,
     },
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChangeReq {
+    id: u32,
+    change: map::BladeChange,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -147,6 +155,16 @@ impl Service {
                         k: a.k,
                         m: a.m,
                         w: a.w,
+                    })
+                    .await
+                }
+                Err(e) => bad(e),
+            },
+            OP_BLADE_CHANGE => match postcard::from_bytes::<ChangeReq>(&req.meta) {
+                Ok(c) => {
+                    self.write(Command::ChangeBlade {
+                        id: c.id,
+                        change: c.change,
                     })
                     .await
                 }
@@ -500,6 +518,22 @@ impl ManagerClient {
             Outcome::Blade(id, b) => Ok((id, b)),
             Outcome::Refused(e) => Err(ManagerError(format!("allocate: {e}"))),
             other => Err(ManagerError(format!("allocate: {other:?}"))),
+        }
+    }
+
+    /// Moves blade `id` a step in its life (done again, nothing changes).
+    pub async fn change_blade(
+        &self,
+        id: u32,
+        change: map::BladeChange,
+    ) -> Result<(), ManagerError> {
+        match self
+            .outcome(OP_BLADE_CHANGE, Self::enc(&ChangeReq { id, change }))
+            .await?
+        {
+            Outcome::Done => Ok(()),
+            Outcome::Refused(e) => Err(ManagerError(format!("blade change: {e}"))),
+            other => Err(ManagerError(format!("blade change: {other:?}"))),
         }
     }
 

@@ -59,6 +59,36 @@ pub struct BladeEntry {
     pub w: u8,
     /// Shard 0..n (shard 0's server is the holdfast).
     pub shards: Vec<ShardHome>,
+    /// Where it is in its life (DESIGN 4.6).
+    pub state: BladeState,
+    /// Whether blobs were appended to it: nothing in the namespace refers to them, so it is
+    /// never reclaimed.
+    pub blobs: bool,
+}
+
+/// Where a blade is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BladeState {
+    /// Taking appends.
+    Open,
+    /// Full: its holdfast takes no more appends, so clients write elsewhere.
+    Sealed,
+    /// Sealed, nothing in the namespace refers to it and none can again: its shard files are
+    /// being deleted. Never opened again.
+    Deleting,
+}
+
+/// A step in a blade's life, asked for by its holdfast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BladeChange {
+    /// It took its last append.
+    Seal,
+    /// A blob is about to be appended to it.
+    Blobs,
+    /// Its shard files are about to be deleted (only from Sealed, and never with blobs).
+    Delete,
+    /// Its shard files are gone: out of the map (only from Deleting).
+    Drop,
 }
 
 /// A volume: a namespace with its own root, a quota and an erasure profile.
@@ -176,6 +206,13 @@ pub enum Command {
         /// Extra acknowledgements.
         w: u8,
     },
+    /// A blade takes a step in its life (last, so that logs written before it still read).
+    ChangeBlade {
+        /// Which.
+        id: u32,
+        /// What.
+        change: BladeChange,
+    },
 }
 
 /// What applying a command returned.
@@ -195,7 +232,75 @@ pub enum Outcome {
     Refused(String),
 }
 
+/// The map as it was stored before blades had a state (snapshots written then).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ClusterMapV1 {
+    epoch: u64,
+    servers: BTreeMap<u64, ServerEntry>,
+    blades: BTreeMap<u32, BladeEntryV1>,
+    partitions: Vec<Vec<u64>>,
+    volumes: BTreeMap<String, Volume>,
+    next_server: u64,
+    next_blade: u32,
+    next_volume: u32,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct BladeEntryV1 {
+    k: u8,
+    m: u8,
+    w: u8,
+    shards: Vec<ShardHome>,
+}
+
 impl ClusterMap {
+    /// Reads a stored map: this version's, or one stored before blades had a state (every
+    /// blade then open, without blobs: those it holds are never reclaimed). A reading must
+    /// take every byte and pass [`ClusterMap::check`].
+    pub fn decode(bytes: &[u8]) -> Result<ClusterMap, String> {
+        let whole = |r: postcard::Result<(ClusterMap, &[u8])>| match r {
+            Ok((m, [])) if m.check().is_ok() => Some(m),
+            _ => None,
+        };
+        if let Some(m) = whole(postcard::take_from_bytes::<ClusterMap>(bytes)) {
+            return Ok(m);
+        }
+        let (v1, rest) = postcard::take_from_bytes::<ClusterMapV1>(bytes)
+            .map_err(|e| format!("a stored map that does not read: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("a stored map with {} bytes too many", rest.len()));
+        }
+        let m = ClusterMap {
+            epoch: v1.epoch,
+            servers: v1.servers,
+            blades: v1
+                .blades
+                .into_iter()
+                .map(|(id, b)| {
+                    let e = BladeEntry {
+                        k: b.k,
+                        m: b.m,
+                        w: b.w,
+                        shards: b.shards,
+                        state: BladeState::Open,
+                        // Older blades may hold blobs: never reclaimed.
+                        blobs: true,
+                    };
+                    (id, e)
+                })
+                .collect(),
+            partitions: v1.partitions,
+            volumes: v1.volumes,
+            next_server: v1.next_server,
+            next_blade: v1.next_blade,
+            next_volume: v1.next_volume,
+        };
+        m.check()?;
+        Ok(m)
+    }
+
     /// Checks what the rest of the system takes for granted of a map that came over the wire:
     /// every blade has a valid profile and one shard per cell of a stipe (shard 0, the
     /// holdfast, included), and every shard and partition member is a server of the map.
@@ -224,6 +329,12 @@ impl ClusterMap {
             }
         }
         Ok(())
+    }
+
+    /// The highest blade id allocated so far: a blade at or under it that the map lacks was
+    /// reclaimed, and never comes back.
+    pub fn last_blade(&self) -> u32 {
+        self.next_blade
     }
 
     /// Applies one command.
@@ -360,6 +471,39 @@ impl ClusterMap {
                 self.epoch += 1;
                 Outcome::Done
             }
+            Command::ChangeBlade { id, change } => {
+                let Some(b) = self.blades.get_mut(&id) else {
+                    return Outcome::Refused(format!("no blade {id:08x}"));
+                };
+                match (change, b.state) {
+                    (BladeChange::Seal, BladeState::Open) => b.state = BladeState::Sealed,
+                    (BladeChange::Seal, _) => return Outcome::Done,
+                    (BladeChange::Blobs, BladeState::Deleting) => {
+                        return Outcome::Refused(format!("blade {id:08x} is being deleted"))
+                    }
+                    (BladeChange::Blobs, _) if b.blobs => return Outcome::Done,
+                    (BladeChange::Blobs, _) => b.blobs = true,
+                    (BladeChange::Delete, BladeState::Sealed) if !b.blobs => {
+                        b.state = BladeState::Deleting
+                    }
+                    (BladeChange::Delete, BladeState::Deleting) => return Outcome::Done,
+                    (BladeChange::Delete, _) => {
+                        return Outcome::Refused(format!(
+                            "blade {id:08x} is {:?}{}: not deleted",
+                            b.state,
+                            if b.blobs { " with blobs" } else { "" }
+                        ))
+                    }
+                    (BladeChange::Drop, BladeState::Deleting) => {
+                        self.blades.remove(&id);
+                    }
+                    (BladeChange::Drop, _) => {
+                        return Outcome::Refused(format!("blade {id:08x} is not being deleted"))
+                    }
+                }
+                self.epoch += 1;
+                Outcome::Done
+            }
             Command::AllocateBlade { k, m, w } => match Profile::new(k, m, w) {
                 Err(e) => Outcome::Refused(e.to_string()),
                 Ok(p) => match self.place(p) {
@@ -367,7 +511,14 @@ impl ClusterMap {
                     Ok(shards) => {
                         self.next_blade += 1;
                         let id = self.next_blade;
-                        let b = BladeEntry { k, m, w, shards };
+                        let b = BladeEntry {
+                            k,
+                            m,
+                            w,
+                            shards,
+                            state: BladeState::Open,
+                            blobs: false,
+                        };
                         self.blades.insert(id, b.clone());
                         self.epoch += 1;
                         Outcome::Blade(id, b)
@@ -540,6 +691,107 @@ mod tests {
                 "4 blades in a row, 4 holdfast servers: {leaders:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_blade_is_sealed_deleted_and_dropped_in_order_and_never_with_blobs() {
+        let mut m = map(4, 4);
+        let alloc =
+            |m: &mut ClusterMap| match m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }) {
+                Outcome::Blade(id, b) => {
+                    assert_eq!((b.state, b.blobs), (BladeState::Open, false));
+                    id
+                }
+                o => panic!("{o:?}"),
+            };
+        let (a, b) = (alloc(&mut m), alloc(&mut m));
+        let change = |m: &mut ClusterMap, id, change| m.apply(Command::ChangeBlade { id, change });
+        // Not before it is sealed.
+        assert!(matches!(
+            change(&mut m, a, BladeChange::Delete),
+            Outcome::Refused(_)
+        ));
+        assert!(matches!(
+            change(&mut m, a, BladeChange::Drop),
+            Outcome::Refused(_)
+        ));
+        let epoch = m.epoch;
+        assert_eq!(change(&mut m, a, BladeChange::Seal), Outcome::Done);
+        assert_eq!(m.blades[&a].state, BladeState::Sealed);
+        assert!(m.epoch > epoch, "clients must see it sealed");
+        // Asked again: nothing changes.
+        let epoch = m.epoch;
+        assert_eq!(change(&mut m, a, BladeChange::Seal), Outcome::Done);
+        assert_eq!(m.epoch, epoch);
+        // A blade with blobs is never deleted.
+        assert_eq!(change(&mut m, b, BladeChange::Blobs), Outcome::Done);
+        assert_eq!(change(&mut m, b, BladeChange::Seal), Outcome::Done);
+        assert!(
+            matches!(change(&mut m, b, BladeChange::Delete), Outcome::Refused(e) if e.contains("blobs"))
+        );
+        // Deleting, then dropped; the ids are never given again.
+        assert_eq!(change(&mut m, a, BladeChange::Delete), Outcome::Done);
+        assert!(matches!(
+            change(&mut m, a, BladeChange::Blobs),
+            Outcome::Refused(_)
+        ));
+        assert_eq!(change(&mut m, a, BladeChange::Seal), Outcome::Done);
+        assert_eq!(m.blades[&a].state, BladeState::Deleting);
+        assert_eq!(change(&mut m, a, BladeChange::Drop), Outcome::Done);
+        assert!(!m.blades.contains_key(&a));
+        assert!(a <= m.last_blade());
+        assert!(matches!(
+            change(&mut m, a, BladeChange::Seal),
+            Outcome::Refused(_)
+        ));
+        let c = alloc(&mut m);
+        assert!(c > b && c > a);
+    }
+
+    #[test]
+    fn a_map_stored_before_blades_had_a_state_still_reads() {
+        let mut m = map(4, 4);
+        for _ in 0..3 {
+            m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 });
+        }
+        m.partitions = vec![vec![1, 2, 3]];
+        let old = ClusterMapV1 {
+            epoch: m.epoch,
+            servers: m.servers.clone(),
+            blades: m
+                .blades
+                .iter()
+                .map(|(id, b)| {
+                    let v1 = BladeEntryV1 {
+                        k: b.k,
+                        m: b.m,
+                        w: b.w,
+                        shards: b.shards.clone(),
+                    };
+                    (*id, v1)
+                })
+                .collect(),
+            partitions: m.partitions.clone(),
+            volumes: m.volumes.clone(),
+            next_server: m.next_server,
+            next_blade: m.next_blade,
+            next_volume: m.next_volume,
+        };
+        let read = ClusterMap::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!(read.blades.len(), 3);
+        for (id, b) in &read.blades {
+            assert_eq!(b.shards, m.blades[id].shards);
+            // Open, and kept for good: they may hold blobs.
+            assert_eq!((b.state, b.blobs), (BladeState::Open, true));
+        }
+        assert_eq!(read.last_blade(), m.last_blade());
+        // This version's map reads as itself; bytes that are neither are refused.
+        let now = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(ClusterMap::decode(&now).unwrap(), m);
+        assert!(ClusterMap::decode(&now[..now.len() - 3]).is_err());
+        let mut longer = now.clone();
+        longer.push(0);
+        assert!(ClusterMap::decode(&longer).is_err());
     }
 
     #[test]

@@ -133,6 +133,8 @@ impl Errno {
     pub const DQUOT: Errno = Errno(122);
     /// A second step that came too late (see [`Op::Within`]).
     pub const TIMEDOUT: Errno = Errno(110);
+    /// A write named a blade being reclaimed: its data must be appended again elsewhere.
+    pub const STALE: Errno = Errno(116);
     /// Not the leader of the partition (the client asks another replica).
     pub const NOTLEADER: Errno = Errno(-1);
     /// The partition has no quorum (or stopped) within the deadline.
@@ -574,6 +576,13 @@ pub enum Op {
         ino: u64,
         now: Nanos,
     },
+    /// From now on, no new extent in any of `blades` (at most [`REFS_BLADES_MAX`]) is taken
+    /// (a write naming one is refused with [`Errno::STALE`]): once every partition has
+    /// applied this, the extents referring to a blade can only go, and when none is left it
+    /// can be deleted (DESIGN 4.6).
+    Retire {
+        blades: Vec<u32>,
+    },
 }
 
 /// How long a partition keeps the answer of an [`Op::Once`] for a client that sends it again:
@@ -583,6 +592,9 @@ pub const ONCE_KEEP_NS: Nanos = 600 * 1_000_000_000;
 /// How long an unlinked inode stays for a mount that has it open and never says it closed
 /// it (a mount that was killed): a day.
 pub const KEEP_MAX_NS: Nanos = 24 * 3600 * 1_000_000_000;
+
+/// Blades a [`Query::BladeRefs`] may ask about at once.
+pub const REFS_BLADES_MAX: usize = 1024;
 
 /// A read-only query of a partition.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -642,6 +654,11 @@ pub enum Query {
         after: u64,
         max: u32,
     },
+    /// How many extents refer to each of `blades` (at most [`REFS_BLADES_MAX`]):
+    /// [`Reply::Refs`], in the same order.
+    BladeRefs {
+        blades: Vec<u32>,
+    },
 }
 
 /// What a partition answered.
@@ -683,6 +700,8 @@ pub enum Reply {
     },
     /// Entries, each with its attributes when its inode is in the partition that answered.
     EntriesPlus(Vec<(DirEntry, Option<Attr>)>),
+    /// Counts of extents.
+    Refs(Vec<u64>),
 }
 
 /// Something the orphan scan must settle, and the entry that decides it.
@@ -826,6 +845,7 @@ impl Op {
             | Op::RenameUnlock { .. }
             | Op::Apply { .. }
             | Op::ClearIntent { .. }
+            | Op::Retire { .. }
             | Op::Unkeep { .. } => {}
         }
     }

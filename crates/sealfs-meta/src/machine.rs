@@ -44,6 +44,13 @@ const DONE: Table = TableDefinition::new("done");
 const USAGE: Table = TableDefinition::new("usage");
 /// name -> value: counters and the applied position.
 const META: Table = TableDefinition::new("meta");
+
+/// The key in [`META`] that marks `blade` retired ([`Op::Retire`]).
+fn k_retired(blade: u32) -> Vec<u8> {
+    let mut k = b"retired:".to_vec();
+    k.extend_from_slice(&blade.to_be_bytes());
+    k
+}
 /// ino -> when a mount asked to keep it past its last link (open files that were unlinked).
 const KEPT: Table = TableDefinition::new("kept");
 /// request id (16) -> time (8) ++ reply: the answers of `Op::Once` commands.
@@ -324,6 +331,22 @@ impl PartitionMachine {
             }
         };
         Ok(match q {
+            Query::BladeRefs { blades } => {
+                if blades.len() > crate::REFS_BLADES_MAX {
+                    return Err(Errno::INVAL.into());
+                }
+                let mut n = vec![0u64; blades.len()];
+                for item in tx.table(EXTENTS)?.iter()? {
+                    let e: Extent = dec(item?.1.value())?;
+                    if e.is_inline() {
+                        continue;
+                    }
+                    for (i, b) in blades.iter().enumerate() {
+                        n[i] += u64::from(e.blade == *b);
+                    }
+                }
+                Reply::Refs(n)
+            }
             Query::Lookup { parent, name } => {
                 let p = inode(parent)?;
                 if p.attr.kind != Kind::Dir {
@@ -1065,6 +1088,18 @@ impl<'a> W<'a> {
 
     fn apply(&mut self, op: Op) -> R<Reply> {
         match op {
+            Op::Retire { blades } => {
+                if blades.len() > crate::REFS_BLADES_MAX {
+                    return Err(Errno::INVAL.into());
+                }
+                self.with(META, |t| {
+                    for blade in blades {
+                        t.insert(&k_retired(blade)[..], &[][..])?;
+                    }
+                    Ok(())
+                })?;
+                Ok(Reply::Done)
+            }
             Op::EnsureRoot {
                 ino,
                 volume,
@@ -1843,6 +1878,11 @@ impl<'a> W<'a> {
                 return Err(Errno::FBIG.into());
             };
             end = end.max(stop);
+            if !e.is_inline()
+                && self.with(META, |t| Ok(t.get(&k_retired(e.blade)[..])?.is_some()))?
+            {
+                return Err(Errno::STALE.into());
+            }
         }
         self.with(EXTENTS, |t| {
             for e in extents {

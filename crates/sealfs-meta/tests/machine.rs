@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 use sealfs_meta::{
     root_ino, Attr, Errno, Extent, Kind, Op, PartitionMachine, Query, Reply, SetAttr,
-    EXTENTS_REPLY_MAX, INLINE_FILE_BYTES, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE,
-    XATTR_NAMES_MAX, XATTR_REPLACE, XATTR_VALUE_MAX,
+    EXTENTS_REPLY_MAX, INLINE_FILE_BYTES, REFS_BLADES_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE,
+    XATTR_CREATE, XATTR_NAMES_MAX, XATTR_REPLACE, XATTR_VALUE_MAX,
 };
 use sealfs_raft::Machine;
 
@@ -1139,4 +1139,82 @@ fn a_full_disk_fails_the_batch_and_the_store_reopens_whole() {
     let r: Reply = postcard::from_bytes(&m.apply(&cmd)).unwrap();
     assert!(matches!(r, Reply::Made { .. }), "{r:?}");
     m.commit(b"after", true).unwrap();
+}
+
+#[test]
+fn a_retired_blade_takes_no_new_extent_and_its_references_are_counted() {
+    let mut m = M::new();
+    let f = m.create(ROOT, "f", Kind::File).unwrap().ino;
+    let g = m.create(ROOT, "g", Kind::File).unwrap().ino;
+    let write = |ino, e| Op::Write {
+        ino,
+        extents: vec![e],
+        now: 1,
+        then: None,
+    };
+    m.op(write(f, ext(0, 100, 7)));
+    m.op(write(f, ext(100, 50, 8)));
+    m.op(write(g, ext(0, 10, 7)));
+    m.op(write(g, Extent::inline(10, b"inline")));
+    let refs = |m: &mut M| {
+        m.q(Query::BladeRefs {
+            blades: vec![7, 8, 9],
+        })
+    };
+    assert_eq!(refs(&mut m), Reply::Refs(vec![2, 1, 0]));
+    // Retired: extents in blade 7 are refused, others and inline ones are taken.
+    assert_eq!(m.op(Op::Retire { blades: vec![7, 9] }), Reply::Done);
+    assert_eq!(m.op(write(f, ext(200, 10, 7))), Reply::Error(Errno::STALE));
+    assert!(matches!(m.op(write(f, ext(200, 10, 8))), Reply::Attr(_)));
+    assert!(matches!(
+        m.op(write(f, Extent::inline(0, b"x"))),
+        Reply::Attr(_)
+    ));
+    // Cutting an extent of a retired blade (an overwrite, a truncate) keeps counting what is
+    // left of it; removing the file takes its references.
+    assert_eq!(refs(&mut m), Reply::Refs(vec![2, 2, 0]));
+    let cut = SetAttr {
+        size: Some(5),
+        ..Default::default()
+    };
+    assert!(matches!(
+        m.op(Op::SetAttr {
+            ino: g,
+            set: cut,
+            now: 2
+        }),
+        Reply::Attr(_)
+    ));
+    assert_eq!(refs(&mut m), Reply::Refs(vec![2, 2, 0]));
+    let unlink = |name: &str| Op::Unlink {
+        parent: ROOT,
+        name: name.as_bytes().to_vec(),
+        dir: false,
+        now: 3,
+    };
+    assert!(matches!(m.op(unlink("f")), Reply::Changed { .. }));
+    assert_eq!(refs(&mut m), Reply::Refs(vec![1, 0, 0]));
+    assert!(matches!(m.op(unlink("g")), Reply::Changed { .. }));
+    assert_eq!(refs(&mut m), Reply::Refs(vec![0, 0, 0]));
+    // The marks are in snapshots.
+    let snap = m.m.snapshot();
+    let mut other = M::new();
+    other.m.restore(&snap).unwrap();
+    let h = other.create(ROOT, "h", Kind::File).unwrap().ino;
+    assert_eq!(
+        other.op(write(h, ext(0, 10, 9))),
+        Reply::Error(Errno::STALE)
+    );
+    // Too many blades at once are refused.
+    let many: Vec<u32> = (0..=REFS_BLADES_MAX as u32).collect();
+    assert_eq!(
+        m.q(Query::BladeRefs {
+            blades: many.clone()
+        }),
+        Reply::Error(Errno::INVAL)
+    );
+    assert_eq!(
+        m.op(Op::Retire { blades: many }),
+        Reply::Error(Errno::INVAL)
+    );
 }

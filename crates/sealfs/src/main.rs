@@ -11,6 +11,7 @@ mod dirty;
 mod mount;
 mod node;
 mod open;
+mod reclaim;
 
 use clap::{Args, Parser, Subcommand};
 use sealfs_rpc::ClusterKey;
@@ -163,6 +164,16 @@ struct ServerArgs {
     /// How fast a scrub reads, in MB of cells a second (0: as fast as the disks go).
     #[arg(long, default_value_t = node::Scrub::default().pace / 1_000_000)]
     scrub_mb_s: u64,
+    /// MiB of payload after which a blade is sealed (takes no more appends); sealed blades
+    /// that no file refers to any more are deleted.
+    #[arg(long, default_value_t = reclaim::Reclaim::default().seal_at >> 20)]
+    seal_mb: u64,
+    /// Seconds a blade stays sealed before it may be reclaimed.
+    #[arg(long, default_value_t = reclaim::Reclaim::default().grace.as_secs())]
+    reclaim_grace_s: u64,
+    /// Seconds between reclaim passes.
+    #[arg(long, default_value_t = reclaim::Reclaim::default().every.as_secs())]
+    reclaim_every_s: u64,
     /// MiB kept free on the disk of --data-dir: with less, creates, mkdirs, links, writes
     /// and xattrs are refused (ENOSPC) and removals still work.
     #[arg(long, default_value_t = sealfs_meta::RESERVE_DEFAULT >> 20)]
@@ -187,6 +198,7 @@ struct ServerFile {
 /// Server settings after flags, environment, the config file and defaults, in that order.
 struct ServerSettings {
     orphan_grace_ms: u64,
+    reclaim: reclaim::Reclaim,
     meta_reserve: u64,
     scrub: node::Scrub,
     zone: String,
@@ -224,8 +236,16 @@ impl ServerArgs {
         if self.scrub_every_s == 0 {
             return Err("--scrub-every-s must be at least 1".into());
         }
+        if self.seal_mb == 0 || self.reclaim_every_s == 0 {
+            return Err("--seal-mb and --reclaim-every-s must be at least 1".into());
+        }
         Ok(ServerSettings {
             orphan_grace_ms: self.orphan_grace_ms,
+            reclaim: reclaim::Reclaim {
+                seal_at: self.seal_mb.saturating_mul(1 << 20),
+                grace: std::time::Duration::from_secs(self.reclaim_grace_s),
+                every: std::time::Duration::from_secs(self.reclaim_every_s),
+            },
             meta_reserve: self.meta_reserve_mb.saturating_mul(1 << 20),
             scrub: node::Scrub {
                 every: std::time::Duration::from_secs(self.scrub_every_s),
@@ -425,14 +445,25 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     if !silent.is_empty() {
         println!("  servers that did not answer: {silent:?}");
     }
-    println!("blades: {}", map.blades.len());
+    let count = |st| map.blades.values().filter(|b| b.state == st).count();
+    use sealfs_manager::map::BladeState;
+    println!(
+        "blades: {} ({} open, {} sealed, {} being reclaimed; {} reclaimed so far)",
+        map.blades.len(),
+        count(BladeState::Open),
+        count(BladeState::Sealed),
+        count(BladeState::Deleting),
+        (map.last_blade() as usize).saturating_sub(map.blades.len())
+    );
     for (id, b) in &map.blades {
         let servers: std::collections::BTreeSet<u64> = b.shards.iter().map(|h| h.server).collect();
         println!(
-            "  blade {id:08x} {}+{}+{} holdfast server {} disk {} over {} servers",
+            "  blade {id:08x} {}+{}+{} {:?}{} holdfast server {} disk {} over {} servers",
             b.k,
             b.m,
             b.w,
+            b.state,
+            if b.blobs { " (blobs)" } else { "" },
             b.shards[0].server,
             b.shards[0].disk,
             servers.len()
@@ -466,6 +497,7 @@ async fn server(a: ServerArgs, manager: Option<String>) -> Result<(), String> {
             ..Default::default()
         },
         scrub: a.scrub,
+        reclaim: a.reclaim,
         near: Default::default(),
     })
     .await?;
@@ -565,6 +597,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
                 manager: Some(addrs[0].clone()),
                 host: Default::default(),
                 scrub: Default::default(),
+                reclaim: Default::default(),
                 near: near.clone(),
             })
             .await?,

@@ -27,6 +27,7 @@ pub struct NodeSettings {
     pub manager: Option<String>,
     pub host: HostConfig,
     pub scrub: Scrub,
+    pub reclaim: crate::reclaim::Reclaim,
     /// The servers in this process: this one adds its store and handler to them by the
     /// address it listens on (and registers with), and its holdfasts reach their stores, its
     /// own among them, directly.
@@ -130,12 +131,15 @@ impl Node {
         let router = Arc::new(RaftRouter::default());
         let peers = Peers::with_in_process(s.key.clone(), s.near.servers());
         let maps = s.manager.as_ref().map(|m| MapCache::new(m, s.key.clone()));
-        let meta = maps.as_ref().map(|maps| {
+        let meta_client = maps
+            .as_ref()
+            .map(|maps| MetaClient::new(maps.clone(), peers.clone()));
+        let meta = maps.as_ref().zip(meta_client.clone()).map(|(_, client)| {
             MetaHost::new(
                 s.data_dir.join("meta"),
                 router.clone(),
                 peers.clone(),
-                MetaClient::new(maps.clone(), peers.clone()),
+                client,
                 s.host.clone(),
             )
         });
@@ -156,9 +160,19 @@ impl Node {
         )
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
-        s.near.add(handle.addr().to_string(), store, dispatch);
+        s.near
+            .add(handle.addr().to_string(), store.clone(), dispatch);
         let mut tasks = Vec::new();
-        if let (Some(maps), Some(meta), Some(blades)) = (maps, meta.clone(), blades) {
+        if let (Some(maps), Some(meta), Some(blades), Some(meta_client)) =
+            (maps, meta.clone(), blades, meta_client)
+        {
+            tasks.push(tokio::spawn(crate::reclaim::run(
+                s.reclaim,
+                blades.clone(),
+                meta_client,
+                maps.clone(),
+                store,
+            )));
             // The map followed every second on its own, not only between passes of following
             // the partitions (which may take a while): a holdfast opens a blade with it when
             // the manager does not answer.

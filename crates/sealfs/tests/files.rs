@@ -1381,6 +1381,233 @@ async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_f
     drop(c);
 }
 
+/// The blades `sealfs status` lists, with their state (`Open`, `Sealed`, `Deleting`).
+fn blades_in_map(c: &Cluster) -> BTreeMap<u32, String> {
+    let (_, out, _) = c.cli(&["status"]);
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.trim().strip_prefix("blade ")?.split_whitespace();
+            let id = u32::from_str_radix(w.next()?, 16).ok()?;
+            let _profile = w.next()?;
+            Some((id, w.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// The blade of every shard file under `dir`, with its bytes.
+fn blade_files(dir: &Path) -> Vec<(u32, u64)> {
+    files_under(dir, "kelp")
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let blade = u32::from_str_radix(name.split('.').next()?, 16).ok()?;
+            Some((blade, std::fs::metadata(&p).ok()?.len()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_blades_no_file_uses_are_deleted_and_the_others_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--seal-mb",
+        "4",
+        "--reclaim-grace-s",
+        "1",
+        "--reclaim-every-s",
+        "1",
+    ];
+    let mut c = Cluster::start_with(dir.path(), 4, 8, &flags);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    // A blob: nothing in the namespace refers to it, so its blade is never reclaimed.
+    let blob_data = contents(7777, 100_000);
+    let blob = fs.blob_put(&blob_data).await.unwrap();
+    // 48 files of 1 MiB through blades sealed at 4 MiB of payload.
+    const LEN: usize = 1 << 20;
+    let root = fs.root();
+    let mut blades_of = BTreeMap::new();
+    for i in 0..48u64 {
+        let name = format!("r{i:04}");
+        let ino = put(&fs, &name, &contents(i, LEN)).await.unwrap();
+        let (extents, _) = fs.extents(ino).await.unwrap();
+        let used: BTreeSet<u32> = extents.iter().map(|e| e.blade).collect();
+        blades_of.insert(name, used);
+    }
+    let t = Instant::now();
+    let sealed = loop {
+        let map = blades_in_map(&c);
+        let sealed = map.values().filter(|s| *s == "Sealed").count();
+        if sealed >= 8 || t.elapsed() > Duration::from_secs(30) {
+            break sealed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        sealed >= 8,
+        "{sealed} blades sealed: {:?}",
+        blades_in_map(&c)
+    );
+    let bytes = |dir: &Path| blade_files(dir).iter().map(|f| f.1).sum::<u64>();
+    let before = bytes(dir.path());
+    // The first 40 files go; the blades only they used go with them.
+    for i in 0..40u64 {
+        fs.unlink(root, format!("r{i:04}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let kept: BTreeSet<u32> = (40..48u64)
+        .flat_map(|i| blades_of[&format!("r{i:04}")].clone())
+        .chain([blob.address.blade()])
+        .collect();
+    // (A blade that never filled stays open, and is not reclaimed.)
+    let map = blades_in_map(&c);
+    let dead: BTreeSet<u32> = (0..40u64)
+        .flat_map(|i| blades_of[&format!("r{i:04}")].clone())
+        .filter(|b| !kept.contains(b) && map.get(b).is_some_and(|s| s == "Sealed"))
+        .collect();
+    assert!(dead.len() >= 4, "blades only deleted files used: {dead:?}");
+    let t = Instant::now();
+    loop {
+        let map = blades_in_map(&c);
+        let on_disk: BTreeSet<u32> = blade_files(dir.path()).iter().map(|f| f.0).collect();
+        if dead
+            .iter()
+            .all(|b| !map.contains_key(b) && !on_disk.contains(b))
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not reclaimed in 60 s: {dead:?}; map {map:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = bytes(dir.path());
+    eprintln!(
+        "{} blades reclaimed {:.1} s after the unlinks: shard files {} -> {} MiB",
+        dead.len(),
+        t.elapsed().as_secs_f64(),
+        before >> 20,
+        after >> 20
+    );
+    assert!(after < before, "{before} -> {after} bytes");
+    // The blades still used stay, and what they hold reads back.
+    let map = blades_in_map(&c);
+    for b in &kept {
+        assert!(map.contains_key(b), "blade {b:08x} was reclaimed: {map:?}");
+    }
+    let live: Vec<(String, usize)> = (40..48u64).map(|i| (format!("r{i:04}"), LEN)).collect();
+    check_all(&fs, &live).await;
+    assert!(
+        fs.blob_get(blob).await.unwrap() == blob_data,
+        "the blob changed"
+    );
+    // A server down while the rest go keeps its shard files of them until it is back.
+    c.kill_server(3);
+    for i in 40..48u64 {
+        fs.unlink(root, format!("r{i:04}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let t = Instant::now();
+    let gone = |map: &BTreeMap<u32, String>| {
+        map.iter()
+            .filter(|(b, st)| *st == "Sealed" && **b != blob.address.blade())
+            .count()
+            == 0
+    };
+    // Blades whose holdfast is server 3 wait for it; the others go now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.start_server(3);
+    while !gone(&blades_in_map(&c)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "sealed blades left: {:?}",
+            blades_in_map(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    loop {
+        let map = blades_in_map(&c);
+        let stray: BTreeSet<u32> = blade_files(dir.path())
+            .iter()
+            .map(|f| f.0)
+            .filter(|b| !map.contains_key(b))
+            .collect();
+        if stray.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "shard files of reclaimed blades left: {stray:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "all sealed blades reclaimed {:.1} s after the last unlinks, server 3 restarted",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        fs.blob_get(blob).await.unwrap() == blob_data,
+        "the blob changed"
+    );
+    // New files go to open blades and read back.
+    put(&fs, "after", &contents(5000, LEN)).await.unwrap();
+    assert!(get(&fs, "after").await.unwrap() == contents(5000, LEN));
+    healthy(&c, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frond_whose_blade_was_reclaimed_before_it_was_recorded_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Blades sealed at 1 MiB: the frond below fills its blade.
+    let flags = [
+        "--seal-mb",
+        "1",
+        "--reclaim-grace-s",
+        "1",
+        "--reclaim-every-s",
+        "1",
+    ];
+    let c = Cluster::start_with(dir.path(), 4, 8, &flags);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    const LEN: usize = 1 << 20;
+    let root = fs.root();
+    // A write appended and not recorded (a client that stalls between the two halves).
+    let a = fs
+        .create(root, b"late", &NewFile::file(0o644))
+        .await
+        .unwrap();
+    let late = contents(1, LEN);
+    let staged = fs.stage_ranges(a.ino, &[(0, &late[..])]).await.unwrap();
+    let x = *staged.blades().first().unwrap();
+    // Its blade is sealed, and since no file refers to it, reclaimed.
+    let t = Instant::now();
+    while blades_in_map(&c).contains_key(&x) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "blade {x:08x} not reclaimed: {:?}",
+            blades_in_map(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "blade {x:08x} reclaimed {:.1} s after the append",
+        t.elapsed().as_secs_f64()
+    );
+    // Its frond is gone with it: recording it now is refused, and the file stays as it was.
+    assert_eq!(
+        fs.commit_staged(a.ino, staged, None).await.err(),
+        Some(Error::STALE)
+    );
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, 0);
+    // A whole write (the bytes still in hand) goes to an open blade.
+    fs.write(a.ino, 0, &late).await.unwrap();
+    assert!(get(&fs, "late").await.unwrap() == late);
+}
+
 /// The shard files (`.kelp`) under server `s`'s disks, in a stable order.
 fn kelp_files(dir: &Path, s: usize) -> Vec<std::path::PathBuf> {
     files_under(&dir.join(format!("s{s}")), "kelp")
