@@ -385,8 +385,8 @@ impl BladeHost {
         }
     }
 
-    /// The blades whose shard 0 is on this server (it is their holdfast); `None` before it
-    /// registered or while the manager does not answer.
+    /// The blades whose shard 0 is on this server (it is their holdfast), but those being
+    /// reclaimed; `None` before it registered or while the manager does not answer.
     async fn mine(&self) -> Option<Vec<u32>> {
         let me = (*self.me.lock().expect("me"))?;
         let map = self.maps.refresh().await.ok()?;
@@ -394,6 +394,7 @@ impl BladeHost {
             .blades
             .iter()
             .filter(|(_, b)| b.shards.first().is_some_and(|s| s.server == me))
+            .filter(|(_, b)| b.state != BladeState::Deleting)
             .map(|(id, _)| *id)
             .collect();
         Some(mine)

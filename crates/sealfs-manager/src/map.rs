@@ -696,14 +696,14 @@ mod tests {
     #[test]
     fn a_blade_is_sealed_deleted_and_dropped_in_order_and_never_with_blobs() {
         let mut m = map(4, 4);
-        let alloc =
-            |m: &mut ClusterMap| match m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 }) {
-                Outcome::Blade(id, b) => {
-                    assert_eq!((b.state, b.blobs), (BladeState::Open, false));
-                    id
-                }
-                o => panic!("{o:?}"),
-            };
+        let alloc = |m: &mut ClusterMap| match m.apply(Command::AllocateBlade { k: 8, m: 8, w: 4 })
+        {
+            Outcome::Blade(id, b) => {
+                assert_eq!((b.state, b.blobs), (BladeState::Open, false));
+                id
+            }
+            o => panic!("{o:?}"),
+        };
         let (a, b) = (alloc(&mut m), alloc(&mut m));
         let change = |m: &mut ClusterMap, id, change| m.apply(Command::ChangeBlade { id, change });
         // Not before it is sealed.
