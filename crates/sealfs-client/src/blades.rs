@@ -171,6 +171,8 @@ pub struct BladeHost {
     sealed_at: Mutex<HashMap<u32, std::time::Instant>>,
     /// Blades whose shard files are being deleted: never opened again.
     gone: Mutex<std::collections::HashSet<u32>>,
+    /// When each blade open here last took an append (or was first seen without one).
+    last_append: Mutex<HashMap<u32, std::time::Instant>>,
 }
 
 /// The answer to a data operation that failed: bad input, no space left on enough of the
@@ -219,6 +221,7 @@ impl BladeHost {
             seal_at: SEAL_DEFAULT.into(),
             sealed_at: Mutex::default(),
             gone: Mutex::default(),
+            last_append: Mutex::default(),
         }
     }
 
@@ -232,17 +235,23 @@ impl BladeHost {
         h.append_pointer() >= self.seal_at.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Tells the manager of the blades open here that are full and not sealed in the map yet,
-    /// so that clients stop choosing them.
-    pub async fn seal_full(&self) {
+    /// Seals the blades open here that are full, or that hold data and took no append for
+    /// `idle` (so that what they hold can be reclaimed once no file uses it), and are not
+    /// sealed in the map yet: clients stop choosing them.
+    pub async fn seal_full(&self, idle: Duration) {
         let map = self.maps.get();
+        let now = std::time::Instant::now();
         for h in self.opened() {
             let blade = h.layout().blade;
             let open = map
                 .blades
                 .get(&blade)
                 .is_some_and(|b| b.state == BladeState::Open);
-            if open && self.sealed(&h) {
+            let idle = {
+                let mut last = self.last_append.lock().expect("last append");
+                now.duration_since(*last.entry(blade).or_insert(now)) >= idle
+            };
+            if open && (self.sealed(&h) || (idle && h.append_pointer() > 0)) {
                 match self
                     .maps
                     .manager()
@@ -582,7 +591,12 @@ impl BladeHost {
                         return err(Status::Unavailable, e.to_string());
                     }
                 }
-                match h.append(req.data).await {
+                let r = h.append(req.data).await;
+                self.last_append
+                    .lock()
+                    .expect("last append")
+                    .insert(a.blade, std::time::Instant::now());
+                match r {
                     Ok(r) => appended(r),
                     Err(e) => failed(e),
                 }

@@ -168,6 +168,9 @@ struct ServerArgs {
     /// that no file refers to any more are deleted.
     #[arg(long, default_value_t = reclaim::Reclaim::default().seal_at >> 20)]
     seal_mb: u64,
+    /// Seconds without an append after which a blade holding data is sealed too.
+    #[arg(long, default_value_t = reclaim::Reclaim::default().idle.as_secs())]
+    seal_idle_s: u64,
     /// Seconds a blade stays sealed before it may be reclaimed.
     #[arg(long, default_value_t = reclaim::Reclaim::default().grace.as_secs())]
     reclaim_grace_s: u64,
@@ -243,6 +246,7 @@ impl ServerArgs {
             orphan_grace_ms: self.orphan_grace_ms,
             reclaim: reclaim::Reclaim {
                 seal_at: self.seal_mb.saturating_mul(1 << 20),
+                idle: std::time::Duration::from_secs(self.seal_idle_s),
                 grace: std::time::Duration::from_secs(self.reclaim_grace_s),
                 every: std::time::Duration::from_secs(self.reclaim_every_s),
             },

@@ -1,7 +1,7 @@
 //! Space reclamation, whole blades at a time (DESIGN 4.6).
 //!
-//! A holdfast seals a blade once it holds `seal_at` bytes of payload: appends to it are
-//! refused and clients write to other blades. After `grace` (time for the last fronds appended
+//! A holdfast seals a blade once it holds `seal_at` bytes of payload, or holds some and took
+//! no append for `idle`: appends to it are refused and clients write to other blades. After `grace` (time for the last fronds appended
 //! to it to be recorded in their files, or given up), the holdfast retires it on every
 //! metadata partition: from then on no partition takes a new extent in it. Then it counts the
 //! extents that still refer to it; when none do, none can again, so it marks the blade
@@ -26,6 +26,8 @@ use sealfs_meta::{Errno, MetaClient, Op, Query, Reply, REFS_BLADES_MAX};
 pub struct Reclaim {
     /// Payload bytes after which a blade is sealed.
     pub seal_at: u64,
+    /// A blade holding data and taking no append for this long is sealed too.
+    pub idle: Duration,
     /// How long a blade stays sealed before it may be reclaimed.
     pub grace: Duration,
     /// Time between passes.
@@ -33,11 +35,12 @@ pub struct Reclaim {
 }
 
 impl Default for Reclaim {
-    /// Blades of 1 GiB, reclaimed 10 minutes after sealing at the earliest, a pass every
-    /// 10 s.
+    /// Blades of 1 GiB (or idle for an hour), reclaimed 10 minutes after sealing at the
+    /// earliest, a pass every 10 s.
     fn default() -> Self {
         Reclaim {
             seal_at: sealfs_client::blades::SEAL_DEFAULT,
+            idle: Duration::from_secs(3600),
             grace: Duration::from_secs(600),
             every: Duration::from_secs(10),
         }
@@ -61,7 +64,7 @@ pub async fn run(
 }
 
 async fn pass(r: &Reclaim, blades: &BladeHost, meta: &MetaClient, maps: &MapCache) {
-    blades.seal_full().await;
+    blades.seal_full(r.idle).await;
     let mut candidates = blades.sealed_since(r.grace);
     candidates.truncate(REFS_BLADES_MAX);
     if !candidates.is_empty() {
