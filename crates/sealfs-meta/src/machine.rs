@@ -335,17 +335,15 @@ impl PartitionMachine {
                 if blades.len() > crate::REFS_BLADES_MAX {
                     return Err(Errno::INVAL.into());
                 }
-                let mut n = vec![0u64; blades.len()];
+                let mut n: std::collections::HashMap<u32, u64> =
+                    blades.iter().map(|b| (*b, 0)).collect();
                 for item in tx.table(EXTENTS)?.iter()? {
                     let e: Extent = dec(item?.1.value())?;
-                    if e.is_inline() {
-                        continue;
-                    }
-                    for (i, b) in blades.iter().enumerate() {
-                        n[i] += u64::from(e.blade == *b);
+                    if let Some(c) = n.get_mut(&e.blade).filter(|_| !e.is_inline()) {
+                        *c += 1;
                     }
                 }
-                Reply::Refs(n)
+                Reply::Refs(blades.iter().map(|b| n[b]).collect())
             }
             Query::Lookup { parent, name } => {
                 let p = inode(parent)?;

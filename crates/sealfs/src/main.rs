@@ -174,6 +174,9 @@ struct ServerArgs {
     /// Seconds a blade stays sealed before it may be reclaimed.
     #[arg(long, default_value_t = reclaim::Reclaim::default().grace.as_secs())]
     reclaim_grace_s: u64,
+    /// Seconds between counts of the files' references to sealed blades still in use.
+    #[arg(long, default_value_t = reclaim::Reclaim::default().recount.as_secs())]
+    reclaim_recount_s: u64,
     /// Seconds between reclaim passes.
     #[arg(long, default_value_t = reclaim::Reclaim::default().every.as_secs())]
     reclaim_every_s: u64,
@@ -249,6 +252,7 @@ impl ServerArgs {
                 idle: std::time::Duration::from_secs(self.seal_idle_s),
                 grace: std::time::Duration::from_secs(self.reclaim_grace_s),
                 every: std::time::Duration::from_secs(self.reclaim_every_s),
+                recount: std::time::Duration::from_secs(self.reclaim_recount_s),
             },
             meta_reserve: self.meta_reserve_mb.saturating_mul(1 << 20),
             scrub: node::Scrub {

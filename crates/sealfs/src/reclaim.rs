@@ -12,8 +12,9 @@
 //! Each server also deletes the shard files on its disks of blades the map no longer has
 //! (their deletion missed this server while it was down).
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kelp::ShardStore;
 use sealfs_client::blades::BladeHost;
@@ -32,17 +33,21 @@ pub struct Reclaim {
     pub grace: Duration,
     /// Time between passes.
     pub every: Duration,
+    /// Time between counts of the references to sealed blades still in use (a count reads
+    /// every partition's extents); newly retired blades are counted at once.
+    pub recount: Duration,
 }
 
 impl Default for Reclaim {
     /// Blades of 1 GiB (or idle for an hour), reclaimed 10 minutes after sealing at the
-    /// earliest, a pass every 10 s.
+    /// earliest, a pass every 10 s, the blades still in use counted again every 10 minutes.
     fn default() -> Self {
         Reclaim {
             seal_at: sealfs_client::blades::SEAL_DEFAULT,
             idle: Duration::from_secs(3600),
             grace: Duration::from_secs(600),
             every: Duration::from_secs(10),
+            recount: Duration::from_secs(600),
         }
     }
 }
@@ -56,40 +61,103 @@ pub async fn run(
     store: Arc<dyn ShardStore>,
 ) {
     blades.set_seal_at(r.seal_at);
+    let mut state = Passes::default();
     loop {
         tokio::time::sleep(r.every).await;
-        pass(&r, &blades, &meta, &maps).await;
+        state.pass(&r, &blades, &meta, &maps).await;
         orphans(&maps, &store).await;
     }
 }
 
-async fn pass(r: &Reclaim, blades: &BladeHost, meta: &MetaClient, maps: &MapCache) {
-    blades.seal_full(r.idle).await;
-    let mut candidates = blades.sealed_since(r.grace);
-    candidates.truncate(REFS_BLADES_MAX);
-    if !candidates.is_empty() {
-        match unreferenced(meta, maps, &candidates).await {
-            Ok(dead) => {
-                for b in dead {
-                    if let Err(e) = maps.manager().change_blade(b, BladeChange::Delete).await {
-                        tracing::warn!("reclaiming blade {b:08x}: {e}");
+/// What the passes of one server remember.
+#[derive(Default)]
+struct Passes {
+    /// Blades retired on every partition by this server (since its start).
+    retired: HashSet<u32>,
+    /// When the sealed blades were last counted.
+    counted: Option<Instant>,
+}
+
+impl Passes {
+    /// Seals, retires new candidates, counts the references to all of them when some are new
+    /// or `r.recount` has passed (a count scans every partition's extents), and deletes the
+    /// blades none refers to.
+    async fn pass(&mut self, r: &Reclaim, blades: &BladeHost, meta: &MetaClient, maps: &MapCache) {
+        blades.seal_full(r.idle).await;
+        let candidates = blades.sealed_since(r.grace);
+        let sealed: HashSet<u32> = candidates.iter().copied().collect();
+        self.retired.retain(|b| sealed.contains(b));
+        let fresh: Vec<u32> = candidates
+            .iter()
+            .copied()
+            .filter(|b| !self.retired.contains(b))
+            .collect();
+        let due = self.counted.is_none_or(|t| t.elapsed() >= r.recount);
+        if candidates.is_empty() || (fresh.is_empty() && !due) {
+            return self.finish(blades).await;
+        }
+        for chunk in fresh.chunks(REFS_BLADES_MAX) {
+            match retire(meta, maps, chunk).await {
+                Ok(()) => self.retired.extend(chunk),
+                Err(e) => tracing::debug!("reclaim: the partitions did not all retire: {e}"),
+            }
+        }
+        let retired: Vec<u32> = candidates
+            .into_iter()
+            .filter(|b| self.retired.contains(b))
+            .collect();
+        let mut all_counted = true;
+        for chunk in retired.chunks(REFS_BLADES_MAX) {
+            match unreferenced(meta, maps, chunk).await {
+                Ok(dead) => {
+                    for b in dead {
+                        let change = maps.manager().change_blade(b, BladeChange::Delete).await;
+                        if let Err(e) = change {
+                            tracing::warn!("reclaiming blade {b:08x}: {e}");
+                        }
                     }
                 }
+                Err(e) => {
+                    all_counted = false;
+                    tracing::debug!("reclaim: the partitions did not all answer: {e}");
+                }
             }
-            Err(e) => tracing::debug!("reclaim: the partitions did not all answer: {e}"),
+        }
+        if all_counted {
+            self.counted = Some(Instant::now());
         }
         // The map has the Deleting marks at its next refresh.
         let _ = maps.refresh().await;
+        self.finish(blades).await
     }
-    for b in blades.deleting() {
-        if let Err(e) = blades.delete(b).await {
-            tracing::warn!("deleting blade {b:08x}: {e}");
+
+    /// Deletes the shard files of the blades marked Deleting.
+    async fn finish(&self, blades: &BladeHost) {
+        for b in blades.deleting() {
+            if let Err(e) = blades.delete(b).await {
+                tracing::warn!("deleting blade {b:08x}: {e}");
+            }
         }
     }
 }
 
-/// Of `candidates`, the blades no extent of any partition refers to, once every partition has
-/// retired them all (so that none can take a new extent in them).
+/// Retires `blades` on every partition: none takes a new extent in them.
+async fn retire(meta: &MetaClient, maps: &MapCache, blades: &[u32]) -> Result<(), Errno> {
+    let parts = maps.get().partitions.len() as u32;
+    if parts == 0 {
+        return Err(Errno::UNAVAILABLE);
+    }
+    let op = Op::Retire {
+        blades: blades.to_vec(),
+    };
+    for p in 0..parts {
+        meta.write(p, &op).await?.err()?;
+    }
+    Ok(())
+}
+
+/// Of `candidates` (retired on every partition, so that none can take a new extent in them),
+/// the blades no extent of any partition refers to.
 async fn unreferenced(
     meta: &MetaClient,
     maps: &MapCache,
@@ -98,12 +166,6 @@ async fn unreferenced(
     let parts = maps.get().partitions.len() as u32;
     if parts == 0 {
         return Err(Errno::UNAVAILABLE);
-    }
-    let retire = Op::Retire {
-        blades: candidates.to_vec(),
-    };
-    for p in 0..parts {
-        meta.write(p, &retire).await?.err()?;
     }
     let ask = Query::BladeRefs {
         blades: candidates.to_vec(),

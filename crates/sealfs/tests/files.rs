@@ -1382,8 +1382,8 @@ async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_f
 }
 
 /// Server flags for blades sealed at `seal_mb` MiB or after `idle_s` seconds without an
-/// append, reclaimed 1 s after, a pass every second.
-fn reclaiming<'a>(seal_mb: &'a str, idle_s: &'a str) -> [&'a str; 8] {
+/// append, reclaimed 1 s after, a pass and a count every second.
+fn reclaiming<'a>(seal_mb: &'a str, idle_s: &'a str) -> [&'a str; 10] {
     [
         "--seal-mb",
         seal_mb,
@@ -1392,6 +1392,8 @@ fn reclaiming<'a>(seal_mb: &'a str, idle_s: &'a str) -> [&'a str; 8] {
         "--reclaim-grace-s",
         "1",
         "--reclaim-every-s",
+        "1",
+        "--reclaim-recount-s",
         "1",
     ]
 }
