@@ -173,6 +173,8 @@ pub struct BladeHost {
     gone: Mutex<std::collections::HashSet<u32>>,
     /// When each blade open here last took an append (or was first seen without one).
     last_append: Mutex<HashMap<u32, std::time::Instant>>,
+    /// Blades whose shard files were all found deleted once: dropped when found so again.
+    deleted_once: Mutex<std::collections::HashSet<u32>>,
 }
 
 /// The answer to a data operation that failed: bad input, no space left on enough of the
@@ -222,6 +224,7 @@ impl BladeHost {
             sealed_at: Mutex::default(),
             gone: Mutex::default(),
             last_append: Mutex::default(),
+            deleted_once: Mutex::default(),
         }
     }
 
@@ -303,15 +306,18 @@ impl BladeHost {
             .collect()
     }
 
-    /// Deletes the shard files of `blade` (marked Deleting in the map) wherever they are
-    /// and drops it from the map. A shard whose server does not answer keeps its file until
-    /// that server's own reclaim pass finds it.
-    pub async fn delete(&self, blade: u32) -> Result<(), String> {
+    /// Deletes the shard files of `blade` (marked Deleting in the map) wherever they are,
+    /// and drops it from the map once a later call found every one of them deleted too (a
+    /// repair begun before the first could still have written a cell). While a shard's
+    /// server does not answer, the blade stays Deleting and the next pass tries again.
+    /// Returns whether the blade was dropped.
+    pub async fn delete(&self, blade: u32) -> Result<bool, String> {
         self.gone.lock().expect("gone").insert(blade);
         self.open.lock().expect("open").remove(&blade);
         let map = self.maps.get();
         let layout = layout_for(&map, blade, &self.near, &self.peers).map_err(|e| e.to_string())?;
-        let removed = futures::stream::iter(0..layout.shards.len())
+        let n = layout.shards.len();
+        let removed = futures::stream::iter(0..n)
             .map(|j| {
                 let (store, key) = (layout.shards[j].store.clone(), layout.key(j));
                 async move {
@@ -329,17 +335,30 @@ impl BladeHost {
             .filter(|ok| std::future::ready(*ok))
             .count()
             .await;
+        let again = {
+            let mut once = self.deleted_once.lock().expect("deleted once");
+            if removed < n {
+                once.remove(&blade);
+                tracing::info!("blade {blade:08x}: {removed} of {n} shard files deleted so far");
+                return Ok(false);
+            }
+            !once.insert(blade)
+        };
+        if !again {
+            return Ok(false);
+        }
         self.maps
             .manager()
             .change_blade(blade, BladeChange::Drop)
             .await
             .map_err(|e| e.to_string())?;
         self.sealed_at.lock().expect("sealed").remove(&blade);
-        tracing::info!(
-            "blade {blade:08x} reclaimed: {removed} of {} shard files deleted",
-            layout.shards.len()
-        );
-        Ok(())
+        self.deleted_once
+            .lock()
+            .expect("deleted once")
+            .remove(&blade);
+        tracing::info!("blade {blade:08x} reclaimed: its {n} shard files deleted");
+        Ok(true)
     }
 
     /// Sets this server's id (once registered).
@@ -569,7 +588,8 @@ impl BladeHost {
                 let Ok(a) = postcard::from_bytes::<AppendReq>(&req.meta) else {
                     return err(Status::BadRequest, "malformed append request");
                 };
-                if self.sealed(&h) {
+                let in_map = self.maps.get().blades.get(&a.blade).map(|b| b.state);
+                if self.sealed(&h) || in_map.is_some_and(|st| st != BladeState::Open) {
                     return Response::error(
                         STATUS_SEALED,
                         format!("blade {:08x} is sealed", a.blade),

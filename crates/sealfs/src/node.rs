@@ -171,7 +171,6 @@ impl Node {
                 blades.clone(),
                 meta_client,
                 maps.clone(),
-                store,
             )));
             // The map followed every second on its own, not only between passes of following
             // the partitions (which may take a while): a holdfast opens a blade with it when

@@ -1,22 +1,20 @@
 //! Space reclamation, whole blades at a time (DESIGN 4.6).
 //!
 //! A holdfast seals a blade once it holds `seal_at` bytes of payload, or holds some and took
-//! no append for `idle`: appends to it are refused and clients write to other blades. After `grace` (time for the last fronds appended
-//! to it to be recorded in their files, or given up), the holdfast retires it on every
-//! metadata partition: from then on no partition takes a new extent in it. Then it counts the
-//! extents that still refer to it; when none do, none can again, so it marks the blade
-//! Deleting in the map, deletes its shard files and drops it. A blade with blobs (which no
-//! file refers to) is never reclaimed, and neither is a blade some file still uses: moving
-//! live extents out of mostly empty blades (evacuation) is not done yet.
-//!
-//! Each server also deletes the shard files on its disks of blades the map no longer has
-//! (their deletion missed this server while it was down).
+//! no append for `idle`: appends to it are refused and clients write to other blades. After
+//! `grace` (time for the last fronds appended to it to be recorded in their files, or given
+//! up), the holdfast retires it on every metadata partition: from then on no partition takes
+//! a new extent in it. Then it counts the extents that still refer to it; when none do, none
+//! can again, so it marks the blade Deleting in the map, deletes its shard files (again at
+//! each pass while a shard's server does not answer) and, once two passes found them all
+//! deleted, drops it. A blade with blobs (which no file refers to) is never reclaimed, and
+//! neither is a blade some file still uses: moving live extents out of mostly empty blades
+//! (evacuation) is not done yet.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kelp::ShardStore;
 use sealfs_client::blades::BladeHost;
 use sealfs_manager::map::BladeChange;
 use sealfs_manager::MapCache;
@@ -53,19 +51,12 @@ impl Default for Reclaim {
 }
 
 /// Runs a pass every `r.every`, for ever.
-pub async fn run(
-    r: Reclaim,
-    blades: Arc<BladeHost>,
-    meta: MetaClient,
-    maps: MapCache,
-    store: Arc<dyn ShardStore>,
-) {
+pub async fn run(r: Reclaim, blades: Arc<BladeHost>, meta: MetaClient, maps: MapCache) {
     blades.set_seal_at(r.seal_at);
     let mut state = Passes::default();
     loop {
         tokio::time::sleep(r.every).await;
         state.pass(&r, &blades, &meta, &maps).await;
-        orphans(&maps, &store).await;
     }
 }
 
@@ -187,24 +178,4 @@ async fn unreferenced(
         .filter(|(_, n)| *n == 0)
         .map(|(b, _)| *b)
         .collect())
-}
-
-/// Deletes the shard files on this server's disks of blades the map no longer has.
-async fn orphans(maps: &MapCache, store: &Arc<dyn ShardStore>) {
-    let map = maps.get();
-    if map.epoch == 0 {
-        return;
-    }
-    let Ok(shards) = store.list().await else {
-        return;
-    };
-    for s in shards {
-        let b = s.key.blade;
-        if b <= map.last_blade() && !map.blades.contains_key(&b) {
-            match store.delete(s.key).await {
-                Ok(()) => tracing::info!("deleted shard file {} of a reclaimed blade", s.key),
-                Err(e) => tracing::warn!("shard file {} of a reclaimed blade: {e}", s.key),
-            }
-        }
-    }
 }

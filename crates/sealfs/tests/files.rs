@@ -1512,7 +1512,7 @@ async fn sealed_blades_no_file_uses_are_deleted_and_the_others_stay() {
         fs.blob_get(blob).await.unwrap() == blob_data,
         "the blob changed"
     );
-    // A server down while the rest go keeps its shard files of them until it is back.
+    // A server down while the rest go: their deletion waits for it.
     c.kill_server(3);
     for i in 40..48u64 {
         fs.unlink(root, format!("r{i:04}").as_bytes())
@@ -1520,8 +1520,8 @@ async fn sealed_blades_no_file_uses_are_deleted_and_the_others_stay() {
             .unwrap();
     }
     // Every blade holding data but the blob's is sealed (full, or idle for 3 s) and
-    // reclaimed, and the restarted server's stray shard files go with them: only the blob's
-    // blade is left on the disks.
+    // reclaimed; those with shards on server 3 wait for it: only the blob's blade is left
+    // on the disks.
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     c.start_server(3);
