@@ -32,6 +32,32 @@ pub const OP_BLADE_REPORT: u16 = 0x0504;
 /// repair: meta [`SuspectReq`].
 pub const OP_BLADE_SUSPECT: u16 = 0x0505;
 
+/// What this server's holdfasts did since it started: [`HoldfastReport`] (meta empty).
+pub const OP_HOLDFAST_REPORT: u16 = 0x0506;
+
+/// The scrubs, repairs and reclaims of one server's holdfasts since it started.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct HoldfastReport {
+    /// Scrubs finished.
+    pub scrubs: u64,
+    /// When the last one ended (Unix seconds; 0: none yet).
+    pub last_scrub_end: u64,
+    /// Its length, in seconds.
+    pub last_scrub_secs: f64,
+    /// Stipes it read.
+    pub last_scrub_stipes: u64,
+    /// Stipes it rebuilt cells of.
+    pub last_scrub_fixed: u64,
+    /// Stipes it found with fewer than k valid cells.
+    pub last_scrub_unrecoverable: u64,
+    /// Stipes the scrubs rebuilt cells of, since the start.
+    pub scrub_fixed: u64,
+    /// Cells rewritten by repair (a write's missed cells, a reader's tip) since the start.
+    pub repaired_cells: u64,
+    /// Blades reclaimed (their shard files deleted) since the start.
+    pub reclaimed: u64,
+}
+
 /// Stipes told to a holdfast at once, at most.
 pub const SUSPECT_MAX: usize = 4096;
 
@@ -175,6 +201,8 @@ pub struct BladeHost {
     last_append: Mutex<HashMap<u32, std::time::Instant>>,
     /// Blades whose shard files were all found deleted once: dropped when found so again.
     deleted_once: Mutex<std::collections::HashSet<u32>>,
+    /// What the holdfasts here did.
+    stats: Mutex<HoldfastReport>,
 }
 
 /// The answer to a data operation that failed: bad input, no space left on enough of the
@@ -225,6 +253,7 @@ impl BladeHost {
             gone: Mutex::default(),
             last_append: Mutex::default(),
             deleted_once: Mutex::default(),
+            stats: Mutex::default(),
         }
     }
 
@@ -357,6 +386,7 @@ impl BladeHost {
             .lock()
             .expect("deleted once")
             .remove(&blade);
+        self.stats.lock().expect("stats").reclaimed += 1;
         tracing::info!("blade {blade:08x} reclaimed: its {n} shard files deleted");
         Ok(true)
     }
@@ -461,6 +491,18 @@ impl BladeHost {
                 }
                 Err(e) => tracing::warn!("scrub of blade {blade:08x}: {e}"),
             }
+        }
+        {
+            let mut st = self.stats.lock().expect("stats");
+            st.scrubs += 1;
+            st.last_scrub_end = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            st.last_scrub_secs = t.elapsed().as_secs_f64();
+            st.last_scrub_stipes = all.stipes_checked;
+            st.last_scrub_fixed = all.stipes_fixed;
+            st.scrub_fixed += all.stipes_fixed;
+            st.last_scrub_unrecoverable = all.unrecoverable.len() as u64;
         }
         tracing::info!(
             "scrub of {blades} blade(s) in {:.1?}: {} stipes read, {} fixed ({} cells \
@@ -576,6 +618,13 @@ impl BladeHost {
                 Err(e) => err(Status::Internal, e.to_string()),
             };
         }
+        if req.op == OP_HOLDFAST_REPORT {
+            let st = self.stats.lock().expect("stats").clone();
+            return match postcard::to_stdvec(&st) {
+                Ok(m) => Response::ok(Bytes::from(m), Bytes::new()),
+                Err(e) => err(Status::Internal, e.to_string()),
+            };
+        }
         let Ok(b) = postcard::from_bytes::<BladeReq>(&req.meta) else {
             return err(Status::BadRequest, "malformed blade request");
         };
@@ -669,7 +718,10 @@ impl BladeHost {
                 continue;
             }
             match h.repair().await {
-                Ok(r) => fixed += r.cells_rewritten,
+                Ok(r) => {
+                    fixed += r.cells_rewritten;
+                    self.stats.lock().expect("stats").repaired_cells += r.cells_rewritten;
+                }
                 Err(e) => tracing::debug!("repair of blade {:08x}: {e}", h.layout().blade),
             }
         }

@@ -453,6 +453,34 @@ async fn status(manager: Option<String>, s: SecretArgs) -> Result<(), String> {
     if !silent.is_empty() {
         println!("  servers that did not answer: {silent:?}");
     }
+    // What each server's holdfasts did since it started: scrubs, repairs, reclaims.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for (id, s) in &up_servers {
+        let op = sealfs_client::blades::OP_HOLDFAST_REPORT;
+        let Some(r) = ask::<sealfs_client::blades::HoldfastReport>(s, &key_of_status, op).await
+        else {
+            continue;
+        };
+        let scrub = if r.scrubs == 0 {
+            "no scrub yet".to_string()
+        } else {
+            format!(
+                "last scrub ended {} s ago ({:.1} s: {} stipes read, {} fixed, {} beyond repair)",
+                now.saturating_sub(r.last_scrub_end),
+                r.last_scrub_secs,
+                r.last_scrub_stipes,
+                r.last_scrub_fixed,
+                r.last_scrub_unrecoverable
+            )
+        };
+        println!(
+            "  server {id}: {scrub}; since its start {} stipes fixed by scrubs, {} cells \
+             repaired, {} blades reclaimed",
+            r.scrub_fixed, r.repaired_cells, r.reclaimed
+        );
+    }
     let count = |st| map.blades.values().filter(|b| b.state == st).count();
     use sealfs_manager::map::BladeState;
     println!(

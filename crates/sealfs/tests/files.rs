@@ -1542,6 +1542,11 @@ async fn sealed_blades_no_file_uses_are_deleted_and_the_others_stay() {
          restarted",
         t.elapsed().as_secs_f64()
     );
+    // Status counts them: in the map, and by the servers that reclaimed them.
+    let (_, st, _) = c.cli(&["status"]);
+    let by_servers: u64 = scrub_figures(&st, " blades reclaimed").iter().sum();
+    assert!(by_servers as usize > dead.len(), "{st}");
+    assert!(!st.contains(" 0 reclaimed so far"), "{st}");
     assert!(
         fs.blob_get(blob).await.unwrap() == blob_data,
         "the blob changed"
@@ -1701,6 +1706,30 @@ async fn shard_files_deleted_or_damaged_on_disk_are_read_around_and_scrubbed_bac
     );
     healthy(&c, Duration::from_secs(60)).await;
     check_all(&fs, &files).await;
+    // Status tells what was done: every server scrubbed, and cells were rebuilt (by the
+    // scrubs, or by the repairs of the stipes they found degraded), at least one per file.
+    let (_, st, _) = c.cli(&["status"]);
+    let scrubbed = st
+        .lines()
+        .filter(|l| l.contains("last scrub ended"))
+        .count();
+    let fixed: u64 = scrub_figures(&st, " stipes fixed by scrubs")
+        .iter()
+        .sum::<u64>()
+        + scrub_figures(&st, " cells repaired").iter().sum::<u64>();
+    assert!(scrubbed == 4 && fixed >= damaged.len() as u64, "{st}");
+}
+
+/// The figures before `what` in the holdfast lines of `sealfs status` (one per server).
+fn scrub_figures(status: &str, what: &str) -> Vec<u64> {
+    status
+        .lines()
+        .filter(|l| l.contains("last scrub ended") || l.contains("no scrub yet"))
+        .filter_map(|l| {
+            let before = &l[..l.find(what)?];
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
