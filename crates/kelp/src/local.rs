@@ -671,11 +671,19 @@ impl ShardStore for LocalStore {
             return Ok(());
         };
         let path = f.path.lock().expect("path lock").clone();
-        blocking(move || {
-            std::fs::remove_file(&path)
-                .map_err(|e| KelpError::io(format!("remove {}", path.display()), e))
+        let r = blocking(move || match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(KelpError::io(format!("remove {}", path.display()), e))
+            }
+            _ => Ok(()),
         })
-        .await
+        .await;
+        if r.is_err() {
+            // Still on the disk: known again, so that the next delete tries again (and a
+            // caller that counts on it being gone hears it is not).
+            self.shards.lock().expect("shards lock").insert(key, f);
+        }
+        r
     }
 }
 

@@ -1061,6 +1061,8 @@ impl Sealfs {
                 .filter(|(id, b)| {
                     b.state == BladeState::Open && b.blobs == blobs && !sealed.contains(*id)
                 })
+                // Files' data goes to blades that can be reclaimed once it is deleted.
+                .filter(|(id, _)| blobs || map.reclaim_from.is_none_or(|f| **id >= f))
                 .filter(|(_, b)| {
                     map.servers
                         .get(&b.shards[0].server)
@@ -1624,11 +1626,38 @@ impl Sealfs {
         }
     }
 
+    /// Copies `n` bytes of file `from` at `from_off` to file `to` at `to_off` by reading and
+    /// writing them, a few MiB at a time; returns the destination's size after.
+    async fn copy_bytes(
+        &self,
+        from: u64,
+        from_off: u64,
+        to: u64,
+        to_off: u64,
+        n: u64,
+    ) -> Result<u64, Errno> {
+        const CHUNK: u64 = 8 << 20;
+        let mut size = self.getattr(to).await?.size;
+        let mut done = 0;
+        while done < n {
+            let want = CHUNK.min(n - done);
+            let bytes = self.read(from, from_off + done, want).await?;
+            if bytes.is_empty() {
+                break;
+            }
+            size = self.write(to, to_off + done, &bytes).await?.size;
+            done += bytes.len() as u64;
+        }
+        Ok(size)
+    }
+
     /// Copies `len` bytes of file `from` at `from_off` to file `to` at `to_off` without
-    /// moving them: the copy's extents name the same fronds (kelp never rewrites or frees a
-    /// frond, so sharing one is safe), and a hole in the source is written as zeros. One
-    /// metadata command for the whole copy however large. Stops at the source's end; returns
-    /// the bytes copied. FBIG if the source range has more extents than a reply carries.
+    /// moving them: the copy's extents name the same fronds (kelp never rewrites a frond,
+    /// and a blade is reclaimed only once no extent names it, so sharing one is safe), and
+    /// a hole in the source is written as zeros. One metadata command for the whole copy
+    /// however large; the bytes are copied instead when a blade of the source is being
+    /// reclaimed. Stops at the source's end; returns the bytes copied. FBIG if the source
+    /// range has more extents than a reply carries.
     pub async fn copy_range(
         &self,
         from: u64,
@@ -1676,10 +1705,13 @@ impl Sealfs {
         }
         let mut size = was;
         if !copies.is_empty() {
-            size = self
-                .record_extents(to, copies, n as usize, None)
-                .await?
-                .size;
+            size = match self.record_extents(to, copies, n as usize, None).await {
+                Ok(a) => a.size,
+                // A blade of the source is being reclaimed (its live extents take no new
+                // references): the bytes are copied instead.
+                Err(Errno::STALE) => self.copy_bytes(from, from_off, to, to_off, n).await?,
+                Err(e) => return Err(e),
+            };
         }
         if size < stop {
             let grow = SetAttr {

@@ -151,7 +151,7 @@ impl Service {
             },
             OP_ALLOCATE => match postcard::from_bytes::<AllocateReq>(&req.meta) {
                 Ok(a) => {
-                    self.write(Command::AllocateBlade {
+                    self.write(Command::Allocate {
                         k: a.k,
                         m: a.m,
                         w: a.w,
@@ -339,13 +339,20 @@ impl Manager {
                 }
                 let since = *leading_since.get_or_insert_with(std::time::Instant::now);
                 {
-                    let unlaid = g
+                    let (unlaid, unmarked) = g
                         .read_local(|m| {
                             postcard::from_bytes::<ClusterMap>(&m.snapshot())
-                                .map(|map| map.partitions.is_empty())
-                                .unwrap_or(false)
+                                .map(|map| (map.partitions.is_empty(), map.reclaim_from.is_none()))
+                                .unwrap_or((false, false))
                         })
                         .await;
+                    if unmarked {
+                        // Blades allocated before this version may hold blobs unmarked:
+                        // those from here on can be reclaimed.
+                        if let Ok(cmd) = postcard::to_stdvec(&Command::Reclaimable) {
+                            let _ = g.write(cmd).await;
+                        }
+                    }
                     if unlaid {
                         let c = Command::InitPartitions {
                             count: layout.partitions,

@@ -123,6 +123,10 @@ pub struct ClusterMap {
     next_server: u64,
     next_blade: u32,
     next_volume: u32,
+    /// The first blade that may be reclaimed: blades allocated by a version before
+    /// reclamation may hold blobs that were not marked. Set once, by [`Command::Reclaimable`];
+    /// none is reclaimed before.
+    pub reclaim_from: Option<u32>,
 }
 
 /// Picks the `r` servers of `ids` with the highest hash of (partition, server): rendezvous
@@ -213,6 +217,19 @@ pub enum Command {
         /// What.
         change: BladeChange,
     },
+    /// Blades allocated from now on may be reclaimed (once; later calls change nothing).
+    Reclaimable,
+    /// A new blade, as [`Command::AllocateBlade`], by a manager that knows blades are
+    /// reclaimed: [`Command::Reclaimable`] first if it was not yet. (AllocateBlade stays for
+    /// the logs of managers before.)
+    Allocate {
+        /// k, m, w.
+        k: u8,
+        /// Parity.
+        m: u8,
+        /// Extra acknowledgements.
+        w: u8,
+    },
 }
 
 /// What applying a command returned.
@@ -257,7 +274,7 @@ struct BladeEntryV1 {
 
 impl ClusterMap {
     /// Reads a stored map: this version's, or one stored before blades had a state (every
-    /// blade then open, without blobs: those it holds are never reclaimed). A reading must
+    /// blade then open; none reclaimed, as `reclaim_from` is set after them). A reading must
     /// take every byte and pass [`ClusterMap::check`].
     pub fn decode(bytes: &[u8]) -> Result<ClusterMap, String> {
         let whole = |r: postcard::Result<(ClusterMap, &[u8])>| match r {
@@ -285,7 +302,8 @@ impl ClusterMap {
                         w: b.w,
                         shards: b.shards,
                         state: BladeState::Open,
-                        // Older blades may hold blobs: never reclaimed.
+                        // They may hold blobs (and are below `reclaim_from` once it is
+                        // set): new blobs may join them, new files' data goes elsewhere.
                         blobs: true,
                     };
                     (id, e)
@@ -296,6 +314,7 @@ impl ClusterMap {
             next_server: v1.next_server,
             next_blade: v1.next_blade,
             next_volume: v1.next_volume,
+            reclaim_from: None,
         };
         m.check()?;
         Ok(m)
@@ -483,15 +502,22 @@ impl ClusterMap {
                     }
                     (BladeChange::Blobs, _) if b.blobs => return Outcome::Done,
                     (BladeChange::Blobs, _) => b.blobs = true,
-                    (BladeChange::Delete, BladeState::Sealed) if !b.blobs => {
+                    (BladeChange::Delete, BladeState::Sealed)
+                        if !b.blobs && self.reclaim_from.is_some_and(|f| id >= f) =>
+                    {
                         b.state = BladeState::Deleting
                     }
                     (BladeChange::Delete, BladeState::Deleting) => return Outcome::Done,
                     (BladeChange::Delete, _) => {
                         return Outcome::Refused(format!(
-                            "blade {id:08x} is {:?}{}: not deleted",
+                            "blade {id:08x} is {:?}{}{}: not deleted",
                             b.state,
-                            if b.blobs { " with blobs" } else { "" }
+                            if b.blobs { " with blobs" } else { "" },
+                            if self.reclaim_from.is_some_and(|f| id >= f) {
+                                ""
+                            } else {
+                                ", from before reclamation"
+                            }
                         ))
                     }
                     (BladeChange::Drop, BladeState::Deleting) => {
@@ -503,6 +529,16 @@ impl ClusterMap {
                 }
                 self.epoch += 1;
                 Outcome::Done
+            }
+            Command::Reclaimable => {
+                if self.reclaim_from.is_none() {
+                    self.reclaim_from = Some(self.next_blade + 1);
+                }
+                Outcome::Done
+            }
+            Command::Allocate { k, m, w } => {
+                self.apply(Command::Reclaimable);
+                self.apply(Command::AllocateBlade { k, m, w })
             }
             Command::AllocateBlade { k, m, w } => match Profile::new(k, m, w) {
                 Err(e) => Outcome::Refused(e.to_string()),
@@ -704,8 +740,24 @@ mod tests {
             }
             o => panic!("{o:?}"),
         };
-        let (a, b) = (alloc(&mut m), alloc(&mut m));
+        // Allocated by a manager from before (a command of its log, replayed).
+        let legacy = alloc(&mut m);
+        assert_eq!(m.reclaim_from, None);
+        // This version's allocation makes blades reclaimable from itself on.
+        let Outcome::Blade(a, _) = m.apply(Command::Allocate { k: 8, m: 8, w: 4 }) else {
+            panic!()
+        };
+        assert_eq!(m.reclaim_from, Some(a));
+        let b = alloc(&mut m);
+        // Set once: later calls change nothing.
+        assert_eq!(m.apply(Command::Reclaimable), Outcome::Done);
+        assert_eq!(m.reclaim_from, Some(legacy + 1));
         let change = |m: &mut ClusterMap, id, change| m.apply(Command::ChangeBlade { id, change });
+        // A blade from before reclamation may hold blobs nobody marked: never deleted.
+        assert_eq!(change(&mut m, legacy, BladeChange::Seal), Outcome::Done);
+        assert!(
+            matches!(change(&mut m, legacy, BladeChange::Delete), Outcome::Refused(e) if e.contains("before reclamation"))
+        );
         // Not before it is sealed.
         assert!(matches!(
             change(&mut m, a, BladeChange::Delete),
@@ -785,6 +837,11 @@ mod tests {
             assert_eq!((b.state, b.blobs), (BladeState::Open, true));
         }
         assert_eq!(read.last_blade(), m.last_blade());
+        // Reclamation starts after them.
+        let mut read = read;
+        assert_eq!(read.reclaim_from, None);
+        read.apply(Command::Reclaimable);
+        assert_eq!(read.reclaim_from, Some(m.last_blade() + 1));
         // This version's map reads as itself; bytes that are neither are refused.
         let now = postcard::to_stdvec(&m).unwrap();
         assert_eq!(ClusterMap::decode(&now).unwrap(), m);

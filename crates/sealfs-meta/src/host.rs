@@ -232,7 +232,7 @@ impl MetaHost {
                 // One line per command at `--log trace` (how many commands a workload
                 // makes, by kind: docs/performance.md).
                 tracing::trace!("partition {p}: command {}", kind(op.inner()));
-                if adds(op.inner()) && !self.room() && !self.room_elsewhere(p).await {
+                if adds(op.inner()) && !self.majority_has_room(p).await {
                     return reply(&Reply::Error(Errno::NOSPC));
                 }
                 let now = now_nanos();
@@ -288,12 +288,14 @@ impl MetaHost {
         }
     }
 
-    /// Whether another member of partition `p` has room: then a command that adds metadata
-    /// goes ahead here although this disk is short, as it did before there was a reserve (if
-    /// this replica's log fills, it stops and a member with room leads). Only when no member
-    /// has room (their disks fill together, or share one) is the command refused. A member
-    /// that does not answer within a second has none.
-    async fn room_elsewhere(&self, p: u32) -> bool {
+    /// Whether a majority of partition `p`'s members (this one among them) has more than the
+    /// reserve free. Then a command that adds metadata goes ahead, as it did before there was
+    /// a reserve: if a short member's log fills, it stops and the others go on. With fewer,
+    /// the partition would lose its quorum as their logs fill (their disks fill together, or
+    /// share one), and with it the removals that free space: the command is refused. A
+    /// member that does not answer within a second counts as short; answers are kept a
+    /// second.
+    async fn majority_has_room(&self, p: u32) -> bool {
         let others = self
             .others
             .read()
@@ -301,33 +303,35 @@ impl MetaHost {
             .get(&p)
             .cloned()
             .unwrap_or_default();
-        for addr in others {
-            let known = self.rooms.lock().expect("rooms").get(&addr).copied();
-            let room = match known {
-                Some((at, room)) if at.elapsed() < ROOM_FRESH => room,
-                _ => {
-                    let req = Request {
-                        op: OP_META_ROOM,
-                        epoch: 0,
-                        meta: Bytes::new(),
-                        data: Bytes::new(),
-                    };
-                    let room = self
-                        .peers
-                        .client(&addr)
-                        .call(req, Duration::from_secs(1))
-                        .await
-                        .is_ok_and(|r| r.status == 0 && r.meta.first() == Some(&1));
-                    let now = std::time::Instant::now();
-                    self.rooms.lock().expect("rooms").insert(addr, (now, room));
-                    room
-                }
-            };
-            if room {
-                return true;
-            }
+        let members = others.len() + 1;
+        let need = members / 2 + 1;
+        let here = usize::from(self.room());
+        if here >= need {
+            return true;
         }
-        false
+        let asked = futures::future::join_all(others.into_iter().map(|addr| async move {
+            let known = self.rooms.lock().expect("rooms").get(&addr).copied();
+            if let Some((_, room)) = known.filter(|k| k.0.elapsed() < ROOM_FRESH) {
+                return room;
+            }
+            let req = Request {
+                op: OP_META_ROOM,
+                epoch: 0,
+                meta: Bytes::new(),
+                data: Bytes::new(),
+            };
+            let room = self
+                .peers
+                .client(&addr)
+                .call(req, Duration::from_secs(1))
+                .await
+                .is_ok_and(|r| r.status == 0 && r.meta.first() == Some(&1));
+            let now = std::time::Instant::now();
+            self.rooms.lock().expect("rooms").insert(addr, (now, room));
+            room
+        }))
+        .await;
+        here + asked.into_iter().filter(|r| *r).count() >= need
     }
 
     /// Proposes `op` on partition `p` and completes the intents it recorded.
@@ -542,10 +546,11 @@ async fn forget_intent(g: &Group, id: u64) -> Result<(), Errno> {
 /// full). Later steps of an operation already begun, removals, renames and attribute changes
 /// are not: what was started finishes, and what frees space still can.
 fn adds(op: &Op) -> bool {
+    // Not a volume's root: every client makes sure of it when it connects, and a client
+    // that cannot connect cannot remove files either.
     matches!(
         op,
-        Op::EnsureRoot { .. }
-            | Op::Create { .. }
+        Op::Create { .. }
             | Op::MkdirAlloc { .. }
             | Op::Link { .. }
             | Op::LinkPrepare { .. }

@@ -242,8 +242,8 @@ impl ServerArgs {
         if self.scrub_every_s == 0 {
             return Err("--scrub-every-s must be at least 1".into());
         }
-        if self.seal_mb == 0 || self.reclaim_every_s == 0 {
-            return Err("--seal-mb and --reclaim-every-s must be at least 1".into());
+        if self.seal_mb == 0 || self.seal_idle_s == 0 || self.reclaim_every_s == 0 {
+            return Err("--seal-mb, --seal-idle-s and --reclaim-every-s must be at least 1".into());
         }
         Ok(ServerSettings {
             orphan_grace_ms: self.orphan_grace_ms,

@@ -633,8 +633,12 @@ impl OpenFiles {
             let mut files = self.files();
             if let Some(f) = files.get_mut(&ino) {
                 f.background = false;
-                if let Err(e) = r {
-                    f.error = Some(e);
+                match r {
+                    // A blade the burst went to was reclaimed before it was recorded: the
+                    // bytes are held again, and the next send appends them anew.
+                    Err(e) if e == Error::STALE => {}
+                    Err(e) => f.error = Some(e),
+                    Ok(()) => {}
                 }
                 if f.idle() {
                     files.remove(&ino);

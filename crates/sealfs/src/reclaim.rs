@@ -90,7 +90,7 @@ impl Passes {
         for chunk in fresh.chunks(REFS_BLADES_MAX) {
             match retire(meta, maps, chunk).await {
                 Ok(()) => self.retired.extend(chunk),
-                Err(e) => tracing::debug!("reclaim: the partitions did not all retire: {e}"),
+                Err(e) => tracing::warn!("reclaim: the partitions did not all retire: {e}"),
             }
         }
         let retired: Vec<u32> = candidates
@@ -110,7 +110,7 @@ impl Passes {
                 }
                 Err(e) => {
                     all_counted = false;
-                    tracing::debug!("reclaim: the partitions did not all answer: {e}");
+                    tracing::warn!("reclaim: the partitions did not all answer: {e}");
                 }
             }
         }

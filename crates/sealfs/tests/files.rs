@@ -1316,10 +1316,12 @@ async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_f
             .unwrap();
         acked.push((format!("m{i:04}"), len));
     }
-    // 12 MiB left on every state disk: under the reserve.
+    // 12 MiB left on every state disk: under the reserve. (A leader keeps its members'
+    // answers for a second.)
     for s in 0..4 {
         fill_to(&dir.path().join(format!("s{s}/state")), 12 << 20);
     }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let t = Instant::now();
     let root = fs.root();
     let made = fs.create(root, b"new", &NewFile::file(0o644)).await;
@@ -1366,10 +1368,12 @@ async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_f
     check_all(&fs, &acked).await;
     let got = get(&fs, "m0003-renamed").await.unwrap();
     assert!(got == contents(3, 1000), "the renamed file changed");
-    // Room again: new entries go in at once.
+    // Room again: new entries go in once the leaders' answers from their members (kept a
+    // second) are new.
     for s in 0..4 {
         std::fs::remove_file(dir.path().join(format!("s{s}/state/filler"))).unwrap();
     }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     for i in 20..25u64 {
         put(&fs, &format!("m{i:04}"), &contents(i, 1000))
             .await
@@ -1597,6 +1601,38 @@ async fn a_frond_whose_blade_was_reclaimed_before_it_was_recorded_is_refused() {
     // A whole write (the bytes still in hand) goes to an open blade.
     fs.write(a.ino, 0, &late).await.unwrap();
     assert!(get(&fs, "late").await.unwrap() == late);
+    // That blade fills (1 MiB) and is sealed, then retired while the file still uses it: a
+    // copy cannot share its extents any more, and copies the bytes instead.
+    let (extents, _) = fs.extents(a.ino).await.unwrap();
+    let y = extents[0].blade;
+    let t = Instant::now();
+    while blades_in_map(&c).get(&y).is_none_or(|s| s != "Sealed") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "blade {y:08x} not sealed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its grace (1 s) and a pass (1 s) later, it is retired.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = fs
+        .create(root, b"copy", &NewFile::file(0o644))
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.copy_range(a.ino, 0, b.ino, 0, LEN as u64).await,
+        Ok(LEN as u64)
+    );
+    assert!(get(&fs, "copy").await.unwrap() == late, "the copy differs");
+    let (copied, _) = fs.extents(b.ino).await.unwrap();
+    assert!(
+        copied.iter().all(|e| e.blade != y),
+        "the copy shares blade {y:08x}"
+    );
+    assert!(
+        blades_in_map(&c).contains_key(&y),
+        "a blade in use was reclaimed"
+    );
 }
 
 /// The shard files (`.kelp`) under server `s`'s disks, in a stable order.

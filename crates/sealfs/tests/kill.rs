@@ -189,7 +189,7 @@ fn the_server_refuses_bad_arguments_clearly() {
     );
     let base = ["server", "--data-dir", state.as_str()];
     let any = "127.0.0.1:0";
-    let cases: [(&[&str], Option<&str>, &str); 6] = [
+    let cases: [(&[&str], Option<&str>, &str); 8] = [
         (&["--disk", &d, "--listen", any], None, "no cluster secret"),
         (
             &["--disk", &d, "--listen", any],
@@ -211,6 +211,16 @@ fn the_server_refuses_bad_arguments_clearly() {
             &["--disk", &d, "--listen", any, "--scrub-every-s", "0"],
             Some(SECRET),
             "--scrub-every-s must be at least 1",
+        ),
+        (
+            &["--disk", &d, "--listen", any, "--seal-idle-s", "0"],
+            Some(SECRET),
+            "--seal-idle-s and --reclaim-every-s must be at least 1",
+        ),
+        (
+            &["--disk", &d, "--listen", any, "--seal-mb", "0"],
+            Some(SECRET),
+            "--seal-mb, --seal-idle-s",
         ),
     ];
     for (extra, secret, want) in cases {
