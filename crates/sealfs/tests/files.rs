@@ -1385,6 +1385,111 @@ async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_f
     drop(c);
 }
 
+/// The server id of each server of `c` (by its address) and the replica set of each partition,
+/// as `sealfs status` shows them.
+fn ids_and_replicas(c: &Cluster) -> (Vec<u64>, Vec<Vec<u64>>) {
+    let (_, st, _) = c.cli(&["status"]);
+    let id_of = |addr: &str| -> u64 {
+        st.lines()
+            .find_map(|l| {
+                let l = l.trim().strip_prefix("server ")?;
+                let (id, rest) = l.split_once(' ')?;
+                rest.starts_with(&format!("{addr} "))
+                    .then(|| id.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no server at {addr}: {st}"))
+    };
+    let ids = c.server_addrs.iter().map(|a| id_of(a)).collect();
+    let sets = st
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix("partition ")?;
+            let set = l.split_once("replicas [")?.1.split_once(']')?.0;
+            Some(set.split(", ").map(|x| x.parse().unwrap()).collect())
+        })
+        .collect();
+    (ids, sets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_majority_is_short_of_room_refuses_new_entries_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut states = Vec::new();
+    for s in 0..4 {
+        let at = dir.path().join(format!("s{s}/state"));
+        let Some(t) = sealfs_raft::testing::Tmpfs::mount(&at, "64m") else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        states.push(t);
+    }
+    let c = Cluster::start_with(dir.path(), 4, 8, &["--meta-reserve-mb", "24"]);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    let (ids, sets) = ids_and_replicas(&c);
+    assert_eq!(sets.len(), 8, "{sets:?}");
+    // A folder in every partition.
+    let mut dirs = BTreeMap::new();
+    for i in 0..200 {
+        let d = fs
+            .mkdir(fs.root(), format!("d{i}").as_bytes(), 0o755, 0, 0)
+            .await
+            .unwrap();
+        dirs.entry(partition_of(d.ino))
+            .or_insert((d.ino, format!("d{i}")));
+        if dirs.len() == 8 {
+            break;
+        }
+    }
+    assert_eq!(dirs.len(), 8, "folders in {} partitions", dirs.len());
+    // Two servers short of room: pick a pair that some replica sets hold both of, and
+    // some not.
+    let both = |a: usize, b: usize, set: &Vec<u64>| set.contains(&ids[a]) && set.contains(&ids[b]);
+    let pair = (0..4)
+        .flat_map(|a| (a + 1..4).map(move |b| (a, b)))
+        .find(|(a, b)| {
+            let n = sets.iter().filter(|set| both(*a, *b, set)).count();
+            n > 0 && n < sets.len()
+        });
+    let Some((a, b)) = pair else {
+        eprintln!("skipped: every pair of servers is in all partitions or none: {sets:?}");
+        return;
+    };
+    fill_to(&dir.path().join(format!("s{a}/state")), 12 << 20);
+    fill_to(&dir.path().join(format!("s{b}/state")), 12 << 20);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut refused, mut taken) = (0, 0);
+    for (p, (d, _)) in &dirs {
+        let short = both(a, b, &sets[*p as usize]);
+        let r = fs.create(*d, b"f", &NewFile::file(0o644)).await;
+        if short {
+            assert_eq!(
+                r.err(),
+                Some(Error::NOSPC),
+                "partition {p} {:?}",
+                sets[*p as usize]
+            );
+            refused += 1;
+        } else {
+            let ino = r
+                .unwrap_or_else(|e| panic!("partition {p} {:?}: {e:?}", sets[*p as usize]))
+                .ino;
+            fs.write(ino, 0, &contents(*p as u64, 1000)).await.unwrap();
+            taken += 1;
+        }
+    }
+    eprintln!("servers {a} and {b} short: {refused} partitions refused creates, {taken} took them");
+    // What was taken reads back, and removals go through everywhere.
+    for (p, (d, name)) in &dirs {
+        if !both(a, b, &sets[*p as usize]) {
+            let (ino, _) = fs.lookup(*d, b"f").await.unwrap();
+            assert!(fs.read(ino, 0, 1000).await.unwrap() == contents(*p as u64, 1000));
+            fs.unlink(*d, b"f").await.unwrap();
+        }
+        fs.rmdir(fs.root(), name.as_bytes()).await.unwrap();
+    }
+}
+
 /// Server flags for blades sealed at `seal_mb` MiB or after `idle_s` seconds without an
 /// append, reclaimed 1 s after, a pass and a count every second.
 fn reclaiming<'a>(seal_mb: &'a str, idle_s: &'a str) -> [&'a str; 10] {
