@@ -1894,6 +1894,11 @@ impl<'a> W<'a> {
                 return Err(Errno::FBIG.into());
             };
             end = end.max(stop);
+            // A frond's blade is the high half of its address (kelp's encoding): both must
+            // name the same blade, or the fence below could be passed by naming another.
+            if !e.is_inline() && (e.blade == 0 || (e.address >> 32) as u32 != e.blade) {
+                return Err(Errno::INVAL.into());
+            }
             if !e.is_inline()
                 && self.with(META, |t| Ok(t.get(&k_retired(e.blade)[..])?.is_some()))?
             {

@@ -797,7 +797,7 @@ fn ext(offset: u64, len: u64, tag: u32) -> Extent {
         offset,
         len,
         blade: tag,
-        address: 0,
+        address: (tag as u64) << 32,
         frond_len: len as u32,
         seq: 1,
         skip: 0,
@@ -1166,6 +1166,11 @@ fn a_retired_blade_takes_no_new_extent_and_its_references_are_counted() {
     assert_eq!(m.op(Op::Retire { blades: vec![7, 9] }), Reply::Done);
     assert_eq!(m.op(write(f, ext(200, 10, 7))), Reply::Error(Errno::STALE));
     assert!(matches!(m.op(write(f, ext(200, 10, 8))), Reply::Attr(_)));
+    // A frond's blade and its address must agree: naming an open blade for a frond in a
+    // retired one does not pass the fence.
+    let mut disguised = ext(300, 10, 8);
+    disguised.address = 7 << 32;
+    assert_eq!(m.op(write(f, disguised)), Reply::Error(Errno::INVAL));
     assert!(matches!(
         m.op(write(f, Extent::inline(0, b"x"))),
         Reply::Attr(_)
