@@ -1272,6 +1272,26 @@ async fn data_disks_that_fill_refuse_writes_with_enospc_and_lose_nothing() {
     drop(c);
 }
 
+/// A healthy cluster under `dir` whose servers keep their state on a 64 MiB tmpfs each, with
+/// a 24 MiB reserve; `None` (the test is skipped) where mounting a tmpfs is not allowed.
+async fn short_state_cluster(
+    dir: &Path,
+) -> Option<(Vec<sealfs_raft::testing::Tmpfs>, Cluster, Sealfs)> {
+    let mut states = Vec::new();
+    for s in 0..4 {
+        let at = dir.join(format!("s{s}/state"));
+        let Some(t) = sealfs_raft::testing::Tmpfs::mount(&at, "64m") else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        };
+        states.push(t);
+    }
+    let c = Cluster::start_with(dir, 4, 8, &["--meta-reserve-mb", "24"]);
+    let fs = connect(&c).await;
+    healthy(&c, Duration::from_secs(60)).await;
+    Some((states, c, fs))
+}
+
 /// Fills the file system holding `dir` with a file `dir/filler` until `left` bytes are free.
 fn fill_to(dir: &Path, left: u64) {
     let st = rustix::fs::statvfs(dir).expect("statvfs");
@@ -1294,19 +1314,9 @@ fn fill_to(dir: &Path, left: u64) {
 async fn a_nearly_full_metadata_disk_refuses_new_entries_with_enospc_and_still_frees() {
     let dir = tempfile::tempdir().unwrap();
     // Each server's state folder (its Raft log and partition stores) is a 64 MiB tmpfs.
-    let mut states = Vec::new();
-    for s in 0..4 {
-        let Some(t) =
-            sealfs_raft::testing::Tmpfs::mount(&dir.path().join(format!("s{s}/state")), "64m")
-        else {
-            eprintln!("skipped: mounting a tmpfs needs root");
-            return;
-        };
-        states.push(t);
-    }
-    let c = Cluster::start_with(dir.path(), 4, 8, &["--meta-reserve-mb", "24"]);
-    let fs = connect(&c).await;
-    healthy(&c, Duration::from_secs(60)).await;
+    let Some((_states, c, fs)) = short_state_cluster(dir.path()).await else {
+        return;
+    };
     let mut acked = Vec::new();
     for i in 0..20u64 {
         // Small files are kept in the metadata; every fourth has fronds on the data disks.
@@ -1414,18 +1424,9 @@ fn ids_and_replicas(c: &Cluster) -> (Vec<u64>, Vec<Vec<u64>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_whose_majority_is_short_of_room_refuses_new_entries_and_the_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let mut states = Vec::new();
-    for s in 0..4 {
-        let at = dir.path().join(format!("s{s}/state"));
-        let Some(t) = sealfs_raft::testing::Tmpfs::mount(&at, "64m") else {
-            eprintln!("skipped: mounting a tmpfs needs root");
-            return;
-        };
-        states.push(t);
-    }
-    let c = Cluster::start_with(dir.path(), 4, 8, &["--meta-reserve-mb", "24"]);
-    let fs = connect(&c).await;
-    healthy(&c, Duration::from_secs(60)).await;
+    let Some((_states, c, fs)) = short_state_cluster(dir.path()).await else {
+        return;
+    };
     let (ids, sets) = ids_and_replicas(&c);
     assert_eq!(sets.len(), 8, "{sets:?}");
     // A folder in every partition.
