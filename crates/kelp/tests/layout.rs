@@ -183,3 +183,46 @@ async fn cells_read_back_alike_from_the_page_cache_and_from_the_disk() {
         assert!(got[8192..].iter().all(|&b| b == 0), "past the end");
     }
 }
+
+/// A shard file that cannot be removed stays known to its store: the delete says so, and the
+/// next one tries again (a blade being reclaimed is dropped only once every delete succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_file_that_cannot_be_removed_is_deleted_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d");
+    let store = LocalStore::open(
+        "s",
+        std::slice::from_ref(&disk),
+        LocalStoreConfig::default(),
+    )
+    .unwrap();
+    let k = ShardKey {
+        blade: 0x20,
+        shard: 1,
+    };
+    let id = CellId {
+        blade: 0x20,
+        stipe: 0,
+        shard: 1,
+    };
+    let cell = make_cell(id, 1, b"x");
+    store
+        .write_cells(k, 0, 0, Bytes::copy_from_slice(&cell), WriteMode::IfNewer)
+        .await
+        .unwrap();
+    let path = store.shard_path(k).unwrap();
+    // Where the file was, a folder with something in it: removing it fails.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("x"), b"x").unwrap();
+    assert!(store.delete(k).await.is_err());
+    assert_eq!(store.stipes(k).await.unwrap(), Some(1), "forgotten");
+    assert!(store.delete(k).await.is_err(), "not tried again");
+    // Once it can go, it goes, and the store forgets it.
+    std::fs::remove_dir_all(&path).unwrap();
+    std::fs::write(&path, b"").unwrap();
+    store.delete(k).await.unwrap();
+    assert!(!path.exists());
+    assert_eq!(store.stipes(k).await.unwrap(), None);
+    store.delete(k).await.unwrap();
+}

@@ -381,7 +381,10 @@ impl BladeHost {
             .change_blade(blade, BladeChange::Drop)
             .await
             .map_err(|e| e.to_string())?;
+        // Out of the map: nothing opens it again, so nothing of it needs keeping here.
         self.sealed_at.lock().expect("sealed").remove(&blade);
+        self.last_append.lock().expect("last append").remove(&blade);
+        self.gone.lock().expect("gone").remove(&blade);
         self.deleted_once
             .lock()
             .expect("deleted once")

@@ -1071,7 +1071,15 @@ impl Sealfs {
                 .map(|(id, _)| *id)
                 .collect()
         };
-        let have = pick(&self.maps.get());
+        let map = self.maps.get();
+        // Blades the map no longer has open need no entry of their own: the set stays as
+        // small as the blades being sealed.
+        self.writer.lock().expect("writer").sealed.retain(|b| {
+            map.blades
+                .get(b)
+                .is_some_and(|e| e.state == BladeState::Open)
+        });
+        let have = pick(&map);
         if have.len() >= BLADES_WANTED {
             return Ok(have);
         }
