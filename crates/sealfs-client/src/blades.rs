@@ -640,19 +640,16 @@ impl BladeHost {
                 let Ok(a) = postcard::from_bytes::<AppendReq>(&req.meta) else {
                     return err(Status::BadRequest, "malformed append request");
                 };
-                let in_map = self.maps.get().blades.get(&a.blade).map(|b| b.state);
-                if self.sealed(&h) || in_map.is_some_and(|st| st != BladeState::Open) {
+                let (state, marked) = match self.maps.get().blades.get(&a.blade) {
+                    Some(b) => (b.state, b.blobs),
+                    None => (BladeState::Open, false),
+                };
+                if self.sealed(&h) || state != BladeState::Open {
                     return Response::error(
                         STATUS_SEALED,
                         format!("blade {:08x} is sealed", a.blade),
                     );
                 }
-                let marked = self
-                    .maps
-                    .get()
-                    .blades
-                    .get(&a.blade)
-                    .is_some_and(|b| b.blobs);
                 if a.blob && !marked {
                     if let Err(e) = self
                         .maps
